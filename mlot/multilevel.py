@@ -26,6 +26,7 @@ from .ot import sinkhorn_log, sinkhorn_plain, uniform_log_marginal
 from .payload import TeacherPayload
 from .ranking import assignment_ranking, batch_ranking, sequence_ranking, take_columns, token_ranking
 from .result import DistillResult
+from .softmax import gathered_log_softmax, row_log_normaliser, softmax_and_normaliser
 from .spans import answer_spans, check_finite, compute_dtype, gather_rows
 
 
@@ -52,14 +53,18 @@ def compress_teacher(
         if cfg.mode == "reference":
             probs = _reference_probs(z, mask)
             columns = batch_ranking(probs, _k(cfg, probs))
-            return TeacherPayload("reference", probs[..., columns], None, columns, length, cfg.teacher_settings())
+            return TeacherPayload("reference", probs[..., columns], None, columns.int(), length, cfg.teacher_settings())
         probs = _masked_softmax(z, cfg.teacher_temperature, mask)
         k = _k(cfg, probs)
         columns = sequence_ranking(probs, k) if cfg.ranking == "sequence" else token_ranking(probs, k)
-        sd_probs = None
+        sd_log_shift = None
         if cfg.use_sd and cfg.sd_temperature != cfg.teacher_temperature:
-            sd_probs = take_columns(_masked_softmax(z, cfg.sd_temperature, mask), columns)
-        return TeacherPayload("paper", take_columns(probs, columns), sd_probs, columns, length, cfg.teacher_settings())
+            # softmax(z/tau_sd)_i = p_i ** r * exp(shift): the per-token shift is all SD needs beyond p.
+            r = cfg.teacher_temperature / cfg.sd_temperature
+            shift = r * torch.logsumexp(z / cfg.teacher_temperature, -1) - torch.logsumexp(z / cfg.sd_temperature, -1)
+            sd_log_shift = shift * mask
+        return TeacherPayload("paper", take_columns(probs, columns), sd_log_shift, columns.int(), length,
+                              cfg.teacher_settings())
 
 
 def multilevel_ot(
@@ -122,28 +127,38 @@ def _student_paper(logits: Tensor, labels: Tensor, payload: TeacherPayload, cfg:
     n_pair = pair.sum(1).clamp(min=1).to(dtype)
 
     t_k = _pad_rows(payload.probs.to(dtype), width)
-    log_q = torch.log_softmax(z / cfg.student_temperature, -1)
-    q = log_q.exp() * s_mask[..., None]
-    k = min(t_k.shape[-1], q.shape[-1])
-    if cfg.ranking == "token":
-        columns = token_ranking(q, k)
-    elif cfg.student_ranking == "assignment":
-        columns = assignment_ranking(t_k, q, pair, k, min(cfg.assignment_candidates or 2 * k, q.shape[-1]))
-    else:
-        columns = sequence_ranking(q, k)
+    # The only dense [B, T, V] work with a gradient: one log-softmax per temperature. Everything after
+    # is on the k kept columns, so its backward is cheap too.
+    q, lse = softmax_and_normaliser(z, cfg.student_temperature)
+    k = min(t_k.shape[-1], z.shape[-1])
+    with torch.no_grad():
+        q.mul_(s_mask[..., None])
+        if cfg.ranking == "token":
+            columns = token_ranking(q, k)
+        elif cfg.student_ranking == "assignment":
+            columns = assignment_ranking(t_k, q, pair, k, min(cfg.assignment_candidates or 2 * k, q.shape[-1]))
+        else:
+            columns = sequence_ranking(q, k)
+    sd_lse = None
+    if cfg.use_sd and cfg.sd_temperature != cfg.student_temperature:
+        sd_lse = row_log_normaliser(z, cfg.sd_temperature, scratch=q)
+    del q
+    m = s_mask[..., None]
+    log_s_k = gathered_log_softmax(z, _per_row(columns, width), cfg.student_temperature, lse)
     # With top_k=None the vocabularies differ in size: zero-pad the shorter side (as ULD does);
     # a padded student column scores log 1 = 0 in SL, i.e. teacher mass there is not rewarded.
-    s_k, t_k = _pad_to_same_k(take_columns(q, columns), t_k)
-    log_s_k, _ = _pad_to_same_k(take_columns(log_q, columns), t_k)
+    s_k, t_k = _pad_to_same_k(log_s_k.exp() * m, t_k)
+    log_s_k, _ = _pad_to_same_k(log_s_k * m, t_k)
 
     had = (pair * (t_k - s_k).abs().sum(-1)).sum(1) / n_pair
     zero = torch.zeros_like(had)
     sl = (pair * -(t_k * log_s_k).sum(-1)).sum(1) / n_pair if cfg.use_sl else zero
     sd, plan = zero, None
     if cfg.use_sd:
-        a = t_k if payload.sd_probs is None else _pad_to_same_k(_pad_rows(payload.sd_probs.to(dtype), width), s_k)[0]
+        t_sd = payload.sd_probs(cfg.sd_temperature, cfg.teacher_temperature).to(dtype)
+        a = _pad_to_same_k(_pad_rows(t_sd, width), s_k)[0]
         b = s_k if cfg.sd_temperature == cfg.student_temperature else _pad_to_same_k(
-            take_columns(_masked_softmax(z, cfg.sd_temperature, s_mask), columns), t_k)[0]
+            gathered_log_softmax(z, _per_row(columns, width), cfg.sd_temperature, sd_lse).exp() * m, t_k)[0]
         if cfg.sd_level == "sequence":
             sd, plan = sequence_sinkhorn_distance(a, b, t_mask, s_mask, cfg)
         else:
@@ -193,10 +208,12 @@ def _student_reference(logits: Tensor, labels: Tensor, payload: TeacherPayload, 
     rows, s_mask = gather_rows(logits, start, s_len, width)
     check_finite(rows, s_mask, "student_logits")
     dtype = compute_dtype(logits)
-    s = _reference_probs(rows.to(dtype), s_mask)
-    columns = batch_ranking(s, payload.probs.shape[-1])
-    s_k = s[..., columns]
-    t_k = _pad_rows(payload.probs.to(dtype), width)
+    z = rows.to(dtype)
+    s = torch.softmax(z / (z.std(-1, keepdim=True) + 1e-4), -1)  # as _reference_probs, masked after the gather
+    with torch.no_grad():
+        columns = batch_ranking(s * s_mask[..., None], min(payload.probs.shape[-1], s.shape[-1]))
+    # A vocabulary smaller than k (the released code would fail): zero-pad the shorter side, as paper mode does.
+    s_k, t_k = _pad_to_same_k(s[..., columns] * s_mask[..., None], _pad_rows(payload.probs.to(dtype), width))
     pair_len = torch.minimum(s_len, t_len)
     pair = _length_mask(pair_len, width)
     had = (pair * (s_k - t_k).abs().sum(-1)).sum(1) / pair_len.clamp(min=1).to(dtype)
@@ -222,7 +239,13 @@ def _reference_probs(z: Tensor, mask: Tensor) -> Tensor:
 
 def _masked_softmax(z: Tensor, temperature: float, mask: Tensor) -> Tensor:
     """softmax(z / tau) over the vocabulary, rows outside ``mask`` zero. z [B, T, V], mask [B, T]."""
-    return torch.softmax(z / temperature, -1) * mask[..., None]
+    return torch.softmax(z if temperature == 1 else z / temperature, -1) * mask[..., None]
+
+
+def _per_row(columns: Tensor, width: int) -> Tensor:
+    """Column ids [B, k] (one order per sequence) or [B, T, k] (per row) -> [B, width, k] long."""
+    columns = columns.long()
+    return columns[:, None, :].expand(-1, width, -1) if columns.dim() == 2 else columns
 
 
 def _k(cfg: MultiLevelOTConfig, probs: Tensor) -> int:

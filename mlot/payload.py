@@ -24,10 +24,13 @@ class TeacherPayload:
         mode: ``"paper"`` or ``"reference"`` (what ``settings`` mean).
         probs: [B, T, k] the teacher's kept columns at the teacher temperature, in rank order;
             rows past ``lengths[b]`` are zero.
-        sd_probs: [B, T, k] the same columns at the SD temperature, or None where the loss derives
-            them from ``probs`` (reference mode) or they equal ``probs`` (same temperature) or SD is off.
-        columns: teacher vocabulary ids of the kept columns: [k] (reference: one order per batch),
-            [B, k] (sequence ranking) or [B, T, k] (token ranking).
+        sd_log_shift: [B, T] or None. The same columns at the SD temperature are
+            ``exp(r * log(probs) + sd_log_shift)`` with ``r = teacher_temperature / sd_temperature``
+            (exact: softmax at another temperature is a power of the probabilities, renormalised by a
+            per-token constant), so SD costs 4 bytes per token instead of 4k. None where SD is off or
+            uses the same temperature, and in reference mode (the loss re-softmaxes ``probs``).
+        columns: teacher vocabulary ids (int32) of the kept columns: [k] (reference: one order per
+            batch), [B, k] (sequence ranking) or [B, T, k] (token ranking).
         lengths: [B] answer lengths (rows) of each sample.
         settings: the loss settings the payload was computed with; the loss refuses a payload whose
             settings disagree with its own.
@@ -35,7 +38,7 @@ class TeacherPayload:
 
     mode: str
     probs: Tensor
-    sd_probs: Tensor | None
+    sd_log_shift: Tensor | None
     columns: Tensor
     lengths: Tensor
     settings: dict[str, Any] = field(default_factory=dict)
@@ -47,41 +50,49 @@ class TeacherPayload:
 
     def nbytes(self) -> int:
         """Bytes of tensor data (probabilities, ids, lengths) as held."""
-        tensors = [self.probs, self.columns, self.lengths] + ([self.sd_probs] if self.sd_probs is not None else [])
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return sum(t.numel() * t.element_size() for t in self._tensors().values())
+
+    def _tensors(self) -> dict[str, Tensor]:
+        out = {"probs": self.probs, "columns": self.columns, "lengths": self.lengths}
+        if self.sd_log_shift is not None:
+            out["sd_log_shift"] = self.sd_log_shift
+        return out
 
     def bytes_per_token(self) -> float:
-        """Payload bytes per answer token (padding rows excluded from the probability arrays)."""
+        """Payload bytes per answer token, counting answer rows only (a ragged wire format drops padding)."""
         tokens = int(self.lengths.sum().clamp(min=1))
         k = self.probs.shape[-1]
-        per_row = k * self.probs.element_size() * (2 if self.sd_probs is not None else 1)
-        ids = self.columns.numel() * self.columns.element_size()
-        if self.columns.dim() == 3:  # token ranking ships ids per row
-            ids = tokens * k * self.columns.element_size()
+        per_row = k * self.probs.element_size()
+        if self.sd_log_shift is not None:
+            per_row += self.sd_log_shift.element_size()
+        ids = (tokens * k if self.columns.dim() == 3 else self.columns.numel()) * self.columns.element_size()
         return (tokens * per_row + ids + self.lengths.numel() * self.lengths.element_size()) / tokens
 
+    def sd_probs(self, sd_temperature: float, teacher_temperature: float) -> Tensor:
+        """[B, T, k] the kept columns' probabilities at the SD temperature (see ``sd_log_shift``)."""
+        if self.sd_log_shift is None:
+            return self.probs
+        r = teacher_temperature / sd_temperature
+        return torch.exp(r * torch.log(self.probs) + self.sd_log_shift[..., None])
+
     def to(self, device: torch.device | str) -> "TeacherPayload":
-        move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return TeacherPayload(self.mode, move(self.probs), move(self.sd_probs), move(self.columns),
-                              move(self.lengths), dict(self.settings), self.version)
+        return self._map(lambda t: t.to(device))
 
     def index_select(self, index: Tensor) -> "TeacherPayload":
         """The payload of a subset / reordering of the batch (paper mode only: reference couples the batch)."""
         if self.mode == "reference":
             raise ValueError("a reference-mode payload belongs to one whole batch (its ranking is per batch); it cannot be split")
-        pick = lambda t: None if t is None else t.index_select(0, index)  # noqa: E731
-        return TeacherPayload(self.mode, pick(self.probs), pick(self.sd_probs), pick(self.columns),
-                              pick(self.lengths), dict(self.settings), self.version)
+        return self._map(lambda t: t.index_select(0, index.to(t.device)))
+
+    def _map(self, fn: Any) -> "TeacherPayload":
+        """A copy with ``fn`` applied to every tensor."""
+        return TeacherPayload(self.mode, fn(self.probs), None if self.sd_log_shift is None else fn(self.sd_log_shift),
+                              fn(self.columns), fn(self.lengths), dict(self.settings), self.version)
 
     def to_numpy(self) -> dict[str, Any]:
         """A plain dict of numpy arrays and settings (msgpack/npz/Ray-friendly, no pickled classes)."""
-        out: dict[str, Any] = {
-            "version": self.version, "mode": self.mode, "settings": dict(self.settings),
-            "probs": self.probs.detach().cpu().numpy(), "columns": self.columns.cpu().numpy(),
-            "lengths": self.lengths.cpu().numpy(),
-        }
-        if self.sd_probs is not None:
-            out["sd_probs"] = self.sd_probs.detach().cpu().numpy()
+        out: dict[str, Any] = {"version": self.version, "mode": self.mode, "settings": dict(self.settings)}
+        out.update({name: t.detach().cpu().numpy() for name, t in self._tensors().items()})
         return out
 
     @classmethod
@@ -91,7 +102,7 @@ class TeacherPayload:
                              "teacher and student must run the same mlot release")
         # np.array(...) copies: arrays from Ray's object store are read-only views.
         t = lambda a: torch.from_numpy(np.array(a))  # noqa: E731
-        return cls(d["mode"], t(d["probs"]), t(d["sd_probs"]) if "sd_probs" in d else None,
+        return cls(d["mode"], t(d["probs"]), t(d["sd_log_shift"]) if "sd_log_shift" in d else None,
                    t(d["columns"]), t(d["lengths"]), dict(d["settings"]), d["version"])
 
 

@@ -31,6 +31,7 @@ def token_ranking(probs: Tensor, k: int) -> Tensor:
 def take_columns(x: Tensor, columns: Tensor) -> Tensor:
     """Gather columns of x [B, T, V]: ids [k] (batch), [B, k] (sequence) or [B, T, k] (token) -> [B, T, k]."""
     B, T, _ = x.shape
+    columns = columns.long()
     if columns.dim() == 1:
         return x[..., columns]
     if columns.dim() == 2:

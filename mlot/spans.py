@@ -57,10 +57,14 @@ def answer_spans(
 def gather_rows(logits: Tensor, start: Tensor, length: Tensor, width: int) -> tuple[Tensor, Tensor]:
     """Left-align each sample's answer rows into a fresh [B, width, V] tensor.
 
+    Rows past a sample's length repeat its first answer row (always a real, checked row, so no
+    garbage from padding positions can leak in); callers mask them with the returned mask, on small
+    tensors, which is cheaper than zeroing [B, width, V].
+
     Args:
         logits: [B, L, V].
         start, length: [B] from :func:`answer_spans`.
-        width: number of rows to return (>= max length); rows past a sample's length are zeros.
+        width: number of rows to return (>= max length).
 
     Returns:
         rows [B, width, V] (same dtype as ``logits``) and mask [B, width] (True on answer rows).
@@ -68,9 +72,8 @@ def gather_rows(logits: Tensor, start: Tensor, length: Tensor, width: int) -> tu
     B, L, V = logits.shape
     pos = torch.arange(width, device=logits.device)
     mask = pos[None, :] < length[:, None]
-    index = (start[:, None] + pos[None, :]).clamp(0, L - 1)
-    rows = logits.gather(1, index[..., None].expand(B, width, V))
-    return rows.masked_fill(~mask[..., None], 0), mask
+    index = torch.where(mask, start[:, None] + pos[None, :], start[:, None]).clamp(0, L - 1)
+    return logits.gather(1, index[..., None].expand(B, width, V)), mask
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:
@@ -80,7 +83,9 @@ def compute_dtype(x: Tensor) -> torch.dtype:
 
 def check_finite(rows: Tensor, mask: Tensor, name: str) -> None:
     """Raise a ValueError naming the samples whose answer rows hold NaN or Inf.  rows [B, T, V], mask [B, T]."""
-    bad_rows = ~torch.isfinite(rows).all(-1) & mask
+    # A row sum is finite iff every entry is (logits are far from fp32's overflow): one read, no [B,T,V] mask.
+    with torch.no_grad():
+        bad_rows = ~torch.isfinite(rows.sum(-1, dtype=torch.float64 if rows.dtype == torch.float64 else torch.float32)) & mask
     bad = bad_rows.any(1).nonzero().flatten().tolist()
     if bad:
         raise ValueError(f"{name}: non-finite values (NaN/Inf) in the answer logits of sample(s) {bad}")

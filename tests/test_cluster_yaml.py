@@ -1,0 +1,137 @@
+"""cluster.yaml is a valid Ray cluster-launcher config (checked with Ray's own schema and validator)
+and provides the node types the example job asks for: every custom resource the job uses exists,
+and each teacher replica and training worker fits on one node of some type."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from orchestrator.config import JobConfig, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+CLUSTER = ROOT / "cluster.yaml"
+EXAMPLE = ROOT / "orchestrator" / "configs" / "example_cluster.yaml"
+
+jsonschema = pytest.importorskip("jsonschema")
+autoscaler_util = pytest.importorskip("ray.autoscaler._private.util")
+
+
+def cluster() -> dict[str, Any]:
+    return yaml.safe_load(CLUSTER.read_text())
+
+
+def ray_schema() -> dict[str, Any]:
+    import json
+
+    import ray.autoscaler
+
+    return json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
+
+
+def node_types() -> dict[str, dict[str, Any]]:
+    return cluster()["available_node_types"]
+
+
+def test_valid_for_ray() -> None:
+    raw = cluster()
+    jsonschema.validate(raw, ray_schema())  # the file as written
+    # What `ray up` does: fill in the provider's defaults, then validate (the validator needs the
+    # filled-in fields, e.g. cluster_synced_files).
+    prepared = autoscaler_util.prepare_config(copy.deepcopy(raw))
+    autoscaler_util.validate_config(prepared)
+    assert prepared["head_node_type"] == "head"
+
+
+@pytest.mark.parametrize("mutate", [
+    lambda c: c["available_node_types"]["teacher_gpu"]["resources"].update(teacher_node=0.5),
+    lambda c: c.update(not_a_ray_key=1),
+    lambda c: c["available_node_types"]["student_gpu"].pop("node_config"),
+])
+def test_validator_catches_mistakes(mutate: Any) -> None:
+    # A negative control: the checks above would fail on a broken file.
+    broken = cluster()
+    mutate(broken)
+    with pytest.raises(jsonschema.ValidationError):
+        autoscaler_util.validate_config(autoscaler_util.prepare_config(broken))
+
+
+def test_node_types() -> None:
+    types = node_types()
+    assert {"teacher_gpu", "student_gpu"} <= set(types)
+    assert types["teacher_gpu"]["resources"]["teacher_node"] >= 1
+    assert types["student_gpu"]["resources"]["student_node"] >= 1
+    assert types["teacher_gpu"]["resources"]["GPU"] >= 1 and types["student_gpu"]["resources"]["GPU"] >= 1
+
+
+def test_setup_installs_the_project() -> None:
+    cfg = cluster()
+    commands = " ; ".join(cfg["setup_commands"])
+    assert "pip install" in commands and "-e" in commands and "constraints.txt" in commands
+    assert "." in cfg["file_mounts"].values()  # the repo is copied to the nodes
+
+
+def _job() -> JobConfig:
+    return load_config(EXAMPLE)
+
+
+def _teacher_demand(job: JobConfig) -> list[tuple[str, dict[str, float]]]:
+    out = []
+    for t in job.teachers:
+        need = {"CPU": t.resources.num_cpus, "GPU": t.resources.num_gpus, **t.resources.custom}
+        if t.resources.accelerator_type:
+            need[f"accelerator_type:{t.resources.accelerator_type}"] = 0.001  # what Ray asks for
+        out.append((t.name, {k: v for k, v in need.items() if v}))
+    return out
+
+
+def _worker_demand(job: JobConfig) -> dict[str, float]:
+    need = {"CPU": 1.0, **job.train.resources_per_worker}  # Ray Train's default: 1 CPU per worker
+    if job.train.use_gpu:
+        need.setdefault("GPU", 1.0)
+    return need
+
+
+def _fits(need: dict[str, float], have: dict[str, float]) -> bool:
+    return all(have.get(k, 0) >= v for k, v in need.items())
+
+
+def test_custom_resources_of_the_example_job_exist() -> None:
+    job = _job()
+    used = set(job.train.resources_per_worker) - {"CPU", "GPU"}
+    for t in job.teachers:
+        used |= set(t.resources.custom)
+        if t.resources.accelerator_type:
+            used.add(f"accelerator_type:{t.resources.accelerator_type}")
+    assert used >= {"teacher_node", "student_node", "accelerator_type:H100"}
+    provided = {r for spec in node_types().values() for r in spec["resources"]}
+    assert used <= provided, f"missing in cluster.yaml: {used - provided}"
+
+
+def test_each_replica_and_worker_fits_a_node_type_with_enough_capacity() -> None:
+    job, types = _job(), node_types()
+
+    def capacity(need: dict[str, float]) -> int:
+        """How many such demands the cluster can place at its largest (per-node packing)."""
+        total = 0
+        for spec in types.values():
+            have = spec["resources"]
+            if _fits(need, have):
+                # accelerator_type:* is a node label (asked for as 0.001): it never limits packing.
+                per_node = min(int(have[k] // v) for k, v in need.items() if not k.startswith("accelerator_type:"))
+                total += per_node * spec.get("max_workers", 0)
+        return total
+
+    for name, need in _teacher_demand(job):
+        replicas = next(t.replicas for t in job.teachers if t.name == name)
+        assert capacity(need) >= replicas, f"teacher {name} ({need}) does not fit cluster.yaml"
+    need = _worker_demand(job)
+    assert capacity(need) >= job.train.num_workers, f"training workers ({need}) do not fit cluster.yaml"
+    # And they land on the intended node types.
+    assert _fits(_teacher_demand(job)[0][1], types["teacher_gpu"]["resources"])
+    assert not _fits(_teacher_demand(job)[0][1], types["student_gpu"]["resources"])
+    assert _fits(need, types["student_gpu"]["resources"]) and not _fits(need, types["teacher_gpu"]["resources"])
