@@ -356,6 +356,10 @@ class LossConfig(_Section):
 
     @model_validator(mode="after")
     def _check_params(self) -> LossConfig:
+        if self.method == "mined":
+            # MinED aligns token strings of both tokenizers against full teacher logits: no compact payload.
+            raise _Problem(("method", "mined", "mined runs in one process (mlot.mined: full teacher logits and both "
+                            "tokenizers); the distributed trainer supports multilevel_ot, uld, kl and sft"))
         if self.method == "multilevel_ot":
             problems = _mlot_param_problems(self.mode, self.params)
             if problems:
@@ -419,6 +423,7 @@ class TrainConfig(_Section):
     prefetch: int = Field(2, ge=0, description="Teacher payload batches requested ahead of the current step.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping norm; null: no clipping.")
     max_nonfinite_steps: int = Field(10, ge=0, description="Consecutive non-finite losses tolerated (step skipped) before the run fails.")
+    max_failures: int = Field(1, ge=-1, description="Worker-group restarts from the last checkpoint after a worker dies (Ray Train FailureConfig; -1: unlimited).")
 
     @model_validator(mode="before")
     @classmethod

@@ -61,7 +61,8 @@ class Template:
             try:
                 _fields(getattr(self, name))
             except ValueError as err:
-                raise ValueError(f"template.{name} {getattr(self, name)!r} is not a valid format string: {err}") from err
+                fmt = getattr(self, name)
+                raise ValueError(f"template.{name} {fmt!r} is not a valid format string: {err}") from err
 
     def prompt_fields(self) -> list[str]:
         """Row fields the prompt format uses."""
@@ -195,7 +196,9 @@ def encode_example(
         ValueError: ``template.chat`` with a tokenizer that has no chat template; bad lengths.
     """
     if max_prompt_length < 1 or max_answer_length < 1:
-        raise ValueError(f"max_prompt_length and max_answer_length must be >= 1, got {max_prompt_length}, {max_answer_length}")
+        raise ValueError(
+            f"max_prompt_length and max_answer_length must be >= 1, got {max_prompt_length}, {max_answer_length}"
+        )
     a_fields = template.answer_fields()
     for field in a_fields:
         value = _check_text(row.get(field), index, field) if field in row else None

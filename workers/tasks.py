@@ -18,7 +18,7 @@ from typing import Any
 # memorised its training strings scores nothing on them; it has to map the item in a new sentence
 # to the fact it learnt from other sentences (and ignore the name and wording). Answers are 1-4
 # lower-case English words (the WordPiece tokenizer is uncased, so exact match needs no case
-# folding), and the tokenizers split them differently (e.g. "cock a doodle doo", "squeak").
+# folding), and the tokenizers split them differently (e.g. "wednesday", "cock a doodle doo").
 
 _COLOUR = {
     "a banana": "yellow", "a lemon": "yellow", "a tomato": "red", "a strawberry": "red",
@@ -180,6 +180,7 @@ def load_rows(
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be >= 0, got {limit}")
     records: Any
+    local_file = False
     if source == "builtin:quickstart":
         records = quickstart_dataset()
         available = ["prompt", "answer"]
@@ -190,7 +191,8 @@ def load_rows(
 
         path = Path(source)
         suffix = path.suffix.lower()
-        if suffix in _LOCAL_FORMATS and path.is_file():
+        local_file = suffix in _LOCAL_FORMATS and path.is_file()
+        if local_file:
             ds = datasets.load_dataset(_LOCAL_FORMATS[suffix], data_files={"train": str(path)}, split="train")
         elif suffix in _LOCAL_FORMATS and not path.exists():
             # Hub dataset ids never end in a file extension: this was meant as a local file.
@@ -204,10 +206,12 @@ def load_rows(
     for field, column in columns.items():
         top = column.split(".", 1)[0]
         if column not in available and top not in available:
-            label = source if name is None else f"{source} ({name})"
+            label = repr(source) if local_file or source.startswith("builtin:") else (
+                f"{source!r}" + (f" ({name})" if name else "") + f" split {split!r}"
+            )
             raise ValueError(
-                f"dataset {label!r} split {split!r} has no column {column!r} (mapped to template field "
-                f"{field!r}); its columns are {available}. Fix the `columns` mapping."
+                f"dataset {label} has no column {column!r} (mapped to template field {field!r}); "
+                f"its columns are {available}. Fix the `columns` mapping."
             )
     rows: list[dict[str, Any]] = []
     for i, record in enumerate(records):

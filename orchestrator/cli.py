@@ -1,0 +1,108 @@
+"""The ``mlot`` command line: distill, validate, quickstart."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from importlib import resources
+from pathlib import Path
+
+from orchestrator.config import ConfigError, load_config
+
+QUICKSTART = "quickstart.yaml"
+
+
+def bundled_config(name: str) -> Path:
+    """Path of a config shipped inside the package (orchestrator/configs/)."""
+    return Path(str(resources.files("orchestrator") / "configs" / name))
+
+
+def _load(args: argparse.Namespace):
+    return load_config(args.config, args.set or [])
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    job = _load(args)
+    print(f"{args.config}: OK (job {job.name!r}, {len(job.teachers)} teacher(s), loss {job.loss.method}/{job.loss.mode}, "
+          f"{job.train.num_workers} worker(s), ZeRO-{job.student.deepspeed.stage})")
+    return 0
+
+
+def _summary(s) -> None:
+    print(f"\n  student model : {s.export_dir}  (AutoModelForCausalLM.from_pretrained)")
+    print(f"  MLflow run    : {s.run_id}  at {s.tracking_uri}")
+    print(f"  open the UI   : mlflow ui --backend-store-uri {s.tracking_uri}")
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    from orchestrator.driver import run_distill, run_with_baseline
+
+    job = _load(args)
+    if args.baseline:
+        main, base = run_with_baseline(job, args.baseline)
+        print_comparison(main, base, args.baseline)
+        _summary(main)
+    else:
+        _summary(run_distill(job, resume=args.resume))
+    return 0
+
+
+def print_comparison(main, base, baseline: str) -> None:
+    """Held-out exact match / F1 and eval CE of the distilled student next to the baseline."""
+    rows = [(f"{main.job} (distilled)", main), (f"{base.job} ({baseline}, same budget)", base)]
+    print(f"\n{'student':42s} {'exact match':>12s} {'F1':>7s} {'eval CE':>8s}")
+    for label, s in rows:
+        ce = s.metrics.get("eval/loss")
+        print(f"{label:42s} {s.eval.get('exact_match', float('nan')):12.1f} {s.eval.get('f1', float('nan')):7.1f} "
+              f"{ce if ce is not None else float('nan'):8.3f}")
+
+
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    args.config = str(bundled_config(QUICKSTART))
+    args.baseline = "sft"
+    args.resume = False
+    return cmd_distill(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mlot", description="Cross-tokenizer distillation with multi-level optimal "
+                                "transport, on Ray Train + DeepSpeed, tracked in MLflow.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_config(sp: argparse.ArgumentParser, positional: bool = True) -> None:
+        if positional:
+            sp.add_argument("config", help="job YAML (see orchestrator/configs/)")
+        sp.add_argument("--set", action="append", metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set train.lr=3e-4 --set teachers.0.weight=2")
+
+    d = sub.add_parser("distill", help="distil teacher(s) into the student described by CONFIG")
+    with_config(d)
+    d.add_argument("--resume", action="store_true", help="continue this job's last run from its newest checkpoint")
+    d.add_argument("--baseline", choices=["sft", "uld"], help="also train this baseline with the same budget and compare")
+    d.set_defaults(func=cmd_distill)
+
+    v = sub.add_parser("validate", help="check CONFIG and print what it would run")
+    with_config(v)
+    v.set_defaults(func=cmd_validate)
+
+    q = sub.add_parser("quickstart", help="the bundled demo: tiny teacher and student with different real "
+                       "tokenizers, local Ray on CPU; distils, trains an SFT baseline, compares")
+    with_config(q, positional=False)
+    q.set_defaults(func=cmd_quickstart)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(f"mlot: invalid config:\n{e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mlot: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,282 @@
+"""The driver: config -> Ray -> teacher actors + a TorchTrainer of student workers -> MLflow.
+
+It only wires things together. Text rows and actor handles go to the workers; payloads go from
+teacher actors to workers through the object store and never come back here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from orchestrator.config import JobConfig, apply_overrides, dump_config
+
+# Fail in 30 s instead of hanging when the cluster cannot place the worker group.
+os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "60")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+def say(msg: str) -> None:
+    print(f"[mlot] {msg}", flush=True)
+
+
+# ---------------------------------------------------------------------------- data
+
+
+def load_data(job: JobConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]], int]:
+    """Train and eval rows (mapped field names), after checking every row with every tokenizer.
+
+    Returns (train_rows, eval_rows, skipped). Rows the student or a teacher cannot encode raise
+    (``data.on_bad_row: error``) or are dropped and counted (``skip``), before any training starts.
+    """
+    from workers.tasks import load_rows
+
+    d = job.data
+    rows = load_rows(d.source, d.name, d.train_split, d.columns, d.limit)
+    if d.eval_split:
+        eval_rows = load_rows(d.source, d.name, d.eval_split, d.columns, d.limit)
+    else:
+        shuffled = rows[:]
+        random.Random(job.train.seed).shuffle(shuffled)
+        n_eval = int(len(rows) * d.eval_fraction)
+        eval_rows, rows = shuffled[:n_eval], shuffled[n_eval:]
+    rows, skipped = check_rows(job, rows, "train")
+    eval_rows, skipped_eval = check_rows(job, eval_rows, "eval")
+    if not rows:
+        raise ValueError(f"data.source {d.source!r}: no usable training rows")
+    return rows, eval_rows, skipped + skipped_eval
+
+
+def check_rows(job: JobConfig, rows: list[dict[str, Any]], split: str) -> tuple[list[dict[str, Any]], int]:
+    """Encode each row with the student's and every teacher's tokenizer/template; error or skip bad ones."""
+    from workers.data import encode_batch
+    from workers.models import load_tokenizer
+    from workers.teacher import template_of
+
+    bad: set[int] = set()
+    for spec in [job.student, *job.teachers]:
+        tok = load_tokenizer(spec.tokenizer_name, spec.trust_remote_code)
+        for i in range(0, len(rows), 256):
+            _, skipped = encode_batch(rows[i:i + 256], tok, template_of(spec), job.data.max_prompt_length,
+                                      job.data.max_answer_length, on_bad_row=job.data.on_bad_row, first_index=i)
+            bad.update(skipped)
+    if bad:
+        say(f"{split}: skipped {len(bad)} bad row(s) (data.on_bad_row=skip), e.g. rows {sorted(bad)[:5]}")
+    return [r for i, r in enumerate(rows) if i not in bad], len(bad)
+
+
+def fingerprint(job: JobConfig) -> str:
+    """What a checkpoint must agree on to be resumed: models, tokenizers, data, loss, batch shape, seed.
+
+    Steps, schedule length, tracking and cluster may change between a run and its resumption.
+    """
+    keep = {
+        "student": job.student.model_dump(mode="json", exclude={"deepspeed"}),
+        "teachers": [t.model_dump(mode="json", include={"name", "model", "hf_config", "tokenizer", "template"})
+                     for t in job.teachers],
+        "data": job.data.model_dump(mode="json"),
+        "loss": job.loss.model_dump(mode="json"),
+        "train": job.train.model_dump(mode="json", include={"batch_size", "grad_accum", "seed", "num_workers"}),
+    }
+    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------- Ray, teachers, tracking
+
+
+def connect_ray(job: JobConfig) -> None:
+    """Start a local Ray, or join ``cluster.address``; a bad address is a clear error, not a hang."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    kwargs: dict[str, Any] = {"runtime_env": job.cluster.runtime_env or None, "logging_level": "WARNING",
+                              "log_to_driver": True}
+    if job.cluster.address:
+        try:
+            ray.init(address=job.cluster.address, **kwargs)
+        except Exception as e:  # ConnectionError, TimeoutError, ValueError depending on the address form
+            raise ConnectionError(f"cluster.address {job.cluster.address!r}: cannot connect to Ray ({e}); "
+                                  "check the address, or set cluster.address: null to start a local Ray") from e
+    else:
+        # The dashboard (needed by the state API that cleans up after stopped trials) binds to loopback,
+        # and token authentication stays on (both Ray 2.60 defaults).
+        ray.init(num_cpus=job.cluster.num_cpus, dashboard_host="127.0.0.1", **kwargs)
+    from ray.data import DataContext
+    DataContext.get_current().enable_progress_bars = False
+
+
+def start_teachers(job: JobConfig, train_rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
+    """Start every teacher's replicas on its own resources; pretrain tiny teachers first if asked."""
+    import ray
+
+    from workers.teacher import TeacherActor
+
+    teachers: dict[str, list[Any]] = {}
+    for t in job.teachers:
+        r = t.resources
+        opts: dict[str, Any] = {"num_cpus": r.num_cpus, "num_gpus": r.num_gpus, "max_restarts": 2,
+                                "max_task_retries": 2}
+        if r.accelerator_type:
+            opts["accelerator_type"] = r.accelerator_type
+        if r.memory:
+            opts["memory"] = r.memory
+        if r.custom:
+            opts["resources"] = dict(r.custom)
+        actor = ray.remote(TeacherActor).options(**opts)
+        saved = job.run_dir.resolve() / "teachers" / t.name
+        weights = str(saved) if (t.pretrain.steps and (saved / "config.json").exists()) else None
+        replicas = [actor.remote(t, job.data, job.loss, job.train.seed, weights) for _ in range(t.replicas)]
+        if t.pretrain.steps and weights is None:
+            say(f"teacher {t.name}: pretraining {t.pretrain.steps} steps on the task")
+            t0 = time.time()
+            state = replicas[0].pretrain.remote(train_rows, t.pretrain.steps, t.pretrain.lr, t.pretrain.batch_size,
+                                                job.train.seed)
+            ray.get([a.load_state.remote(state) for a in replicas[1:]] + [replicas[0].save.remote(str(saved))])
+            say(f"teacher {t.name}: pretrained in {time.time() - t0:.0f}s, saved to {saved}")
+        infos = ray.get([a.info.remote() for a in replicas])
+        say(f"teacher {t.name}: {len(replicas)} replica(s) on {infos[0]['device']}, vocab {infos[0]['vocab_size']}"
+            + (f" ({infos[0]['padded_rows']} padded logit rows ignored)" if infos[0]["padded_rows"] else ""))
+        teachers[t.name] = replicas
+    return teachers
+
+
+def start_tracking(job: JobConfig, run_id: str | None = None) -> tuple[str, str]:
+    """Create (or reopen, when resuming) the job's MLflow run; log the resolved config. Returns (uri, run_id)."""
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.entities import Param
+
+    uri = job.tracking.resolved_uri()
+    client = MlflowClient(uri)
+    if run_id is None:
+        exp = client.get_experiment_by_name(job.tracking.experiment)
+        exp_id = exp.experiment_id if exp else client.create_experiment(job.tracking.experiment)
+        run = client.create_run(exp_id, run_name=job.tracking.run_name or job.name,
+                                tags={"mlot.job": job.name, **job.tracking.tags})
+        run_id = run.info.run_id
+        params = [Param(k, str(v)[:6000]) for k, v in job.to_flat_dict().items()]
+        for i in range(0, len(params), 100):
+            client.log_batch(run_id, params=params[i:i + 100])
+        client.log_text(run_id, dump_config(job), "config.yaml")
+    else:
+        client.update_run(run_id, status="RUNNING")
+    mlflow.set_tracking_uri(uri)
+    return uri, run_id
+
+
+# ---------------------------------------------------------------------------- the job
+
+
+@dataclass
+class DistillSummary:
+    """What a finished ``mlot distill`` produced."""
+
+    job: str
+    export_dir: str
+    run_id: str
+    tracking_uri: str
+    metrics: dict[str, Any] = field(default_factory=dict)
+    eval: dict[str, float] = field(default_factory=dict)
+
+
+def run_distill(job: JobConfig, *, resume: bool = False) -> DistillSummary:
+    """Run one distillation job end to end (or continue it with ``resume``)."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from workers.student import train_loop_per_worker
+
+    run_dir = job.run_dir.resolve()
+    state_file = run_dir / "run.json"
+    previous = json.loads(state_file.read_text()) if state_file.exists() else None
+    if resume and previous is None:
+        raise FileNotFoundError(f"--resume: no earlier run of job {job.name!r} under {run_dir}")
+    if resume and previous["fingerprint"] != fingerprint(job):
+        raise ValueError(f"--resume: {run_dir} was trained with other model/data/loss settings; "
+                         "resume with the config it was started with (steps may change)")
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    rows, eval_rows, skipped = load_data(job)
+    say(f"data: {len(rows)} train / {len(eval_rows)} eval rows" + (f", {skipped} skipped" if skipped else ""))
+    connect_ray(job)
+    uri, run_id = start_tracking(job, previous["run_id"] if resume else None)
+    ray_name = previous["ray_name"] if resume else f"{job.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    state_file.write_text(json.dumps({"run_id": run_id, "ray_name": ray_name, "fingerprint": fingerprint(job)}))
+    from mlflow import MlflowClient
+    client = MlflowClient(uri)
+    if skipped:
+        client.log_metric(run_id, "data/skipped_rows", skipped)
+    try:
+        teachers = start_teachers(job, rows) if job.loss.method != "sft" else {}
+        export_dir = str(run_dir / "final")
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={
+                "job": job, "train_rows": ray.put(rows), "eval_rows": ray.put(eval_rows), "teachers": teachers,
+                "run_id": run_id, "tracking_uri": uri, "export_dir": export_dir, "fingerprint": fingerprint(job),
+            },
+            scaling_config=ScalingConfig(num_workers=job.train.num_workers, use_gpu=job.train.use_gpu,
+                                         resources_per_worker=job.train.resources_per_worker or None),
+            run_config=RunConfig(name=ray_name, storage_path=str(run_dir / "ray"),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=2),
+                                 failure_config=FailureConfig(max_failures=job.train.max_failures)),
+        )
+        say(f"training: {job.train.num_workers} worker(s), ZeRO-{job.student.deepspeed.stage}, "
+            f"loss {job.loss.method} ({job.loss.mode})" + (" - resuming" if resume else ""))
+        result = trainer.fit()
+        if result.error:
+            raise result.error
+        scores = evaluate_export(job, export_dir, eval_rows)
+        if scores:
+            from mlflow.entities import Metric
+            now = int(time.time() * 1000)
+            client.log_batch(run_id, metrics=[Metric(f"final/{k}", v, now, 0) for k, v in scores.items()])
+        client.set_terminated(run_id, "FINISHED")
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    return DistillSummary(job.name, export_dir, run_id, uri, dict(result.metrics or {}), scores)
+
+
+def evaluate_export(job: JobConfig, export_dir: str, eval_rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Greedy exact match / F1 of the exported student on the eval rows (in a Ray task, near the data)."""
+    import ray
+
+    if not eval_rows:
+        return {}
+
+    @ray.remote(num_cpus=0.5, num_gpus=1 if job.train.use_gpu else 0)
+    def _score(path: str, rows: list[dict[str, Any]]) -> dict[str, float]:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from workers.evaluate import gold_answers, greedy_answers, score
+        from workers.models import load_tokenizer
+        from workers.teacher import template_of
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        model = AutoModelForCausalLM.from_pretrained(path).to(device)
+        tok = load_tokenizer(path)
+        preds = greedy_answers(model, tok, template_of(job.student), rows, job.data.max_prompt_length,
+                               job.data.max_answer_length, device)
+        return score(preds, [gold_answers(r) for r in rows])
+
+    return ray.get(_score.remote(export_dir, eval_rows))
+
+
+def run_with_baseline(job: JobConfig, baseline: str = "sft") -> tuple[DistillSummary, DistillSummary]:
+    """The job, then the same budget with ``loss.method=baseline`` (no teachers for sft), for comparison."""
+    main = run_distill(job)
+    overrides = [f"name={job.name}-{baseline}", f"loss.method={baseline}"]
+    base_job = apply_overrides(job, overrides)
+    if baseline == "sft":
+        base_job = base_job.model_copy(update={"teachers": []})
+    return main, run_distill(base_job)

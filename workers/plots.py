@@ -1,0 +1,43 @@
+"""PNG artefacts for MLflow: the loss curves and a transport-plan heatmap (matplotlib, headless)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display on cluster nodes
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def loss_curve_png(history: list[dict[str, float]], path: Path) -> str:
+    """Plot every ``train/*`` loss term (and ``eval/loss``) against the step."""
+    keys = sorted({k for h in history for k in h if k == "eval/loss" or (k.startswith("train/") and (
+        k.endswith(("loss", "ce", "distill", "had", "sl", "sd"))))})
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for k in keys:
+        pts = [(h["step"], h[k]) for h in history if k in h]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], label=k, marker="o" if k == "eval/loss" else None)
+    ax.set_xlabel("optimizer step")
+    ax.set_yscale("symlog", linthresh=1e-3)
+    ax.legend(fontsize=7)
+    ax.set_title("mlot training curves")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)
+
+
+def plan_heatmap_png(plan: Any, path: Path) -> str:
+    """Heatmap of a [T_t, T_s] transport plan: which teacher tokens each student token draws from."""
+    fig, ax = plt.subplots(figsize=(5, 4))
+    im = ax.imshow(plan, aspect="auto", cmap="viridis")
+    ax.set_xlabel("student answer token")
+    ax.set_ylabel("teacher answer token")
+    ax.set_title("sequence-level transport plan (eval sample 0)")
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)

@@ -1,0 +1,117 @@
+"""A teacher model hosted in a Ray actor, serving compact payloads to the student workers.
+
+The actor owns one HF causal LM and its own tokenizer and template. Given text rows it tokenises
+them its own way, runs the forward in inference mode on its own device, and returns only what the
+loss needs (``mlot.compress_teacher``): ranked top-k probabilities, never full-vocabulary logits.
+Nothing here imports the driver: the actor class is plain Python that ``ray.remote`` wraps.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import mlot
+from workers.data import Template, encode_batch
+from workers.forward import answer_logits, to_device
+from workers.models import build_model, check_vocab, load_tokenizer
+
+
+def template_of(spec: Any) -> Template:
+    """workers.data.Template from a config's template section."""
+    t = spec.template
+    return Template(prompt=t.prompt, answer=t.answer, chat=t.chat, eos=t.eos)
+
+
+class TeacherActor:
+    """One replica of one teacher. Wrapped with ``ray.remote(...).options(resources...)`` by the driver.
+
+    Args:
+        teacher: an ``orchestrator.config.TeacherConfig``.
+        data: the job's ``DataConfig`` (max lengths).
+        loss: the job's ``LossConfig`` (which payload to compute).
+        seed: seed for random-weight (``model_config``) teachers; replicas agree on it.
+        weights_dir: a saved HF model to load instead (e.g. the pretrained quickstart teacher).
+    """
+
+    def __init__(self, teacher: Any, data: Any, loss: Any, seed: int = 0, weights_dir: str | None = None) -> None:
+        self.name = teacher.name
+        self.data = data
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.tokenizer = load_tokenizer(teacher.tokenizer_name, teacher.trust_remote_code)
+        torch.manual_seed(seed)
+        if weights_dir is not None:
+            self.model = build_model(weights_dir, None, teacher.dtype, False, self.tokenizer, who=f"teacher {self.name}")
+        else:
+            self.model = build_model(teacher.model, teacher.hf_config, teacher.dtype, teacher.trust_remote_code,
+                                     self.tokenizer, who=f"teacher {self.name}")
+        self.padded_rows = check_vocab(self.model, self.tokenizer, f"teachers[{self.name}]")
+        self.vocab_size = len(self.tokenizer)
+        self.model.to(self.device).eval()
+        self.template = template_of(teacher)
+        self.payload_config = mlot.payload_config(loss.method, loss.mode, **loss.params)
+        self.forward_rows = 0  # rows this replica ran a forward pass on (sharing / caching is measured by it)
+
+    def info(self) -> dict[str, Any]:
+        return {"name": self.name, "device": str(self.device), "vocab_size": self.vocab_size,
+                "padded_rows": self.padded_rows, "forward_rows": self.forward_rows}
+
+    def payload(self, rows: list[dict[str, Any]], batch_id: Any = None) -> dict[str, Any]:
+        """Tokenise ``rows`` with this teacher's template, run it, and compress.
+
+        Returns a plain dict (numpy arrays, no pickled classes): ``payload`` (``TeacherPayload.to_numpy``),
+        ``batch_id`` echoed back (the worker checks it: a payload never lands on another batch),
+        ``seconds`` spent, ``answer_tokens``.
+        """
+        t0 = time.perf_counter()
+        batch, _ = encode_batch(rows, self.tokenizer, self.template, self.data.max_prompt_length,
+                                self.data.max_answer_length, on_bad_row="error")
+        with torch.inference_mode():
+            logits, labels = answer_logits(self.model, to_device(batch, self.device), self.vocab_size)
+            payload = mlot.compress_teacher(logits, labels, config=self.payload_config)
+        self.forward_rows += len(rows)
+        return {"payload": payload.to("cpu").to_numpy(), "batch_id": batch_id, "seconds": time.perf_counter() - t0,
+                "answer_tokens": int(payload.lengths.sum())}
+
+    def pretrain(self, rows: list[dict[str, Any]], steps: int, lr: float, batch_size: int, seed: int) -> dict[str, Any]:
+        """Briefly train this (tiny, random) teacher on the task with CE, so distillation has signal.
+
+        Returns the trained weights (CPU tensors) for the other replicas and the loss curve.
+        """
+        g = torch.Generator().manual_seed(seed)
+        opt = torch.optim.AdamW(self.model.parameters(), lr=lr)
+        self.model.train()
+        losses = []
+        for _ in range(steps):
+            pick = torch.randint(0, len(rows), (batch_size,), generator=g).tolist()
+            batch, _ = encode_batch([rows[i] for i in pick], self.tokenizer, self.template,
+                                    self.data.max_prompt_length, self.data.max_answer_length, on_bad_row="error")
+            batch = to_device(batch, self.device)
+            logits, labels = answer_logits(self.model, batch, self.vocab_size)
+            loss = mlot.causal_lm_loss(logits, labels)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(float(loss))
+        self.model.eval()
+        return {"state": {k: v.detach().cpu() for k, v in self.model.state_dict().items()}, "losses": losses}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Take the weights another replica trained (``pretrain``'s ``state``)."""
+        self.model.load_state_dict(state["state"] if "state" in state else state)
+
+    def save(self, path: str) -> str:
+        """Save model + tokenizer as a HF directory (safetensors)."""
+        Path(path).mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(path, safe_serialization=True)
+        self.tokenizer.save_pretrained(path)
+        return path
+
+    def generate(self, rows: list[dict[str, Any]], max_new_tokens: int = 32) -> list[str]:
+        """Greedy answers for ``rows`` (their prompts, templated), first line only."""
+        from workers.evaluate import greedy_answers
+        return greedy_answers(self.model, self.tokenizer, self.template, rows, self.data.max_prompt_length,
+                              max_new_tokens, self.device)
