@@ -201,7 +201,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     order = BatchOrder(rows, rank, world, job.train.batch_size, job.train.seed)
     stream = PayloadStream(config["teachers"], order, rank, world, job.train.prefetch)
     weights = {t.name: t.weight for t in job.teachers}
-    tracker = _Tracker(config, rank, {"params": n_params, "world": world, "steps": steps})
+    # Params are write-once in MLflow: log them when the run starts, not again on resumption.
+    tracker = _Tracker(config, rank, {"params": n_params, "world": world} if start == 0 else {})
     loss_params = dict(job.loss.params)
     bad_steps = 0
     history: list[dict[str, float]] = []
@@ -258,8 +259,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             ray.train.report({**metrics, "step": done})
 
     export_student(engine, tokenizer, job, config["export_dir"], rank)
+    # Every rank runs this forward: under ZeRO-3 a forward gathers parameters collectively.
+    plan = _eval_plan(engine, tokenizer, template, job, eval_rows, config["teachers"], device, vocab)
     if rank == 0:
-        tracker.finish(history, engine, tokenizer, template, job, eval_rows, config["teachers"], device, vocab)
+        tracker.finish(history, plan)
 
 
 def _resolve(x: Any) -> Any:
@@ -368,8 +371,7 @@ class _Tracker:
     def warn(self, message: str) -> None:
         print(f"[mlot] {message}", flush=True)
 
-    def finish(self, history: list[dict[str, float]], engine: Any, tokenizer: Any, template: Any, job: Any,
-               eval_rows: list[dict[str, Any]], teachers: dict[str, list[Any]], device: Any, vocab: int) -> None:
+    def finish(self, history: list[dict[str, float]], plan: Any) -> None:
         """Final artefacts: the loss curve, a transport-plan heatmap of a fixed eval sample, the student."""
         if self.client is None:
             return
@@ -377,7 +379,6 @@ class _Tracker:
         with tempfile.TemporaryDirectory() as d:
             if history:
                 self.client.log_artifact(self.run_id, loss_curve_png(history, Path(d) / "loss_curve.png"), "plots")
-            plan = _eval_plan(engine, tokenizer, template, job, eval_rows, teachers, device, vocab)
             if plan is not None:
                 self.client.log_artifact(self.run_id, plan_heatmap_png(plan, Path(d) / "transport_plan.png"), "plots")
         self.client.log_artifacts(self.run_id, self.export_dir, "student")
