@@ -12,7 +12,6 @@ import os
 import random
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from orchestrator.config import JobConfig, apply_overrides, dump_config
@@ -55,7 +54,7 @@ def load_data(job: JobConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]
 
 def check_rows(job: JobConfig, rows: list[dict[str, Any]], split: str) -> tuple[list[dict[str, Any]], int]:
     """Encode each row with the student's and every teacher's tokenizer/template; error or skip bad ones."""
-    from workers.data import encode_batch
+    from workers.data import BadRowError, encode_batch
     from workers.models import load_tokenizer
     from workers.teacher import template_of
 
@@ -63,8 +62,14 @@ def check_rows(job: JobConfig, rows: list[dict[str, Any]], split: str) -> tuple[
     for spec in [job.student, *job.teachers]:
         tok = load_tokenizer(spec.tokenizer_name, spec.trust_remote_code)
         for i in range(0, len(rows), 256):
-            _, skipped = encode_batch(rows[i:i + 256], tok, template_of(spec), job.data.max_prompt_length,
-                                      job.data.max_answer_length, on_bad_row=job.data.on_bad_row, first_index=i)
+            chunk = rows[i:i + 256]
+            try:
+                _, skipped = encode_batch(chunk, tok, template_of(spec), job.data.max_prompt_length,
+                                          job.data.max_answer_length, on_bad_row=job.data.on_bad_row, first_index=i)
+            except BadRowError:
+                if job.data.on_bad_row == "error":
+                    raise
+                skipped = range(i, i + len(chunk))  # skip mode: a chunk with no good row at all
             bad.update(skipped)
     if bad:
         say(f"{split}: skipped {len(bad)} bad row(s) (data.on_bad_row=skip), e.g. rows {sorted(bad)[:5]}")

@@ -1,6 +1,5 @@
 """Paper mode: per-sample losses, invariances, payload identity, ablation switches, numerics."""
 
-import numpy as np
 import pytest
 import torch
 

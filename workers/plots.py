@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # no display on cluster nodes
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def loss_curve_png(history: list[dict[str, float]], path: Path) -> str:
@@ -33,6 +34,8 @@ def plan_heatmap_png(plan: Any, path: Path) -> str:
     """Heatmap of a [T_t, T_s] transport plan: which teacher tokens each student token draws from."""
     fig, ax = plt.subplots(figsize=(5, 4))
     im = ax.imshow(plan, aspect="auto", cmap="viridis")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("student answer token")
     ax.set_ylabel("teacher answer token")
     ax.set_title("sequence-level transport plan (eval sample 0)")

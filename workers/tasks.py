@@ -7,7 +7,6 @@ column), so :mod:`workers.data` never needs to know how a dataset names its colu
 from __future__ import annotations
 
 import random
-import re
 from pathlib import Path
 from typing import Any
 
@@ -114,18 +113,6 @@ def quickstart_dataset(n: int = 2000, seed: int = 0) -> list[dict[str, str]]:
         answer = _TASKS[task][0][item]
         rows.append({"prompt": phrasing.format(x=item, name=name), "answer": answer})
     return rows
-
-
-def normalize_answer(text: str) -> str:
-    """Lower-case, trim, collapse whitespace and drop trailing punctuation, for exact match."""
-    return re.sub(r"\s+", " ", text).strip().strip(".!?,;:").strip().lower()
-
-
-def exact_match(prediction: str, answers: str | list[str]) -> bool:
-    """True if ``prediction`` equals any reference answer after :func:`normalize_answer`."""
-    refs = [answers] if isinstance(answers, str) else answers
-    pred = normalize_answer(prediction)
-    return any(pred == normalize_answer(a) for a in refs if isinstance(a, str))
 
 
 # --- loading rows -------------------------------------------------------------------------------
