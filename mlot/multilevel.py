@@ -24,10 +24,10 @@ from torch import Tensor
 from .config import MultiLevelOTConfig, make_config
 from .ot import sinkhorn_log, sinkhorn_plain, uniform_log_marginal
 from .payload import TeacherPayload
-from .ranking import assignment_ranking, batch_ranking, sequence_ranking, take_columns, token_ranking
+from .ranking import assignment_ranking, batch_ranking
 from .result import DistillResult
-from .softmax import gathered_log_softmax, row_log_normaliser, softmax_and_normaliser
-from .spans import answer_spans, check_finite, compute_dtype, gather_rows
+from .softmax import answer_log_softmax, answer_row_stats, take_logits
+from .spans import answer_spans, check_finite, compute_dtype, gather_rows, row_index
 
 
 def compress_teacher(
@@ -47,24 +47,15 @@ def compress_teacher(
     cfg = config or make_config(mode, **params)
     with torch.no_grad():
         start, length = answer_spans(teacher_labels, name="teacher_labels")
-        rows, mask = gather_rows(teacher_logits, start, length, int(length.max()))
-        check_finite(rows, mask, "teacher_logits")
-        z = rows.to(compute_dtype(teacher_logits))
         if cfg.mode == "reference":
+            rows, mask = gather_rows(teacher_logits, start, length, int(length.max()))
+            check_finite(rows, mask, "teacher_logits")
+            z = rows.to(compute_dtype(teacher_logits))
             probs = _reference_probs(z, mask)
-            columns = batch_ranking(probs, _k(cfg, probs))
+            columns = batch_ranking(probs, _k(cfg, probs.shape[-1]))
             return TeacherPayload("reference", probs[..., columns], None, columns.int(), length, cfg.teacher_settings())
-        probs = _masked_softmax(z, cfg.teacher_temperature, mask)
-        k = _k(cfg, probs)
-        columns = sequence_ranking(probs, k) if cfg.ranking == "sequence" else token_ranking(probs, k)
-        sd_log_shift = None
-        if cfg.use_sd and cfg.sd_temperature != cfg.teacher_temperature:
-            # softmax(z/tau_sd)_i = p_i ** r * exp(shift): the per-token shift is all SD needs beyond p.
-            r = cfg.teacher_temperature / cfg.sd_temperature
-            shift = r * torch.logsumexp(z / cfg.teacher_temperature, -1) - torch.logsumexp(z / cfg.sd_temperature, -1)
-            sd_log_shift = shift * mask
-        return TeacherPayload("paper", take_columns(probs, columns), sd_log_shift, columns.int(), length,
-                              cfg.teacher_settings())
+        # Paper mode: one chunked pass for normalisers and ranking statistics, then only k columns.
+        return _teacher_paper(teacher_logits, start, length, cfg)
 
 
 def multilevel_ot(
@@ -114,41 +105,63 @@ def multilevel_ot(
 # ---------------------------------------------------------------------------- paper mode
 
 
+def _teacher_paper(logits: Tensor, start: Tensor, length: Tensor, cfg: MultiLevelOTConfig) -> TeacherPayload:
+    width = int(length.max())
+    index, mask = row_index(start, length, width, logits.shape[1])
+    dtype = compute_dtype(logits)
+    k = _k(cfg, logits.shape[-1])
+    sd_other = cfg.use_sd and cfg.sd_temperature != cfg.teacher_temperature
+    temps = [cfg.teacher_temperature] + ([cfg.sd_temperature] if sd_other else [])
+    stats = answer_row_stats(logits, index, mask, temps, dtype, totals=cfg.ranking == "sequence",
+                             token_k=k if cfg.ranking == "token" else None)
+    _check_rows_finite(stats.lse[0], mask, "teacher_logits")
+    columns = stats.totals.topk(k, dim=-1).indices if cfg.ranking == "sequence" else stats.token_columns
+    rows_cols = _per_row(columns, width)
+    probs = torch.exp(take_logits(logits, index, rows_cols, dtype) / cfg.teacher_temperature - stats.lse[0][..., None])
+    probs = probs * mask[..., None]
+    sd_log_shift = None
+    if sd_other:
+        # softmax(z/tau_sd)_i = p_i ** r * exp(shift): the per-token shift is all SD needs beyond p.
+        r = cfg.teacher_temperature / cfg.sd_temperature
+        sd_log_shift = (r * stats.lse[0] - stats.lse[1]) * mask
+    return TeacherPayload("paper", probs, sd_log_shift, columns.int(), length, cfg.teacher_settings())
+
+
 def _student_paper(logits: Tensor, labels: Tensor, payload: TeacherPayload, cfg: MultiLevelOTConfig) -> DistillResult:
     start, s_len = answer_spans(labels, drop_last=cfg.skip_student_eos, name="student_labels")
     t_len = payload.lengths
     width = max(int(s_len.max()), payload.probs.shape[1], 1)
-    rows, s_mask = gather_rows(logits, start, s_len, width)
-    check_finite(rows, s_mask, "student_logits")
+    index, s_mask = row_index(start, s_len, width, logits.shape[1])
     dtype = compute_dtype(logits)
-    z = rows.to(dtype)
     t_mask = _length_mask(t_len, width)
     pair = _length_mask(torch.minimum(t_len, s_len), width)
     n_pair = pair.sum(1).clamp(min=1).to(dtype)
-
     t_k = _pad_rows(payload.probs.to(dtype), width)
-    # The only dense [B, T, V] work with a gradient: one log-softmax per temperature. Everything after
-    # is on the k kept columns, so its backward is cheap too.
-    q, lse = softmax_and_normaliser(z, cfg.student_temperature)
-    k = min(t_k.shape[-1], z.shape[-1])
-    with torch.no_grad():
-        q.mul_(s_mask[..., None])
-        if cfg.ranking == "token":
-            columns = token_ranking(q, k)
-        elif cfg.student_ranking == "assignment":
-            columns = assignment_ranking(t_k, q, pair, k, min(cfg.assignment_candidates or 2 * k, q.shape[-1]))
-        else:
-            columns = sequence_ranking(q, k)
-    sd_lse = None
-    if cfg.use_sd and cfg.sd_temperature != cfg.student_temperature:
-        sd_lse = row_log_normaliser(z, cfg.sd_temperature, scratch=q)
-    del q
+    k = min(t_k.shape[-1], logits.shape[-1])
+
+    # One chunked pass over the student's answer rows: normalisers and ranking statistics.
+    sd_other = cfg.use_sd and cfg.sd_temperature != cfg.student_temperature
+    temps = [cfg.student_temperature] + ([cfg.sd_temperature] if sd_other else [])
+    stats = answer_row_stats(logits, index, s_mask, temps, dtype, totals=cfg.ranking == "sequence",
+                             token_k=k if cfg.ranking == "token" else None)
+    _check_rows_finite(stats.lse[0], s_mask, "student_logits")
+    if cfg.ranking == "token":
+        columns = stats.token_columns
+    elif cfg.student_ranking == "assignment":
+        with torch.no_grad():
+            pool = stats.totals.topk(min(cfg.assignment_candidates or 2 * k, logits.shape[-1]), dim=-1).indices
+            pool_probs = torch.exp(take_logits(logits, index, _per_row(pool, width), dtype) / cfg.student_temperature
+                                   - stats.lse[0][..., None]) * s_mask[..., None]
+            columns = assignment_ranking(t_k, pool_probs, pool, pair)
+    else:
+        columns = stats.totals.topk(k, dim=-1).indices
+    # The only dense work with a gradient: log-softmax per temperature, read at the k kept columns.
+    log_p = answer_log_softmax(logits, index, s_mask, _per_row(columns, width), temps, stats.lse, dtype)
     m = s_mask[..., None]
-    log_s_k = gathered_log_softmax(z, _per_row(columns, width), cfg.student_temperature, lse)
     # With top_k=None the vocabularies differ in size: zero-pad the shorter side (as ULD does);
     # a padded student column scores log 1 = 0 in SL, i.e. teacher mass there is not rewarded.
-    s_k, t_k = _pad_to_same_k(log_s_k.exp() * m, t_k)
-    log_s_k, _ = _pad_to_same_k(log_s_k * m, t_k)
+    s_k, t_k = _pad_to_same_k(log_p[0].exp() * m, t_k)
+    log_s_k, _ = _pad_to_same_k(log_p[0] * m, t_k)
 
     had = (pair * (t_k - s_k).abs().sum(-1)).sum(1) / n_pair
     zero = torch.zeros_like(had)
@@ -157,8 +170,7 @@ def _student_paper(logits: Tensor, labels: Tensor, payload: TeacherPayload, cfg:
     if cfg.use_sd:
         t_sd = payload.sd_probs(cfg.sd_temperature, cfg.teacher_temperature).to(dtype)
         a = _pad_to_same_k(_pad_rows(t_sd, width), s_k)[0]
-        b = s_k if cfg.sd_temperature == cfg.student_temperature else _pad_to_same_k(
-            gathered_log_softmax(z, _per_row(columns, width), cfg.sd_temperature, sd_lse).exp() * m, t_k)[0]
+        b = _pad_to_same_k(log_p[1].exp() * m, t_k)[0] if sd_other else s_k
         if cfg.sd_level == "sequence":
             sd, plan = sequence_sinkhorn_distance(a, b, t_mask, s_mask, cfg)
         else:
@@ -237,19 +249,21 @@ def _reference_probs(z: Tensor, mask: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------- helpers
 
 
-def _masked_softmax(z: Tensor, temperature: float, mask: Tensor) -> Tensor:
-    """softmax(z / tau) over the vocabulary, rows outside ``mask`` zero. z [B, T, V], mask [B, T]."""
-    return torch.softmax(z if temperature == 1 else z / temperature, -1) * mask[..., None]
-
-
 def _per_row(columns: Tensor, width: int) -> Tensor:
     """Column ids [B, k] (one order per sequence) or [B, T, k] (per row) -> [B, width, k] long."""
     columns = columns.long()
     return columns[:, None, :].expand(-1, width, -1) if columns.dim() == 2 else columns
 
 
-def _k(cfg: MultiLevelOTConfig, probs: Tensor) -> int:
-    return probs.shape[-1] if cfg.top_k is None else min(cfg.top_k, probs.shape[-1])
+def _k(cfg: MultiLevelOTConfig, vocab: int) -> int:
+    return vocab if cfg.top_k is None else min(cfg.top_k, vocab)
+
+
+def _check_rows_finite(lse: Tensor, mask: Tensor, name: str) -> None:
+    """NaN or +Inf anywhere in a row makes its logsumexp non-finite: name the samples. lse, mask [B, W]."""
+    bad = (~torch.isfinite(lse) & mask).any(1).nonzero().flatten().tolist()
+    if bad:
+        raise ValueError(f"{name}: non-finite values (NaN/Inf) in the answer logits of sample(s) {bad}")
 
 
 def _length_mask(lengths: Tensor, width: int) -> Tensor:

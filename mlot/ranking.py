@@ -10,22 +10,9 @@ import torch
 from torch import Tensor
 
 
-def sequence_ranking(probs: Tensor, k: int) -> Tensor:
-    """Columns of each sequence ordered by their total probability over the sequence's answer rows.
-
-    probs: [B, T, V] with padding rows zero. Returns column ids [B, k], highest total first.
-    """
-    return probs.sum(1).topk(k, dim=-1).indices
-
-
 def batch_ranking(probs: Tensor, k: int) -> Tensor:
     """One column order for the whole batch (the released code): probs [B, T, V] -> ids [k]."""
     return probs.sum((0, 1)).topk(k).indices
-
-
-def token_ranking(probs: Tensor, k: int) -> Tensor:
-    """Each row's own order (ULD-style, token-wise): probs [B, T, V] -> ids [B, T, k]."""
-    return probs.topk(k, dim=-1).indices
 
 
 def take_columns(x: Tensor, columns: Tensor) -> Tensor:
@@ -94,25 +81,23 @@ def auction_assignment(cost: Tensor, eps: float | None = None, max_rounds: int =
     raise RuntimeError(f"auction_assignment did not converge in {max_rounds} rounds (eps={eps:g})")
 
 
-def assignment_ranking(teacher_topk: Tensor, student_probs: Tensor, pair_mask: Tensor, k: int, candidates: int) -> Tensor:
+def assignment_ranking(teacher_topk: Tensor, pool_probs: Tensor, pool: Tensor, pair_mask: Tensor) -> Tensor:
     """The paper's student order Q*: match the teacher's k ranked columns to student columns in L1.
 
-    Each column is a T-vector (its probabilities over the paired answer positions). The student's
-    ``candidates`` columns with the largest totals are the pool; a linear assignment picks, for teacher
-    rank i, the student column closest to it.
+    Each column is a T-vector (its probabilities over the paired answer positions). A linear
+    assignment picks, for teacher rank i, the closest column of the student's candidate pool.
 
     Args:
         teacher_topk: [B, T, k] the teacher's ranked columns (padding rows zero).
-        student_probs: [B, T, V_s] (padding rows zero); same T as teacher_topk.
+        pool_probs: [B, T, C] the student's probabilities on its C >= k candidate columns.
+        pool: [B, C] those candidates' vocabulary ids.
         pair_mask: [B, T] positions t < min(T_t, T_s) where both sides exist.
-        candidates: pool size (>= k, <= V_s).
 
     Returns:
         student column ids [B, k], aligned with the teacher's ranks.
     """
-    pool = sequence_ranking(student_probs, candidates)  # [B, C]
-    m = pair_mask[..., None].to(student_probs.dtype)
+    m = pair_mask[..., None].to(pool_probs.dtype)
     t_cols = (teacher_topk * m).transpose(1, 2)  # [B, k, T]
-    s_cols = (take_columns(student_probs, pool) * m).transpose(1, 2)  # [B, C, T]
+    s_cols = (pool_probs * m).transpose(1, 2)  # [B, C, T]
     cost = torch.cdist(t_cols.detach(), s_cols.detach(), p=1)  # [B, k, C]
     return pool.gather(1, auction_assignment(cost))

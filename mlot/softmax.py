@@ -1,81 +1,132 @@
-"""Log-softmax over a large vocabulary, read only at a few columns, with a one-pass backward.
+"""Softmax over a large vocabulary on answer rows, read at a few columns, without [B, T, V] temporaries.
 
-The losses need ``log_softmax(z / tau)`` at k of V columns per row (k=50, V=50k). Through plain
-autograd that costs a [B, T, V] log-softmax output, a [B, T, V] zero-filled gather gradient and a
-log-softmax backward. Here the forward keeps only the row log-normaliser, and the backward writes
-the dense gradient in one go:  d/dz_v = (g_v [v kept] - p_v * sum_i g_i) / tau.
+The losses need ``log_softmax(z / tau)`` at k of V columns (k=50, V=50k) on the answer rows of a
+[B, L, V] logits tensor, plus per-sequence column totals for the ranking. Plain autograd would build
+the gathered rows, a dense softmax, a zero-filled gather gradient and a dense softmax backward, each
+a fresh [B, T, V] buffer. Here everything dense runs over chunks of answer positions (a few MB, so
+temporaries stay in cache and are recycled by the allocator), and the backward writes straight into
+the one gradient buffer the caller needs anyway:
+
+    d/dz_v = sum_tau (g_tau,v [v kept] - p_tau,v * sum_i g_tau,i) / tau
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
-
-# On CPU, a fresh [B, T, V] buffer costs as much as the arithmetic on it (page faults), so these
-# helpers allocate as few as they can and otherwise work in place.
+_CHUNK_BYTES = 4 << 20
 
 
-def softmax_and_normaliser(z: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
-    """softmax(z / tau) (a fresh tensor) and its row log-normaliser, without a gradient.
+def _chunk(batch: int, vocab: int) -> int:
+    """Answer positions per chunk so that one [B, c, V] fp32 block is about 4 MB."""
+    return max(1, _CHUNK_BYTES // (4 * batch * vocab))
 
-    z [B, T, V] -> probabilities [B, T, V] and logsumexp(z / tau) [B, T]. The normaliser comes for
-    free: the largest probability is exactly exp(max - lse).
+
+def _rows(logits: Tensor, index: Tensor, dtype: torch.dtype) -> Tensor:
+    """logits [B, L, V] at rows index [B, c] -> [B, c, V] in the compute dtype."""
+    return logits.gather(1, index[..., None].expand(-1, -1, logits.shape[-1])).to(dtype)
+
+
+@dataclass
+class RowStats:
+    """What one pass over the answer rows yields (no gradient).
+
+    lse: per temperature, logsumexp(z / tau) [B, W]; non-finite where the row holds NaN/+Inf.
+    totals: [B, V] sum over each sequence's answer rows of softmax(z / tau_0), or None.
+    token_columns: [B, W, k] each row's k most probable ids at tau_0, or None.
     """
-    with torch.no_grad():
-        p = torch.softmax(z if temperature == 1 else z / temperature, -1)
-        lse = z.amax(-1) / temperature - torch.log(p.amax(-1))
-        return p, lse
+
+    lse: list[Tensor]
+    totals: Tensor | None
+    token_columns: Tensor | None
 
 
-def row_log_normaliser(z: Tensor, temperature: float, scratch: Tensor | None = None) -> Tensor:
-    """logsumexp(z / tau) over the last dim, without a gradient: z [B, T, V] -> [B, T].
-
-    ``scratch`` (a [B, T, V] tensor whose values are no longer needed) is reused instead of allocating.
-    """
-    with torch.no_grad():
-        buf = z.clone() if scratch is None else scratch.copy_(z)
-        if temperature != 1:
-            buf.div_(temperature)
-        top = buf.amax(-1, keepdim=True)
-        return (top + buf.sub_(top).exp_().sum(-1, keepdim=True).log_()).squeeze(-1)
-
-
-def softmax_from_normaliser(z: Tensor, temperature: float, lse: Tensor) -> Tensor:
-    """exp(z / tau - lse) as a fresh tensor (no gradient): [B, T, V]."""
-    with torch.no_grad():
-        scaled = z / temperature if temperature != 1 else z.clone()
-        return scaled.sub_(lse[..., None]).exp_()
-
-
-class _GatheredLogSoftmax(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, z: Tensor, columns: Tensor, temperature: float, lse: Tensor) -> Tensor:  # type: ignore[override]
-        ctx.save_for_backward(z, columns, lse)
-        ctx.temperature = temperature
-        return z.gather(-1, columns) / temperature - lse[..., None]
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):  # type: ignore[override]
-        z, columns, lse = ctx.saved_tensors
-        tau = ctx.temperature
-        dz = softmax_from_normaliser(z, tau, lse)
-        dz.mul_(grad.sum(-1, keepdim=True).neg_().div_(tau))
-        dz.scatter_add_(-1, columns, grad / tau)
-        return dz, None, None, None
-
-
-def gathered_log_softmax(z: Tensor, columns: Tensor, temperature: float, lse: Tensor | None = None) -> Tensor:
-    """``log_softmax(z / tau).gather(-1, columns)``, differentiable in z, without a dense intermediate.
+@torch.no_grad()
+def answer_row_stats(logits: Tensor, index: Tensor, mask: Tensor, temperatures: list[float], dtype: torch.dtype,
+                     totals: bool = False, token_k: int | None = None) -> RowStats:
+    """Log-normalisers (and optionally ranking statistics) of the answer rows, chunk by chunk.
 
     Args:
-        z: [B, T, V] logits.
-        columns: [B, T, k] (long) vocabulary ids to read.
-        lse: [B, T] from :func:`row_log_normaliser` if already computed.
+        logits: [B, L, V]. index: [B, W] row of each answer position. mask: [B, W] real positions.
+        temperatures: taus; ``totals`` and ``token_k`` use the first.
+    """
+    B, W = index.shape
+    V = logits.shape[-1]
+    lse = [torch.empty(B, W, dtype=dtype, device=logits.device) for _ in temperatures]
+    tot = torch.zeros(B, V, dtype=dtype, device=logits.device) if totals else None
+    tok = torch.empty(B, W, token_k, dtype=torch.long, device=logits.device) if token_k else None
+    c = _chunk(B, V)
+    for t0 in range(0, W, c):  # over answer positions, never over the batch
+        t1 = min(W, t0 + c)
+        z = _rows(logits, index[:, t0:t1], dtype)
+        for j, tau in enumerate(temperatures):
+            zt = z if tau == 1 else z / tau
+            top = zt.amax(-1, keepdim=True)
+            e = (zt - top).exp_()
+            s = e.sum(-1, keepdim=True)
+            lse[j][:, t0:t1] = (top + s.log()).squeeze(-1)
+            if j == 0 and (tot is not None or tok is not None):
+                p = e.div_(s).mul_(mask[:, t0:t1, None])
+                if tot is not None:
+                    tot += p.sum(1)
+                if tok is not None:
+                    tok[:, t0:t1] = p.topk(token_k, dim=-1).indices
+    return RowStats(lse, tot, tok)
+
+
+def take_logits(logits: Tensor, index: Tensor, columns: Tensor, dtype: torch.dtype) -> Tensor:
+    """logits[b, index[b, t], columns[b, t, i]] -> [B, W, k] (no [B, W, V] intermediate)."""
+    b = torch.arange(logits.shape[0], device=logits.device)[:, None, None]
+    return logits[b, index[:, :, None], columns].to(dtype)
+
+
+class _AnswerLogSoftmax(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits: Tensor, index: Tensor, mask: Tensor, columns: Tensor, temperatures: tuple[float, ...],
+                lse: tuple[Tensor, ...], dtype: torch.dtype) -> tuple[Tensor, ...]:  # type: ignore[override]
+        z_k = take_logits(logits, index, columns, dtype)
+        ctx.save_for_backward(logits, index, mask, columns, *lse)
+        ctx.temperatures, ctx.dtype = temperatures, dtype
+        return tuple(z_k / tau - l[..., None] for tau, l in zip(temperatures, lse))
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor):  # type: ignore[override]
+        logits, index, mask, columns, *lse = ctx.saved_tensors
+        B, W = index.shape
+        V = logits.shape[-1]
+        grad = torch.zeros_like(logits)
+        c = _chunk(B, V)
+        for t0 in range(0, W, c):
+            t1 = min(W, t0 + c)
+            z = _rows(logits, index[:, t0:t1], ctx.dtype)
+            acc = None
+            for g, tau, l in zip(grads, ctx.temperatures, lse):
+                if g is None:
+                    continue
+                g = g[:, t0:t1] / tau
+                e = (z / tau if tau != 1 else z) - l[:, t0:t1, None]
+                e = e.exp_().mul_(-g.sum(-1, keepdim=True))
+                e.scatter_add_(-1, columns[:, t0:t1], g)
+                acc = e if acc is None else acc.add_(e)
+            if acc is None:
+                continue
+            acc.mul_(mask[:, t0:t1, None])  # padding positions repeat a real row: they must add nothing
+            grad.scatter_add_(1, index[:, t0:t1, None].expand(-1, -1, V), acc.to(grad.dtype))
+        return grad, None, None, None, None, None, None
+
+
+def answer_log_softmax(logits: Tensor, index: Tensor, mask: Tensor, columns: Tensor, temperatures: list[float],
+                       lse: list[Tensor], dtype: torch.dtype) -> tuple[Tensor, ...]:
+    """``log_softmax(logits[b, index[b, t]] / tau)[columns[b, t]]`` for each tau, differentiable in logits.
+
+    Args:
+        logits: [B, L, V]. index, mask: [B, W]. columns: [B, W, k] (long).
+        lse: per tau, [B, W] from :func:`answer_row_stats`.
 
     Returns:
-        [B, T, k] log-probabilities.
+        one [B, W, k] tensor of log-probabilities per temperature.
     """
-    if lse is None:
-        lse = row_log_normaliser(z, temperature)
-    return _GatheredLogSoftmax.apply(z, columns, temperature, lse)
+    return _AnswerLogSoftmax.apply(logits, index, mask, columns, tuple(temperatures), tuple(lse), dtype)

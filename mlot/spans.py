@@ -70,10 +70,19 @@ def gather_rows(logits: Tensor, start: Tensor, length: Tensor, width: int) -> tu
         rows [B, width, V] (same dtype as ``logits``) and mask [B, width] (True on answer rows).
     """
     B, L, V = logits.shape
-    pos = torch.arange(width, device=logits.device)
-    mask = pos[None, :] < length[:, None]
-    index = torch.where(mask, start[:, None] + pos[None, :], start[:, None]).clamp(0, L - 1)
+    index, mask = row_index(start, length, width, L)
     return logits.gather(1, index[..., None].expand(B, width, V)), mask
+
+
+def row_index(start: Tensor, length: Tensor, width: int, seq_len: int) -> tuple[Tensor, Tensor]:
+    """Logit row of each answer position: index [B, width] and mask [B, width] (True on answer rows).
+
+    Positions past a sample's length point at its first answer row (a real, checked row).
+    """
+    pos = torch.arange(width, device=start.device)
+    mask = pos[None, :] < length[:, None]
+    index = torch.where(mask, start[:, None] + pos[None, :], start[:, None]).clamp(0, seq_len - 1)
+    return index, mask
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:

@@ -192,3 +192,18 @@ def test_payload_size_within_8k_bytes_per_token():
     assert p.probs.dtype == torch.float32
     assert p.bytes_per_token() <= 8 * 50
     assert mlot.full_logits_bytes_per_token(16000) / p.bytes_per_token() > 100
+
+
+@pytest.mark.parametrize("params", [{}, {"ranking": "token"}, {"student_ranking": "assignment", "top_k": 8}])
+def test_chunked_row_passes_do_not_change_the_result(monkeypatch, params):
+    """The dense passes run over chunks of answer positions; one position per chunk gives the same loss and grad."""
+    import mlot.softmax
+    s, ls, t, lt = _pair()
+    x1, x2 = s.clone().requires_grad_(), s.clone().requires_grad_()
+    whole = mlot.multilevel_ot(x1, ls, t, lt, **params)
+    whole.distill.backward()
+    monkeypatch.setattr(mlot.softmax, "_CHUNK_BYTES", 1)
+    chunked = mlot.multilevel_ot(x2, ls, t, lt, **params)
+    chunked.distill.backward()
+    torch.testing.assert_close(chunked.per_sample, whole.per_sample, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(x2.grad, x1.grad, rtol=1e-10, atol=1e-12)
