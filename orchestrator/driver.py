@@ -191,8 +191,12 @@ class DistillSummary:
     eval: dict[str, float] = field(default_factory=dict)
 
 
-def run_distill(job: JobConfig, *, resume: bool = False) -> DistillSummary:
-    """Run one distillation job end to end (or continue it with ``resume``)."""
+def run_distill(job: JobConfig, *, resume: bool = False, teachers: dict[str, list[Any]] | None = None) -> DistillSummary:
+    """Run one distillation job end to end (or continue it with ``resume``).
+
+    ``teachers`` ({name: [actor handles]}) reuses teacher actors that outlive this job (sweeps,
+    benchmarks); by default the job starts its own.
+    """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -220,7 +224,8 @@ def run_distill(job: JobConfig, *, resume: bool = False) -> DistillSummary:
     if skipped:
         client.log_metric(run_id, "data/skipped_rows", skipped)
     try:
-        teachers = start_teachers(job, rows) if job.loss.method != "sft" else {}
+        if teachers is None:
+            teachers = start_teachers(job, rows) if job.loss.method != "sft" else {}
         export_dir = str(run_dir / "final")
         trainer = TorchTrainer(
             train_loop_per_worker,

@@ -115,3 +115,33 @@ class TeacherActor:
         from workers.evaluate import greedy_answers
         return greedy_answers(self.model, self.tokenizer, self.template, rows, self.data.max_prompt_length,
                               max_new_tokens, self.device)
+
+
+class PayloadCache:
+    """Serves the payload of a batch it has seen before; asks its teacher for the others.
+
+    Exact by construction: the key is the batch's rows (their text) and the teacher's payload
+    settings are fixed per actor. Same interface as :class:`TeacherActor` for the workers.
+    """
+
+    def __init__(self, teacher: Any) -> None:
+        self.teacher = teacher
+        self.store: dict[str, dict[str, Any]] = {}
+        self.hits = self.misses = 0
+
+    def payload(self, rows: list[dict[str, Any]], batch_id: Any = None) -> dict[str, Any]:
+        import hashlib
+        import json
+
+        import ray
+
+        key = hashlib.sha256(json.dumps(rows, sort_keys=True, default=str).encode()).hexdigest()
+        if key in self.store:
+            self.hits += 1
+        else:
+            self.misses += 1
+            self.store[key] = ray.get(self.teacher.payload.remote(rows))
+        return {**self.store[key], "batch_id": batch_id}
+
+    def stats(self) -> dict[str, int]:
+        return {"hits": self.hits, "misses": self.misses, "entries": len(self.store)}

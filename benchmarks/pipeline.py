@@ -1,0 +1,81 @@
+"""The distillation pipeline on a real local Ray cluster: payload size, teacher wait, step time.
+
+    python benchmarks/pipeline.py [--steps 40] [--workers 1] [--set KEY=VALUE ...]
+
+Runs the bundled quickstart job twice in one process with the same batches: once with live teacher
+actors, once with every payload computed beforehand (a PayloadCache in front of the same teacher), and
+prints the student step time of the two, the teacher-wait fraction, tokens/s and payload bytes per
+answer token against full bf16 logits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+from pathlib import Path
+
+from mlflow import MlflowClient
+
+import mlot
+from orchestrator.cli import QUICKSTART, bundled_config
+from orchestrator.config import load_config
+from orchestrator.driver import connect_ray, load_data, run_distill, start_teachers
+from workers.student import BatchOrder
+
+
+def metric(summary, key: str, skip: int = 2) -> list[float]:
+    hist = MlflowClient(summary.tracking_uri).get_metric_history(summary.run_id, key)
+    return [m.value for m in sorted(hist, key=lambda m: m.step)][skip:]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--set", action="append", default=[])
+    args = ap.parse_args()
+    import ray
+
+    from workers.teacher import PayloadCache
+
+    out = Path(tempfile.mkdtemp(prefix="mlot-pipeline-"))
+    base = [f"output_dir={out}", f"tracking.uri=sqlite:///{out}/mlflow.db", f"train.steps={args.steps}",
+            "train.warmup_steps=0", f"train.checkpoint_every={args.steps}", "train.eval_every=null",
+            "teachers.0.pretrain.steps=0", f"train.num_workers={args.workers}", *args.set]
+    job = load_config(bundled_config(QUICKSTART), [*base, "name=live"])
+    rows, _, _ = load_data(job)
+    connect_ray(job)
+    teachers = start_teachers(job, rows)
+    live = run_distill(job, teachers=teachers)
+
+    # The same teacher behind a cache, warmed with exactly the batches the workers will ask for.
+    cached = {name: [ray.remote(PayloadCache).options(num_cpus=0).remote(h) for h in hs] for name, hs in teachers.items()}
+    world, ga = job.train.num_workers, job.train.grad_accum
+    warm = []
+    for rank in range(world):
+        order = BatchOrder(rows, rank, world, job.train.batch_size, job.train.seed)
+        for m in range(args.steps * ga + job.train.prefetch + 1):
+            for hs in cached.values():
+                warm.append(hs[(m * world + rank) % len(hs)].payload.remote(order(m)))
+    ray.wait(warm, num_returns=len(warm))
+    job2 = load_config(bundled_config(QUICKSTART), [*base, "name=precomputed"])
+    pre = run_distill(job2, teachers=cached)
+
+    step_live, step_pre = statistics.median(metric(live, "train/step_s")), statistics.median(metric(pre, "train/step_s"))
+    print(f"\nquickstart models, {args.workers} worker(s), {args.steps} steps, batch {job.train.batch_size}, CPU")
+    print(f"{'':34s} {'live teachers':>14s} {'precomputed':>12s}")
+    print(f"{'student step (median s)':34s} {step_live:14.4f} {step_pre:12.4f}   ratio {step_live / step_pre:.2f}x")
+    for key, label in [("train/teacher_wait_frac", "teacher wait fraction (mean)"),
+                       ("train/tokens_per_s", "tokens/s (median)")]:
+        f = statistics.mean if "frac" in key else statistics.median
+        print(f"{label:34s} {f(metric(live, key)):14.3f} {f(metric(pre, key)):12.3f}")
+    bpt = statistics.mean(metric(live, "train/payload_bytes_per_token"))
+    full = mlot.full_logits_bytes_per_token(32000)
+    print(f"payload bytes per answer token (as shipped, padding included): {bpt:.0f}; full bf16 logits: {full} "
+          f"-> {full / bpt:.0f}x smaller")
+    print(f"cache: {[ray.get(h.stats.remote()) for hs in cached.values() for h in hs]}")
+
+
+if __name__ == "__main__":
+    main()
