@@ -66,8 +66,8 @@ def test_quickstart_loads() -> None:
     assert teacher.hf_config is not None and teacher.hf_config["vocab_size"] == 32000
     assert teacher.pretrain.steps == 150
     assert cfg.data.source == "builtin:quickstart" and cfg.data.source_kind == "builtin"
-    assert (cfg.train.steps, cfg.train.epochs, cfg.train.batch_size, cfg.train.lr) == (60, None, 8, 3e-3)
-    assert (cfg.train.checkpoint_every, cfg.train.eval_every, cfg.train.num_workers) == (30, 30, 1)
+    assert (cfg.train.steps, cfg.train.epochs, cfg.train.batch_size, cfg.train.lr) == (150, None, 16, 3e-3)
+    assert (cfg.train.checkpoint_every, cfg.train.eval_every, cfg.train.num_workers) == (50, 50, 1)
     assert cfg.student.deepspeed.stage == 2
     assert cfg.tracking.uri is None and cfg.tracking.resolved_uri("/tmp/x") == "sqlite:////tmp/x/mlflow.db"
     assert cfg.run_dir == Path("runs") / "quickstart"

@@ -47,3 +47,19 @@ def answer_logits(model: Any, batch: dict[str, Tensor], vocab_size: int | None =
 
 def to_device(batch: dict[str, Tensor], device: torch.device | str) -> dict[str, Tensor]:
     return {k: v.to(device) for k, v in batch.items()}
+
+
+def answer_hidden(model: Any, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """The final hidden states of the answer window (what the LM head reads), and its labels.
+
+    Logits are ``head(hidden)`` for heads that are a plain projection, so a teacher can keep these
+    ([B, K, H], independent of any loss setting) and recompute logits for each new temperature / k.
+
+    Returns:
+        hidden [B, K, H] and labels [B, K].
+    """
+    labels = batch["labels"]
+    k = answer_window(labels)
+    out = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           position_ids=batch["position_ids"], use_cache=False)
+    return out.last_hidden_state[:, -k:], labels[:, -k:]

@@ -123,8 +123,10 @@ class PayloadStream:
     replicas. A payload carries the batch id it was computed for; a mismatch is a hard error.
     """
 
-    def __init__(self, teachers: dict[str, list[Any]], order: BatchOrder, rank: int, world: int, depth: int) -> None:
+    def __init__(self, teachers: dict[str, list[Any]], order: BatchOrder, rank: int, world: int, depth: int,
+                 loss: Any) -> None:
         self.teachers, self.order, self.rank, self.world, self.depth = teachers, order, rank, world, depth
+        self.loss = loss  # sent along: long-lived teachers serve trials with different loss settings
         self.inflight: deque[tuple[int, dict[str, Any]]] = deque()
         self.next_m = 0
 
@@ -133,7 +135,7 @@ class PayloadStream:
         refs = {}
         for name, replicas in self.teachers.items():
             actor = replicas[(m * self.world + self.rank) % len(replicas)]
-            refs[name] = actor.payload.remote(rows, batch_id=[self.rank, m])
+            refs[name] = actor.payload.remote(rows, batch_id=[self.rank, m], loss=self.loss)
         self.inflight.append((m, refs))
 
     def get(self, m: int) -> tuple[dict[str, mlot.TeacherPayload], float, int]:
@@ -199,7 +201,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     start = _restore(engine, config.get("resume_from"), config["fingerprint"])
     template = template_of(job.student)
     order = BatchOrder(rows, rank, world, job.train.batch_size, job.train.seed)
-    stream = PayloadStream(config["teachers"], order, rank, world, job.train.prefetch)
+    stream = PayloadStream(config["teachers"], order, rank, world, job.train.prefetch, job.loss)
     weights = {t.name: t.weight for t in job.teachers}
     # Params are write-once in MLflow: log them when the run starts, not again on resumption.
     tracker = _Tracker(config, rank, {"params": n_params, "world": world} if start == 0 else {})
@@ -394,7 +396,8 @@ def _eval_plan(engine: Any, tokenizer: Any, template: Any, job: Any, eval_rows: 
         return None
     rows = eval_rows[:1]
     name, replicas = next(iter(teachers.items()))
-    payload = mlot.TeacherPayload.from_numpy(ray.get(replicas[0].payload.remote(rows, batch_id="plan"))["payload"])
+    reply = ray.get(replicas[0].payload.remote(rows, batch_id="plan", loss=job.loss))
+    payload = mlot.TeacherPayload.from_numpy(reply["payload"])
     batch, _ = encode_batch(rows, tokenizer, template, job.data.max_prompt_length, job.data.max_answer_length)
     engine.eval()
     logits, labels = answer_logits(engine, to_device(batch, device), vocab)

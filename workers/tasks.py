@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 # --- the quickstart task ------------------------------------------------------------------------
 #
@@ -134,6 +134,44 @@ def _lookup(record: dict[str, Any], column: str) -> tuple[bool, Any]:
     return "." in column, value
 
 
+def load_records(
+    source: str, name: str | None = None, split: str = "train", limit: int | None = None
+) -> tuple[Sequence[dict[str, Any]], list[str], str]:
+    """The records of a source as stored, before any column mapping.
+
+    Args: as :func:`load_rows`.
+
+    Returns:
+        ``(records, columns, label)``: the records (dicts with every original column; a list or a
+        ``datasets.Dataset``), the column names, and how to name the source in messages.
+
+    Raises:
+        FileNotFoundError: ``source`` names a local data file that does not exist.
+        ValueError: a bad ``limit``.
+    """
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit must be >= 0, got {limit}")
+    if source == "builtin:quickstart":
+        records = quickstart_dataset()
+        return (records[:limit] if limit is not None else records), ["prompt", "answer"], repr(source)
+    import datasets
+
+    path = Path(source)
+    suffix = path.suffix.lower()
+    if suffix in _LOCAL_FORMATS and path.is_file():
+        ds = datasets.load_dataset(_LOCAL_FORMATS[suffix], data_files={"train": str(path)}, split="train")
+        label = repr(source)
+    elif suffix in _LOCAL_FORMATS and not path.exists():
+        # Hub dataset ids never end in a file extension: this was meant as a local file.
+        raise FileNotFoundError(f"dataset file {source!r} does not exist")
+    else:
+        ds = datasets.load_dataset(source, name, split=split)
+        label = f"{source!r}" + (f" ({name})" if name else "") + f" split {split!r}"
+    if limit is not None:
+        ds = ds.select(range(min(limit, len(ds))))
+    return ds, list(ds.column_names), label
+
+
 def load_rows(
     source: str,
     name: str | None = None,
@@ -164,38 +202,10 @@ def load_rows(
             has), or a bad ``limit``.
     """
     columns = dict(columns) if columns else {"prompt": "prompt", "answer": "answer"}
-    if limit is not None and limit < 0:
-        raise ValueError(f"limit must be >= 0, got {limit}")
-    records: Any
-    local_file = False
-    if source == "builtin:quickstart":
-        records = quickstart_dataset()
-        available = ["prompt", "answer"]
-        if limit is not None:
-            records = records[:limit]
-    else:
-        import datasets
-
-        path = Path(source)
-        suffix = path.suffix.lower()
-        local_file = suffix in _LOCAL_FORMATS and path.is_file()
-        if local_file:
-            ds = datasets.load_dataset(_LOCAL_FORMATS[suffix], data_files={"train": str(path)}, split="train")
-        elif suffix in _LOCAL_FORMATS and not path.exists():
-            # Hub dataset ids never end in a file extension: this was meant as a local file.
-            raise FileNotFoundError(f"dataset file {source!r} does not exist")
-        else:
-            ds = datasets.load_dataset(source, name, split=split)
-        available = list(ds.column_names)
-        if limit is not None:
-            ds = ds.select(range(min(limit, len(ds))))
-        records = ds
+    records, available, label = load_records(source, name, split, limit)
     for field, column in columns.items():
         top = column.split(".", 1)[0]
         if column not in available and top not in available:
-            label = repr(source) if local_file or source.startswith("builtin:") else (
-                f"{source!r}" + (f" ({name})" if name else "") + f" split {split!r}"
-            )
             raise ValueError(
                 f"dataset {label} has no column {column!r} (mapped to template field {field!r}); "
                 f"its columns are {available}. Fix the `columns` mapping."

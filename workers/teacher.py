@@ -16,7 +16,7 @@ import torch
 
 import mlot
 from workers.data import Template, encode_batch
-from workers.forward import answer_logits, to_device
+from workers.forward import answer_hidden, answer_logits, to_device
 from workers.models import build_model, check_vocab, load_tokenizer
 
 
@@ -35,9 +35,13 @@ class TeacherActor:
         loss: the job's ``LossConfig`` (which payload to compute).
         seed: seed for random-weight (``model_config``) teachers; replicas agree on it.
         weights_dir: a saved HF model to load instead (e.g. the pretrained quickstart teacher).
+        cache: keep each batch's final hidden states (keyed by its rows) and serve later requests
+            for it, whatever their loss settings, with only the LM head recomputed. For sweeps, where
+            every trial asks for the same batches: one forward pass per example for the whole sweep.
     """
 
-    def __init__(self, teacher: Any, data: Any, loss: Any, seed: int = 0, weights_dir: str | None = None) -> None:
+    def __init__(self, teacher: Any, data: Any, loss: Any, seed: int = 0, weights_dir: str | None = None,
+                 cache: bool = False) -> None:
         self.name = teacher.name
         self.data = data
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -54,27 +58,59 @@ class TeacherActor:
         self.template = template_of(teacher)
         self.payload_config = mlot.payload_config(loss.method, loss.mode, **loss.params)
         self.forward_rows = 0  # rows this replica ran a forward pass on (sharing / caching is measured by it)
+        self.cache: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = {} if cache else None
+        self._head_is_exact: bool | None = None  # checked once: logits == head(final hidden)?
 
     def info(self) -> dict[str, Any]:
         return {"name": self.name, "device": str(self.device), "vocab_size": self.vocab_size,
-                "padded_rows": self.padded_rows, "forward_rows": self.forward_rows}
+                "padded_rows": self.padded_rows, "forward_rows": self.forward_rows,
+                "cached_batches": None if self.cache is None else len(self.cache)}
 
-    def payload(self, rows: list[dict[str, Any]], batch_id: Any = None) -> dict[str, Any]:
+    def payload(self, rows: list[dict[str, Any]], batch_id: Any = None, loss: Any = None) -> dict[str, Any]:
         """Tokenise ``rows`` with this teacher's template, run it, and compress.
+
+        Args:
+            loss: a ``LossConfig`` whose payload to compute (a sweep's trial); default the actor's own.
 
         Returns a plain dict (numpy arrays, no pickled classes): ``payload`` (``TeacherPayload.to_numpy``),
         ``batch_id`` echoed back (the worker checks it: a payload never lands on another batch),
         ``seconds`` spent, ``answer_tokens``.
         """
         t0 = time.perf_counter()
-        batch, _ = encode_batch(rows, self.tokenizer, self.template, self.data.max_prompt_length,
-                                self.data.max_answer_length, on_bad_row="error")
+        cfg = self.payload_config if loss is None else mlot.payload_config(loss.method, loss.mode, **loss.params)
         with torch.inference_mode():
-            logits, labels = answer_logits(self.model, to_device(batch, self.device), self.vocab_size)
-            payload = mlot.compress_teacher(logits, labels, config=self.payload_config)
-        self.forward_rows += len(rows)
+            logits, labels = self._answer_logits(rows)
+            payload = mlot.compress_teacher(logits, labels, config=cfg)
         return {"payload": payload.to("cpu").to_numpy(), "batch_id": batch_id, "seconds": time.perf_counter() - t0,
                 "answer_tokens": int(payload.lengths.sum())}
+
+    def _answer_logits(self, rows: list[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Answer-window logits [B, K, V] and labels [B, K]; from the hidden-state cache when enabled."""
+        key = _rows_key(rows) if self.cache is not None else None
+        if key is not None and key in self.cache:
+            hidden, labels = self.cache[key]
+            return self._head(hidden.to(self.device)), labels.to(self.device)
+        batch = to_device(encode_batch(rows, self.tokenizer, self.template, self.data.max_prompt_length,
+                                       self.data.max_answer_length, on_bad_row="error")[0], self.device)
+        self.forward_rows += len(rows)
+        if key is None:
+            return answer_logits(self.model, batch, self.vocab_size)
+        hidden, labels = answer_hidden(self.model, batch)
+        logits = self._head(hidden)
+        if self._head_is_exact is None:
+            # Heads with soft-capping or scaling (some architectures) are not head(hidden): then cache logits.
+            direct, _ = answer_logits(self.model, batch, self.vocab_size)
+            self._head_is_exact = bool(torch.allclose(direct, logits, rtol=1e-5, atol=1e-5))
+        if not self._head_is_exact:
+            logits, _ = answer_logits(self.model, batch, self.vocab_size)
+            hidden = logits  # cache what is exact
+        self.cache[key] = (hidden.cpu(), labels.cpu())
+        return logits, labels
+
+    def _head(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self._head_is_exact is False:
+            return hidden  # the cache holds logits
+        return self.model.get_output_embeddings()(hidden)[..., :self.vocab_size]
 
     def pretrain(self, rows: list[dict[str, Any]], steps: int, lr: float, batch_size: int, seed: int) -> dict[str, Any]:
         """Briefly train this (tiny, random) teacher on the task with CE, so distillation has signal.
@@ -95,13 +131,20 @@ class TeacherActor:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
         self.model.eval()
+        self._forget()
         return {"state": {k: v.detach().cpu() for k, v in self.model.state_dict().items()}, "losses": losses}
 
     def load_state(self, state: dict[str, Any]) -> None:
         """Take the weights another replica trained (``pretrain``'s ``state``)."""
         self.model.load_state_dict(state["state"] if "state" in state else state)
+        self._forget()
+
+    def _forget(self) -> None:
+        """New weights: cached hidden states are stale."""
+        if self.cache is not None:
+            self.cache.clear()
 
     def save(self, path: str) -> str:
         """Save model + tokenizer as a HF directory (safetensors)."""
@@ -117,6 +160,14 @@ class TeacherActor:
                               max_new_tokens, self.device)
 
 
+def _rows_key(rows: list[dict[str, Any]]) -> str:
+    """Content key of a batch of rows (their text, in order)."""
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(rows, sort_keys=True, default=str).encode()).hexdigest()
+
+
 class PayloadCache:
     """Serves the payload of a batch it has seen before; asks its teacher for the others.
 
@@ -129,18 +180,15 @@ class PayloadCache:
         self.store: dict[str, dict[str, Any]] = {}
         self.hits = self.misses = 0
 
-    def payload(self, rows: list[dict[str, Any]], batch_id: Any = None) -> dict[str, Any]:
-        import hashlib
-        import json
-
+    def payload(self, rows: list[dict[str, Any]], batch_id: Any = None, loss: Any = None) -> dict[str, Any]:
         import ray
 
-        key = hashlib.sha256(json.dumps(rows, sort_keys=True, default=str).encode()).hexdigest()
+        key = _rows_key(rows) + ("" if loss is None else loss.model_dump_json())
         if key in self.store:
             self.hits += 1
         else:
             self.misses += 1
-            self.store[key] = ray.get(self.teacher.payload.remote(rows))
+            self.store[key] = ray.get(self.teacher.payload.remote(rows, loss=loss))
         return {**self.store[key], "batch_id": batch_id}
 
     def stats(self) -> dict[str, int]:

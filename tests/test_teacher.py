@@ -1,0 +1,56 @@
+"""The teacher actor class as plain Python (no Ray): payloads, the hidden-state cache, sweeps' settings."""
+
+import pytest
+import torch
+
+import mlot
+from orchestrator.config import apply_overrides, load_config
+from workers.tasks import quickstart_dataset
+from workers.teacher import TeacherActor
+
+QUICKSTART = "orchestrator/configs/quickstart.yaml"
+
+
+@pytest.fixture(scope="module")
+def job():
+    from pathlib import Path
+    return load_config(Path(__file__).resolve().parents[1] / QUICKSTART)
+
+
+def _payload(reply) -> mlot.TeacherPayload:
+    return mlot.TeacherPayload.from_numpy(reply["payload"])
+
+
+def test_cached_hidden_states_give_identical_payloads_for_any_settings(job):
+    rows = quickstart_dataset(40, seed=3)[:8]
+    t = job.teachers[0]
+    plain = TeacherActor(t, job.data, job.loss, seed=1)
+    cached = TeacherActor(t, job.data, job.loss, seed=1, cache=True)
+    other = apply_overrides(job, ["loss.params.top_k=7", "loss.params.teacher_temperature=1.7",
+                                  "loss.params.sd_temperature=3.0"]).loss
+    for loss in (None, other, None, other):
+        a, b = _payload(plain.payload(rows, loss=loss)), _payload(cached.payload(rows, loss=loss))
+        torch.testing.assert_close(b.probs, a.probs, rtol=1e-5, atol=1e-6)
+        assert torch.equal(a.columns, b.columns) and torch.equal(a.lengths, b.lengths)
+    assert _payload(cached.payload(rows, loss=other)).probs.shape[-1] == 7
+    # Four requests, one forward pass per row: the other three came from the cache.
+    assert cached.info()["forward_rows"] == 8 and plain.info()["forward_rows"] == 32
+    assert cached.info()["cached_batches"] == 1
+
+
+def test_payload_echoes_batch_id_and_matches_in_process_loss(job):
+    rows = quickstart_dataset(40, seed=4)[:4]
+    t = TeacherActor(job.teachers[0], job.data, job.loss, seed=0)
+    reply = t.payload(rows, batch_id=[0, 7])
+    assert reply["batch_id"] == [0, 7] and reply["answer_tokens"] > 0
+    assert _payload(reply).settings == job.loss.mlot_config().teacher_settings()
+
+
+def test_pretraining_clears_the_cache(job):
+    rows = quickstart_dataset(64, seed=5)
+    t = TeacherActor(job.teachers[0], job.data, job.loss, seed=0, cache=True)
+    before = _payload(t.payload(rows[:4]))
+    out = t.pretrain(rows, steps=3, lr=1e-2, batch_size=8, seed=0)
+    assert len(out["losses"]) == 3 and t.info()["cached_batches"] == 0
+    after = _payload(t.payload(rows[:4]))
+    assert not torch.allclose(before.probs, after.probs)
