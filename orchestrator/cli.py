@@ -8,6 +8,7 @@ from importlib import resources
 from pathlib import Path
 
 from orchestrator.config import ConfigError, load_config
+from orchestrator.tune import SpaceError
 
 QUICKSTART = "quickstart.yaml"
 
@@ -57,6 +58,18 @@ def print_comparison(main, base, baseline: str) -> None:
               f"{ce if ce is not None else float('nan'):8.3f}")
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from orchestrator.tune import run_tune
+
+    job = _load(args)
+    s = run_tune(job, args.space, num_samples=args.num_samples, scheduler=args.scheduler, search=args.search,
+                 metric=args.metric, mode=args.mode, resume=args.resume, share_teachers=not args.no_share_teachers,
+                 max_concurrent=args.max_concurrent)
+    print(f"\n  best config   : {s.best_config_path}  (re-run: mlot distill {s.best_config_path})")
+    print(f"  MLflow parent : {s.parent_run_id}   sweep wall time {s.wall_s:.0f}s")
+    return 0
+
+
 def cmd_quickstart(args: argparse.Namespace) -> int:
     args.config = str(bundled_config(QUICKSTART))
     args.baseline = "sft"
@@ -81,6 +94,19 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--baseline", choices=["sft", "uld"], help="also train this baseline with the same budget and compare")
     d.set_defaults(func=cmd_distill)
 
+    t = sub.add_parser("tune", help="sweep OT settings of CONFIG with Ray Tune (teacher work shared across trials)")
+    with_config(t)
+    t.add_argument("--space", required=True, help="search space YAML (see tune_spaces/)")
+    t.add_argument("--num-samples", type=int, default=1, help="samples of the space (grid entries multiply)")
+    t.add_argument("--scheduler", choices=["asha"], help="early-stop poor trials on the periodic eval metric")
+    t.add_argument("--search", choices=["optuna"], help="search algorithm (default: random / grid)")
+    t.add_argument("--metric", default="eval/loss")
+    t.add_argument("--mode", choices=["min", "max"], default="min")
+    t.add_argument("--max-concurrent", type=int, help="trials at once (default: as many as the CPUs fit)")
+    t.add_argument("--no-share-teachers", action="store_true", help="each trial starts its own teachers (for comparison)")
+    t.add_argument("--resume", action="store_true", help="continue an interrupted sweep of this job")
+    t.set_defaults(func=cmd_tune)
+
     v = sub.add_parser("validate", help="check CONFIG and print what it would run")
     with_config(v)
     v.set_defaults(func=cmd_validate)
@@ -98,6 +124,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except ConfigError as e:
         print(f"mlot: invalid config:\n{e}", file=sys.stderr)
+        return 2
+    except SpaceError as e:
+        print(f"mlot: invalid search space:\n{e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("mlot: interrupted", file=sys.stderr)

@@ -95,8 +95,11 @@ def fingerprint(job: JobConfig) -> str:
 # ---------------------------------------------------------------------------- Ray, teachers, tracking
 
 
-def connect_ray(job: JobConfig) -> None:
-    """Start a local Ray, or join ``cluster.address``; a bad address is a clear error, not a hang."""
+def connect_ray(job: JobConfig, extra_resources: dict[str, float] | None = None) -> None:
+    """Start a local Ray, or join ``cluster.address``; a bad address is a clear error, not a hang.
+
+    ``extra_resources``: logical resources of a locally started Ray (a sweep's ``train_driver``).
+    """
     import ray
 
     if ray.is_initialized():
@@ -112,13 +115,16 @@ def connect_ray(job: JobConfig) -> None:
     else:
         # The dashboard (needed by the state API that cleans up after stopped trials) binds to loopback,
         # and token authentication stays on (both Ray 2.60 defaults).
-        ray.init(num_cpus=job.cluster.num_cpus, dashboard_host="127.0.0.1", **kwargs)
+        ray.init(num_cpus=job.cluster.num_cpus, dashboard_host="127.0.0.1", resources=extra_resources, **kwargs)
     from ray.data import DataContext
     DataContext.get_current().enable_progress_bars = False
 
 
-def start_teachers(job: JobConfig, train_rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
-    """Start every teacher's replicas on its own resources; pretrain tiny teachers first if asked."""
+def start_teachers(job: JobConfig, train_rows: list[dict[str, Any]], cache: bool = False) -> dict[str, list[Any]]:
+    """Start every teacher's replicas on its own resources; pretrain tiny teachers first if asked.
+
+    ``cache``: keep hidden states so later requests for a batch (a sweep's other trials) skip the forward.
+    """
     import ray
 
     from workers.teacher import TeacherActor
@@ -137,7 +143,7 @@ def start_teachers(job: JobConfig, train_rows: list[dict[str, Any]]) -> dict[str
         actor = ray.remote(TeacherActor).options(**opts)
         saved = job.run_dir.resolve() / "teachers" / t.name
         weights = str(saved) if (t.pretrain.steps and (saved / "config.json").exists()) else None
-        replicas = [actor.remote(t, job.data, job.loss, job.train.seed, weights) for _ in range(t.replicas)]
+        replicas = [actor.remote(t, job.data, job.loss, job.train.seed, weights, cache) for _ in range(t.replicas)]
         if t.pretrain.steps and weights is None:
             say(f"teacher {t.name}: pretraining {t.pretrain.steps} steps on the task")
             t0 = time.time()
@@ -152,8 +158,11 @@ def start_teachers(job: JobConfig, train_rows: list[dict[str, Any]]) -> dict[str
     return teachers
 
 
-def start_tracking(job: JobConfig, run_id: str | None = None) -> tuple[str, str]:
-    """Create (or reopen, when resuming) the job's MLflow run; log the resolved config. Returns (uri, run_id)."""
+def start_tracking(job: JobConfig, run_id: str | None = None, parent_run_id: str | None = None) -> tuple[str, str]:
+    """Create (or reopen, when resuming) the job's MLflow run; log the resolved config. Returns (uri, run_id).
+
+    ``parent_run_id`` nests the run under a sweep's parent run.
+    """
     import mlflow
     from mlflow import MlflowClient
     from mlflow.entities import Param
@@ -163,8 +172,10 @@ def start_tracking(job: JobConfig, run_id: str | None = None) -> tuple[str, str]
     if run_id is None:
         exp = client.get_experiment_by_name(job.tracking.experiment)
         exp_id = exp.experiment_id if exp else client.create_experiment(job.tracking.experiment)
-        run = client.create_run(exp_id, run_name=job.tracking.run_name or job.name,
-                                tags={"mlot.job": job.name, **job.tracking.tags})
+        tags = {"mlot.job": job.name, **job.tracking.tags}
+        if parent_run_id:
+            tags["mlflow.parentRunId"] = parent_run_id
+        run = client.create_run(exp_id, run_name=job.tracking.run_name or job.name, tags=tags)
         run_id = run.info.run_id
         params = [Param(k, str(v)[:6000]) for k, v in job.to_flat_dict().items()]
         for i in range(0, len(params), 100):
@@ -191,11 +202,16 @@ class DistillSummary:
     eval: dict[str, float] = field(default_factory=dict)
 
 
-def run_distill(job: JobConfig, *, resume: bool = False, teachers: dict[str, list[Any]] | None = None) -> DistillSummary:
+def run_distill(job: JobConfig, *, resume: bool = False, teachers: dict[str, list[Any]] | None = None,
+                parent_run_id: str | None = None, train_callbacks: list[Any] | None = None,
+                evaluate: bool = True) -> DistillSummary:
     """Run one distillation job end to end (or continue it with ``resume``).
 
-    ``teachers`` ({name: [actor handles]}) reuses teacher actors that outlive this job (sweeps,
-    benchmarks); by default the job starts its own.
+    Args:
+        teachers: {name: [actor handles]} of teacher actors that outlive this job (sweeps, benchmarks);
+            by default the job starts its own.
+        parent_run_id: MLflow parent run (a sweep). train_callbacks: Ray Train RunConfig callbacks
+            (a sweep's TuneReportCallback). evaluate: score the exported student by generation.
     """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -216,7 +232,7 @@ def run_distill(job: JobConfig, *, resume: bool = False, teachers: dict[str, lis
     rows, eval_rows, skipped = load_data(job)
     say(f"data: {len(rows)} train / {len(eval_rows)} eval rows" + (f", {skipped} skipped" if skipped else ""))
     connect_ray(job)
-    uri, run_id = start_tracking(job, previous["run_id"] if resume else None)
+    uri, run_id = start_tracking(job, previous["run_id"] if resume else None, parent_run_id)
     ray_name = previous["ray_name"] if resume else f"{job.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     state_file.write_text(json.dumps({"run_id": run_id, "ray_name": ray_name, "fingerprint": fingerprint(job)}))
     from mlflow import MlflowClient
@@ -235,7 +251,7 @@ def run_distill(job: JobConfig, *, resume: bool = False, teachers: dict[str, lis
             },
             scaling_config=ScalingConfig(num_workers=job.train.num_workers, use_gpu=job.train.use_gpu,
                                          resources_per_worker=job.train.resources_per_worker or None),
-            run_config=RunConfig(name=ray_name, storage_path=str(run_dir / "ray"),
+            run_config=RunConfig(name=ray_name, storage_path=str(run_dir / "ray"), callbacks=train_callbacks,
                                  checkpoint_config=CheckpointConfig(num_to_keep=2),
                                  failure_config=FailureConfig(max_failures=job.train.max_failures)),
         )
@@ -244,7 +260,7 @@ def run_distill(job: JobConfig, *, resume: bool = False, teachers: dict[str, lis
         result = trainer.fit()
         if result.error:
             raise result.error
-        scores = evaluate_export(job, export_dir, eval_rows)
+        scores = evaluate_export(job, export_dir, eval_rows) if evaluate else {}
         if scores:
             from mlflow.entities import Metric
             now = int(time.time() * 1000)

@@ -1,1 +1,1 @@
-"""tune_spaces."""
+"""Search spaces for `mlot tune` (YAML files: job-config paths -> Ray Tune distributions)."""

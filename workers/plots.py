@@ -44,3 +44,24 @@ def plan_heatmap_png(plan: Any, path: Path) -> str:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return str(path)
+
+
+def metric_vs_params_png(table: list[dict[str, Any]], keys: list[str], metric: str, path: Path) -> str | None:
+    """One panel per swept parameter: each trial's final metric against its value."""
+    done = [row for row in table if row.get(metric) is not None]
+    if not done or not keys:
+        return None
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.5), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        values = [row["config"].get(key) for row in done]
+        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+        xs = values if numeric else [str(v)[:24] for v in values]
+        ax.scatter(xs, [row[metric] for row in done])
+        ax.set_xlabel(key)
+        ax.set_ylabel(metric)
+        if not numeric:
+            ax.tick_params(axis="x", labelrotation=60, labelsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)

@@ -207,6 +207,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     tracker = _Tracker(config, rank, {"params": n_params, "world": world} if start == 0 else {})
     loss_params = dict(job.loss.params)
     bad_steps = 0
+    last_eval: float | None = None
     history: list[dict[str, float]] = []
 
     for step in range(start, steps):
@@ -252,13 +253,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                         "train/payload_bytes_per_token": nbytes / max(answer_tokens, 1), "train/step_s": elapsed})
         done = step + 1
         if job.train.eval_every and (done % job.train.eval_every == 0 or done == steps) and eval_rows:
-            metrics["eval/loss"] = evaluate_ce(engine, eval_rows, tokenizer, template, job, rank, world, device, vocab)
+            last_eval = evaluate_ce(engine, eval_rows, tokenizer, template, job, rank, world, device, vocab)
+            metrics["eval/loss"] = last_eval
         history.append({"step": done, **metrics})
         tracker.log(metrics, done)
+        # Every report carries the latest eval metric: a sweep's scheduler compares trials on it.
+        report = {**metrics, "step": done, **({"eval/loss": last_eval} if last_eval is not None else {})}
         if done % job.train.checkpoint_every == 0 or done == steps:
-            _checkpoint(engine, metrics, done, config["fingerprint"])
+            _checkpoint(engine, report, done, config["fingerprint"])
         elif "eval/loss" in metrics:
-            ray.train.report({**metrics, "step": done})
+            ray.train.report(report)
 
     export_student(engine, tokenizer, job, config["export_dir"], rank)
     # Every rank runs this forward: under ZeRO-3 a forward gathers parameters collectively.

@@ -1,0 +1,186 @@
+"""``mlot eval``: score a saved model on a dataset the way the paper does.
+
+    mlot eval --model runs/qed_small/final --data ../shared/data/qed/validation.jsonl \\
+        --columns context=context,question=question,answer=answers \\
+        --template-prompt '{context}\\nQuestion: {question}\\nAnswer:' --metric qa
+
+Greedy decoding with the model's own prompt template, first line of the answer kept (as the paper
+does). Metrics: SQuAD-style exact match and token F1 (``workers.evaluate``; max over the gold answers)
+for QA, ROUGE-Lsum F-measure (Google's ``rouge-score``, the implementation the summarisation papers
+report; max over the references) for summaries; all in percent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from workers.data import Template
+
+METRICS = ("qa", "rouge", "all")
+
+
+@functools.lru_cache(maxsize=1)
+def _rouge_scorer() -> Any:
+    from rouge_score import rouge_scorer
+
+    # The stemmer is what the published ROUGE-Lsum numbers use (HF evaluate and the papers' scripts).
+    return rouge_scorer.RougeScorer(["rougeLsum"], use_stemmer=True)
+
+
+def rouge_lsum(prediction: str, references: Sequence[str]) -> float:
+    """Summary-level ROUGE-L F-measure in [0, 1], max over ``references``.
+
+    Sentences are the lines of each text (ROUGE-Lsum's union-LCS runs over newline-separated
+    sentences); tokens are lower-cased alphanumeric runs, Porter-stemmed.
+    """
+    scorer = _rouge_scorer()
+    return max((scorer.score(ref, prediction)["rougeLsum"].fmeasure for ref in references), default=0.0)
+
+
+def score_predictions(predictions: Sequence[str], golds: Sequence[Sequence[str]], metric: str = "all") -> dict[str, float]:
+    """Mean scores in percent: ``exact_match`` and ``f1`` for ``qa``, ``rougeLsum`` for ``rouge``, all three for ``all``."""
+    from workers.evaluate import score
+
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
+    out: dict[str, float] = {}
+    if metric in ("qa", "all"):
+        out.update(score(predictions, golds))
+    if metric in ("rouge", "all"):
+        n = max(len(predictions), 1)
+        out["rougeLsum"] = 100 * sum(rouge_lsum(p, g) for p, g in zip(predictions, golds)) / n
+    return out
+
+
+def run_eval(model_path: str, data_source: str, columns: dict[str, str] | None = None, split: str = "validation",
+             template: Template | None = None, max_prompt_length: int = 256, max_new_tokens: int = 64,
+             limit: int | None = None, tracking_uri: str | None = None, run_name: str | None = None,
+             metric: str = "all", data_name: str | None = None, experiment: str = "mlot-eval") -> dict[str, float]:
+    """Greedy-decode answers with a saved causal LM and score them against the gold answers.
+
+    Args:
+        model_path: a saved HF model + tokenizer (e.g. the ``final/`` folder ``mlot distill`` exports).
+        data_source, columns, split, data_name, limit: which rows, as ``workers.tasks.load_rows`` reads
+            them; ``columns`` maps template fields to dataset columns and must map ``answer`` (a list
+            column gives several gold answers).
+        template: the prompt template the model was trained with (default ``{prompt}``).
+        max_prompt_length: prompt tokens kept (cut from the left, like in training).
+        max_new_tokens: longest generated answer.
+        tracking_uri: when given, a run in MLflow experiment ``experiment`` gets the params, the
+            metrics and the predictions (``predictions.jsonl``).
+        run_name: that run's name (default ``eval-<model folder>``).
+        metric: ``qa``, ``rouge`` or ``all`` (see :func:`score_predictions`).
+
+    Returns:
+        ``{"n": rows scored, "seconds": decoding time, <metric>: percent, ...}``.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from workers.evaluate import gold_answers, greedy_answers
+    from workers.models import load_tokenizer
+    from workers.tasks import load_rows
+
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
+    columns = dict(columns) if columns else {"prompt": "prompt", "answer": "answer"}
+    if "answer" not in columns:
+        raise ValueError(f"columns must map 'answer' to the gold answer column, got {columns}")
+    template = template or Template()
+    rows = load_rows(data_source, data_name, split, columns, limit)
+    if not rows:
+        raise ValueError(f"no rows to evaluate in {data_source!r}")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(model_path).to(device)
+    tokenizer = load_tokenizer(model_path)
+    t0 = time.perf_counter()
+    predictions = greedy_answers(model, tokenizer, template, rows, max_prompt_length, max_new_tokens, device)
+    seconds = time.perf_counter() - t0
+    golds = [gold_answers(r) for r in rows]
+    results = {"n": float(len(rows)), "seconds": seconds, **score_predictions(predictions, golds, metric)}
+    if tracking_uri:
+        _log_run(tracking_uri, experiment, run_name or f"eval-{Path(model_path).name}", results, predictions, golds, {
+            "model": model_path, "data": data_source, "split": split, "columns": json.dumps(columns),
+            "template.prompt": template.prompt, "max_prompt_length": max_prompt_length,
+            "max_new_tokens": max_new_tokens, "limit": limit, "metric": metric})
+    return results
+
+
+def _log_run(uri: str, experiment: str, run_name: str, results: dict[str, float], predictions: Sequence[str],
+             golds: Sequence[Sequence[str]], params: dict[str, Any]) -> str:
+    """One finished MLflow run with the evaluation's params, metrics and predictions; returns its id."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric, Param
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+    run_id = client.create_run(exp_id, run_name=run_name).info.run_id
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(f"eval/{k}", v, now, 0) for k, v in results.items()],
+                     params=[Param(k, str(v)[:6000]) for k, v in params.items()])
+    lines = [json.dumps({"prediction": p, "gold": g}, ensure_ascii=False) for p, g in zip(predictions, golds)]
+    client.log_text(run_id, "\n".join(lines) + "\n", "predictions.jsonl")
+    client.set_terminated(run_id, "FINISHED")
+    return run_id
+
+
+def format_table(results: dict[str, float]) -> str:
+    """The scores as a two-column text table (percent, two decimals; counts as integers)."""
+    lines = [f"{'metric':12s} {'value':>9s}"]
+    for k, v in results.items():
+        lines.append(f"{k:12s} {v:9.0f}" if k == "n" else f"{k:12s} {v:9.2f}")
+    return "\n".join(lines)
+
+
+def parse_columns(text: str) -> dict[str, str]:
+    """``"prompt=question,answer=answers"`` -> ``{"prompt": "question", "answer": "answers"}``."""
+    out: dict[str, str] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        field, sep, column = part.partition("=")
+        if not sep or not field.strip() or not column.strip():
+            raise argparse.ArgumentTypeError(f"--columns: expected FIELD=COLUMN pairs separated by commas, got {part!r}")
+        out[field.strip()] = column.strip()
+    if "answer" not in out:
+        raise argparse.ArgumentTypeError(f"--columns must map 'answer' to the gold answer column, got {text!r}")
+    return out
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """``mlot eval``: score the model, print the table."""
+    # Shells do not turn "\n" into a newline inside quotes: accept the escape as typed.
+    template = Template(prompt=args.template_prompt.replace("\\n", "\n"))
+    results = run_eval(args.model, args.data, args.columns, args.split, template, args.max_prompt_length,
+                       args.max_new_tokens, args.limit, args.tracking_uri, args.run_name, args.metric, args.name)
+    print(f"\n{args.model} on {args.data} ({args.split}):")
+    print(format_table(results))
+    return 0
+
+
+def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``mlot eval --model PATH --data SOURCE [--columns ...] [--split] [--template-prompt] [--limit N]
+    [--metric qa|rouge|all] [--tracking-uri URI] ...``."""
+    e = subparsers.add_parser("eval", help="greedy answers of a saved model on a dataset, scored with exact match / "
+                              "F1 (QA) and ROUGE-Lsum (summaries)")
+    e.add_argument("--model", required=True, help="saved HF model folder (e.g. runs/<job>/final)")
+    e.add_argument("--data", required=True, help="HF dataset name or local json/jsonl/parquet/arrow/csv file")
+    e.add_argument("--name", help="HF dataset config name")
+    e.add_argument("--columns", type=parse_columns, default={"prompt": "prompt", "answer": "answer"},
+                   help="template field=dataset column pairs, e.g. prompt=question,answer=answers (default "
+                   "prompt=prompt,answer=answer)")
+    e.add_argument("--split", default="validation", help="dataset split (ignored for local files; default validation)")
+    e.add_argument("--template-prompt", default="{prompt}",
+                   help="the prompt template the model was trained with, over the --columns fields (default {prompt})")
+    e.add_argument("--limit", type=int, help="score only the first N rows")
+    e.add_argument("--max-prompt-length", type=int, default=256, help="prompt tokens kept (default 256)")
+    e.add_argument("--max-new-tokens", type=int, default=64, help="longest answer (default 64)")
+    e.add_argument("--metric", choices=METRICS, default="all", help="qa: exact match + F1; rouge: ROUGE-Lsum; all (default)")
+    e.add_argument("--tracking-uri", help="log params, metrics and predictions to this MLflow tracking URI")
+    e.add_argument("--run-name", help="MLflow run name (default eval-<model folder>)")
+    e.set_defaults(func=cmd_eval)
+    return e

@@ -1,0 +1,168 @@
+"""``mlot generate``: a teacher writes pseudo-labels for the training prompts (the unlabeled setting).
+
+    mlot generate CONFIG --output teacher_labels.jsonl --field teacher_answer
+    mlot distill  CONFIG --set data.source=teacher_labels.jsonl --set data.columns.answer=teacher_answer
+
+The teacher's replicas greedy-decode an answer (first line) for every row of the job's training split;
+the output has every original column of those rows plus the answer column ``field``, so the same job
+trains on it by pointing ``data.source`` at the file and ``data.columns.answer`` at ``field``. A
+teacher with ``pretrain`` is pretrained (on the labeled training rows) and saved under the job's run
+directory first, exactly as ``mlot distill`` does; a later ``mlot distill`` of the same job name loads
+that saved teacher, so the labels and the distilled distributions come from one and the same model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from orchestrator.config import JobConfig, load_config
+from orchestrator.driver import connect_ray, load_data, say, start_teachers
+
+#: Rows per ``generate`` call: big enough to batch the decoding, small enough to spread over replicas.
+CHUNK_ROWS = 64
+
+
+def prompt_problems(job: JobConfig, teacher_name: str, rows: list[dict[str, Any]]) -> dict[int, Any]:
+    """Rows whose *prompt* the teacher cannot template or tokenise: {row index: the BadRowError}.
+
+    Only the prompt matters here (the answer is what the teacher is about to write), so rows with a
+    missing or empty gold answer are still labelled.
+    """
+    from workers.data import BadRowError
+    from workers.evaluate import prompt_ids
+    from workers.models import load_tokenizer
+    from workers.teacher import template_of
+
+    spec = next(t for t in job.teachers if t.name == teacher_name)
+    tok = load_tokenizer(spec.tokenizer_name, spec.trust_remote_code)
+    template = template_of(spec)
+    bad: dict[int, Any] = {}
+    for i, row in enumerate(rows):
+        try:
+            prompt_ids(row, tok, template, job.data.max_prompt_length)
+        except BadRowError as e:
+            bad[i] = e
+    return bad
+
+
+def run_generate(job: JobConfig, output: str, field: str = "teacher_answer", teacher: str | None = None,
+                 max_new_tokens: int | None = None, *, teachers: dict[str, list[Any]] | None = None) -> str:
+    """Label the training split's prompts with a teacher's greedy answers; write them as JSON lines.
+
+    Args:
+        job: the job config; its ``data`` section says which rows (``source``, ``train_split``,
+            ``limit``) and its teacher's template how each prompt is written.
+        output: the ``.jsonl`` file to write (parent folders are created; written atomically).
+        field: the new column holding the teacher's answer; it must not be an existing column.
+        teacher: which of ``job.teachers`` answers (default: the first).
+        max_new_tokens: longest answer in the teacher's tokens (default: ``data.max_answer_length``).
+        teachers: running actors ({name: [handles]}, as from ``start_teachers``) to use instead of
+            starting new ones (benchmarks reuse one pretrained teacher).
+
+    Returns:
+        ``output``. Rows whose prompt the teacher cannot encode are skipped under
+        ``data.on_bad_row: skip`` (an error otherwise), and rows the teacher answers with an empty
+        line are left out (an empty answer is not a training target); both are counted on stdout.
+
+    Raises:
+        ValueError: an unknown teacher, ``field`` already a column, or (``on_bad_row: error``) a prompt
+            the teacher cannot encode, naming the row.
+    """
+    import ray
+
+    from workers.data import BadRowError
+    from workers.tasks import load_records, load_rows
+
+    names = [t.name for t in job.teachers]
+    name = teacher or (names[0] if names else None)
+    if name not in names:
+        raise ValueError(f"--teacher {teacher!r}: job {job.name!r} has teachers {names}")
+    d = job.data
+    records, columns, label = load_records(d.source, d.name, d.train_split, d.limit)
+    if field in columns:
+        raise ValueError(f"--field {field!r} is already a column of {label} (columns {columns}); "
+                         "choose another name so the original column is kept")
+    rows = load_rows(d.source, d.name, d.train_split, d.columns, d.limit)
+
+    bad = prompt_problems(job, name, rows)
+    if bad and d.on_bad_row == "error":
+        i = min(bad)
+        raise BadRowError(i, bad[i].field, f"{bad[i].reason} (teacher {name}; set data.on_bad_row: skip to leave such "
+                          "rows out)")
+    keep = [i for i in range(len(rows)) if i not in bad]
+
+    own = teachers is None
+    if own:
+        connect_ray(job)
+        # Only the named teacher is started; it pretrains on the labeled training rows like in distill.
+        solo = job.model_copy(update={"teachers": [t for t in job.teachers if t.name == name]})
+        train_rows = load_data(solo)[0] if solo.teachers[0].pretrain.steps else []
+        teachers = start_teachers(solo, train_rows)
+    replicas = teachers[name]
+    n_tokens = d.max_answer_length if max_new_tokens is None else max_new_tokens
+
+    # Plain round-robin over the teacher's own actors rather than a Ray Data actor pool: the actors
+    # already hold the (pretrained) model on the resources the config gives the teacher, whereas a
+    # map_batches pool would build and load a second copy per replica and needs every operator's CPUs
+    # hand-tuned not to hang on a small machine (notes/STACK.md). Each actor queues its calls, so
+    # submitting every chunk at once keeps all replicas busy; ray.get in submission order keeps rows
+    # aligned with their answers.
+    chunks = [keep[i:i + CHUNK_ROWS] for i in range(0, len(keep), CHUNK_ROWS)]
+    say(f"generate: teacher {name}, {len(replicas)} replica(s), {len(keep)} prompts in {len(chunks)} chunks")
+    try:
+        refs = [replicas[c % len(replicas)].generate.remote([rows[i] for i in chunk], n_tokens)
+                for c, chunk in enumerate(chunks)]
+        answers = [a for ref in refs for a in ray.get(ref)]
+    finally:
+        if own:  # actors started here have no other owner: free their resources
+            for h in replicas:
+                ray.kill(h)
+
+    out = Path(output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    written = empty = 0
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=out.name + ".")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for i, answer in zip(keep, answers):
+                if not answer:
+                    empty += 1
+                    continue
+                f.write(json.dumps({**records[i], field: answer}, ensure_ascii=False) + "\n")
+                written += 1
+        os.replace(tmp, out)  # never leave a half-written file where training would pick it up
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    say(f"generate: wrote {written} rows to {out}" + (f"; skipped {len(bad)} bad prompt(s)" if bad else "")
+        + (f"; left out {empty} empty answer(s)" if empty else ""))
+    return str(out)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """``mlot generate``: load the job, write the pseudo-labels, say how to train on them."""
+    job = load_config(args.config, args.set or [])
+    path = run_generate(job, args.output, args.field, args.teacher, args.max_new_tokens)
+    print(f"\n  pseudo-labels : {path}  (column {args.field!r})")
+    print(f"  train on them : mlot distill {args.config} --set data.source={path} "
+          f"--set data.columns.answer={args.field}")
+    return 0
+
+
+def add_generate_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``mlot generate CONFIG --output PATH [--field] [--teacher] [--max-new-tokens] [--set K=V ...]``."""
+    g = subparsers.add_parser("generate", help="a teacher answers the training prompts (greedy, first line) and "
+                              "the rows are written with that answer as a new column: the unlabeled setting")
+    g.add_argument("config", help="job YAML (see orchestrator/configs/)")
+    g.add_argument("--output", required=True, help="the .jsonl file to write")
+    g.add_argument("--field", default="teacher_answer", help="name of the new answer column (default: teacher_answer)")
+    g.add_argument("--teacher", help="which teacher of the job answers (default: the first)")
+    g.add_argument("--max-new-tokens", type=int, help="longest answer in teacher tokens (default: data.max_answer_length)")
+    g.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value, e.g. --set data.limit=500")
+    g.set_defaults(func=cmd_generate)
+    return g

@@ -1,0 +1,72 @@
+"""Ray Tune sweeps on a real local Ray cluster: ASHA, MLflow parent/child runs, shared teacher work."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from orchestrator.config import load_config
+from orchestrator.tune import SpaceError, load_space
+
+REPO = Path(__file__).resolve().parents[1]
+QUICKSTART = REPO / "orchestrator" / "configs" / "quickstart.yaml"
+
+
+@pytest.fixture(scope="module")
+def job():
+    return load_config(QUICKSTART)
+
+
+@pytest.mark.parametrize("name", ["ot_temperature_topk", "sinkhorn", "loss_weights", "ablation"])
+def test_bundled_spaces_load(job, name):
+    space = load_space(REPO / "tune_spaces" / f"{name}.yaml", job)
+    assert space
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("loss.params.topk: {choice: [5]}", "loss.params.topk"),               # not a config path
+    ("loss.params.top_k: {normal: [1, 2]}", "loss.params.top_k"),          # unknown distribution
+    ("loss.params.sinkhorn_reg: {uniform: [1.0, 0.1]}", "low < high"),     # empty range
+    ("train.lr: {choice: [fast]}", "train.lr"),                            # a value the config refuses
+    ("- just a list", "mapping"),
+])
+def test_bad_space_files_name_the_key(tmp_path, job, text, needle):
+    p = tmp_path / "space.yaml"
+    p.write_text(text)
+    with pytest.raises(SpaceError, match=needle):
+        load_space(p, job)
+
+
+@pytest.mark.integration
+def test_small_asha_sweep_shares_teacher_work_and_logs_runs(tmp_path):
+    import ray
+    from mlflow import MlflowClient
+
+    from orchestrator.config import load_config as load
+    from orchestrator.tune import run_tune
+
+    space = tmp_path / "space.yaml"
+    # One good learning rate and two hopeless ones: ASHA must stop the hopeless trials early.
+    space.write_text("train.lr: {grid: [3.0e-3, 1.0e-9, 2.0e-9]}\nloss.params.teacher_temperature: {choice: [1.0, 1.5]}\n")
+    job = load(QUICKSTART, [f"name=sw", f"output_dir={tmp_path}", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+                            "train.steps=6", "train.warmup_steps=0", "train.eval_every=2", "train.checkpoint_every=6",
+                            "teachers.0.pretrain.steps=0", "data.limit=300", "train.batch_size=8"])
+    try:
+        s = run_tune(job, str(space), num_samples=1, scheduler="asha", max_concurrent=1)
+    finally:
+        ray.shutdown()
+    assert len(s.table) == 3
+    assert s.table[0]["config"]["train.lr"] == 3.0e-3 and s.table[0]["status"] == "completed"
+    assert any(row["status"] == "stopped early" for row in s.table)
+    # Shared teachers: every trial asked for the same 6 batches (+ prefetch), one forward pass each.
+    rows_per_trial = 8 * (6 + job.train.prefetch + 1) + 1  # + the eval-plan row
+    assert s.teacher_forward_rows <= rows_per_trial
+    client = MlflowClient(job.tracking.resolved_uri())
+    parent = client.get_run(s.parent_run_id)
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{s.parent_run_id}'")
+    assert len(children) == 3 and all(c.info.status in ("FINISHED", "KILLED") for c in children)
+    assert {a.path for a in client.list_artifacts(s.parent_run_id)} >= {"results.md", "space.yaml", "plots"}
+    # The best config is a valid job config for `mlot distill`.
+    best = load(s.best_config_path)
+    assert best.train.lr == 3.0e-3
+    assert json.loads((tmp_path / "sw" / "sweep.json").read_text())["parent_run_id"] == s.parent_run_id
