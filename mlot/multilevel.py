@@ -24,10 +24,11 @@ from torch import Tensor
 from .config import MultiLevelOTConfig, make_config
 from .ot import sinkhorn_log, sinkhorn_plain, uniform_log_marginal
 from .payload import TeacherPayload
-from .ranking import assignment_ranking, batch_ranking
+from .ranking import assignment_ranking
 from .result import DistillResult
-from .softmax import answer_log_softmax, answer_row_stats, take_logits
-from .spans import answer_spans, check_finite, compute_dtype, gather_rows, row_index
+from .softmax import (answer_log_softmax, answer_row_stats, reference_probs, reference_row_stats,
+                      take_logits)
+from .spans import answer_spans, compute_dtype, row_index
 
 
 def compress_teacher(
@@ -48,12 +49,13 @@ def compress_teacher(
     with torch.no_grad():
         start, length = answer_spans(teacher_labels, name="teacher_labels")
         if cfg.mode == "reference":
-            rows, mask = gather_rows(teacher_logits, start, length, int(length.max()))
-            check_finite(rows, mask, "teacher_logits")
-            z = rows.to(compute_dtype(teacher_logits))
-            probs = _reference_probs(z, mask)
-            columns = batch_ranking(probs, _k(cfg, probs.shape[-1]))
-            return TeacherPayload("reference", probs[..., columns], None, columns.int(), length, cfg.teacher_settings())
+            index, mask = row_index(start, length, int(length.max()), teacher_logits.shape[1])
+            dtype = compute_dtype(teacher_logits)
+            stats = reference_row_stats(teacher_logits, index, mask, dtype)
+            _check_rows_finite(stats.lse, mask, "teacher_logits")
+            columns = stats.totals.topk(_k(cfg, teacher_logits.shape[-1])).indices
+            probs = reference_probs(teacher_logits, index, mask, columns, stats, dtype)
+            return TeacherPayload("reference", probs, None, columns.int(), length, cfg.teacher_settings())
         # Paper mode: one chunked pass for normalisers and ranking statistics, then only k columns.
         return _teacher_paper(teacher_logits, start, length, cfg)
 
@@ -217,15 +219,14 @@ def _student_reference(logits: Tensor, labels: Tensor, payload: TeacherPayload, 
     start, s_len = answer_spans(labels, drop_last=cfg.skip_student_eos, name="student_labels")
     t_len = payload.lengths
     width = max(int(s_len.max()), int(t_len.max()), 1)  # M: the batch's longest answer, either side
-    rows, s_mask = gather_rows(logits, start, s_len, width)
-    check_finite(rows, s_mask, "student_logits")
+    index, s_mask = row_index(start, s_len, width, logits.shape[1])
     dtype = compute_dtype(logits)
-    z = rows.to(dtype)
-    s = torch.softmax(z / (z.std(-1, keepdim=True) + 1e-4), -1)  # as _reference_probs, masked after the gather
-    with torch.no_grad():
-        columns = batch_ranking(s * s_mask[..., None], min(payload.probs.shape[-1], s.shape[-1]))
+    stats = reference_row_stats(logits, index, s_mask, dtype)
+    _check_rows_finite(stats.lse, s_mask, "student_logits")
+    columns = stats.totals.topk(min(payload.probs.shape[-1], logits.shape[-1])).indices
     # A vocabulary smaller than k (the released code would fail): zero-pad the shorter side, as paper mode does.
-    s_k, t_k = _pad_to_same_k(s[..., columns] * s_mask[..., None], _pad_rows(payload.probs.to(dtype), width))
+    s_k, t_k = _pad_to_same_k(reference_probs(logits, index, s_mask, columns, stats, dtype),
+                              _pad_rows(payload.probs.to(dtype), width))
     pair_len = torch.minimum(s_len, t_len)
     pair = _length_mask(pair_len, width)
     had = (pair * (s_k - t_k).abs().sum(-1)).sum(1) / pair_len.clamp(min=1).to(dtype)
@@ -239,11 +240,6 @@ def _student_reference(logits: Tensor, labels: Tensor, payload: TeacherPayload, 
         distill=distill, alpha=cfg.alpha, per_sample=None, terms={"had": had, "sl": sl, "sd": sd},
         plan=plan.detach(), teacher_columns=payload.columns, student_columns=columns,
     )
-
-
-def _reference_probs(z: Tensor, mask: Tensor) -> Tensor:
-    """Released code: divide each row by its unbiased std (+1e-4, no centring), softmax; padding rows 0."""
-    return torch.softmax(z / (z.std(-1, keepdim=True) + 1e-4), -1) * mask[..., None]
 
 
 # ---------------------------------------------------------------------------- helpers

@@ -10,11 +10,6 @@ import torch
 from torch import Tensor
 
 
-def batch_ranking(probs: Tensor, k: int) -> Tensor:
-    """One column order for the whole batch (the released code): probs [B, T, V] -> ids [k]."""
-    return probs.sum((0, 1)).topk(k).indices
-
-
 def take_columns(x: Tensor, columns: Tensor) -> Tensor:
     """Gather columns of x [B, T, V]: ids [k] (batch), [B, k] (sequence) or [B, T, k] (token) -> [B, T, k]."""
     B, T, _ = x.shape

@@ -130,3 +130,82 @@ def answer_log_softmax(logits: Tensor, index: Tensor, mask: Tensor, columns: Ten
         one [B, W, k] tensor of log-probabilities per temperature.
     """
     return _AnswerLogSoftmax.apply(logits, index, mask, columns, tuple(temperatures), tuple(lse), dtype)
+
+
+# ---------------------------------------------------------------------------- reference mode
+
+
+@dataclass
+class ReferenceStats:
+    """Per answer row of the released arithmetic (no gradient): mean, sigma = std + 1e-4, and
+    lse = logsumexp(z / sigma), each [B, W]; totals [V]: softmax(z / sigma) summed over the batch's rows."""
+
+    mean: Tensor
+    sigma: Tensor
+    lse: Tensor
+    totals: Tensor
+
+
+@torch.no_grad()
+def reference_row_stats(logits: Tensor, index: Tensor, mask: Tensor, dtype: torch.dtype) -> ReferenceStats:
+    """The released per-row temperature (unbiased std over the vocabulary, no centring, + 1e-4), chunked."""
+    B, W = index.shape
+    V = logits.shape[-1]
+    mean, sigma, lse = (torch.empty(B, W, dtype=dtype, device=logits.device) for _ in range(3))
+    totals = torch.zeros(V, dtype=dtype, device=logits.device)
+    c = _chunk(B, V)
+    for t0 in range(0, W, c):
+        t1 = min(W, t0 + c)
+        z = _rows(logits, index[:, t0:t1], dtype)
+        mean[:, t0:t1] = z.mean(-1)
+        s = z.std(-1, keepdim=True) + 1e-4
+        sigma[:, t0:t1] = s.squeeze(-1)
+        y = z / s
+        top = y.amax(-1, keepdim=True)
+        e = y.sub_(top).exp_()
+        total = e.sum(-1, keepdim=True)
+        lse[:, t0:t1] = (top + total.log()).squeeze(-1)
+        totals += e.div_(total).mul_(mask[:, t0:t1, None]).sum((0, 1))
+    return ReferenceStats(mean, sigma, lse, totals)
+
+
+class _ReferenceProbs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits: Tensor, index: Tensor, mask: Tensor, columns: Tensor, stats: ReferenceStats,
+                dtype: torch.dtype) -> Tensor:  # type: ignore[override]
+        cols = columns.expand(index.shape[0], index.shape[1], -1)
+        z_k = take_logits(logits, index, cols, dtype)
+        ctx.save_for_backward(logits, index, mask, columns, stats.mean, stats.sigma, stats.lse)
+        ctx.dtype = dtype
+        return torch.exp(z_k / stats.sigma[..., None] - stats.lse[..., None]) * mask[..., None]
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+        # p = softmax(y), y = z / sigma, sigma = std(z) + 1e-4. With G the output gradient scattered
+        # onto the kept columns:  dL/dy = p * (G - <G, p>),  dL/dsigma = -<dL/dy, z> / sigma^2,
+        # dL/dz = dL/dy / sigma + dL/dsigma * (z - mean) / ((V - 1) std).
+        logits, index, mask, columns, mean, sigma, lse = ctx.saved_tensors
+        B, W = index.shape
+        V = logits.shape[-1]
+        grad = torch.zeros_like(logits)
+        c = _chunk(B, V)
+        for t0 in range(0, W, c):
+            t1 = min(W, t0 + c)
+            z = _rows(logits, index[:, t0:t1], ctx.dtype)
+            sg = sigma[:, t0:t1, None]
+            p = (z / sg).sub_(lse[:, t0:t1, None]).exp_()
+            cols = columns.expand(B, t1 - t0, -1)
+            gp = grad_out[:, t0:t1] * mask[:, t0:t1, None] * p.gather(-1, cols)
+            dy = p.mul_(-gp.sum(-1, keepdim=True)).scatter_add_(-1, cols, gp)
+            d_sigma = -(dy * z).sum(-1, keepdim=True) / sg.square()
+            std = (sg - 1e-4).clamp_min(torch.finfo(z.dtype).tiny)
+            dz = dy.div_(sg).add_(z.sub_(mean[:, t0:t1, None]).mul_(d_sigma / ((V - 1) * std)))
+            grad.scatter_add_(1, index[:, t0:t1, None].expand(-1, -1, V), dz.mul_(mask[:, t0:t1, None]).to(grad.dtype))
+        return grad, None, None, None, None, None
+
+
+def reference_probs(logits: Tensor, index: Tensor, mask: Tensor, columns: Tensor, stats: ReferenceStats,
+                    dtype: torch.dtype) -> Tensor:
+    """softmax(z / (std(z) + 1e-4)) of the answer rows at the batch's kept ``columns`` [k]: [B, W, k],
+    zero on padding rows; differentiable in ``logits`` (chunked backward, no [B, W, V] graph)."""
+    return _ReferenceProbs.apply(logits, index, mask, columns, stats, dtype)

@@ -120,6 +120,12 @@ def connect_ray(job: JobConfig, extra_resources: dict[str, float] | None = None)
     DataContext.get_current().enable_progress_bars = False
 
 
+# Teachers started from inside a sweep trial must not land in (and fail to fit) the trial's placement group.
+def _outside_pg() -> Any:
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+    return PlacementGroupSchedulingStrategy(placement_group=None)
+
+
 def start_teachers(job: JobConfig, train_rows: list[dict[str, Any]], cache: bool = False) -> dict[str, list[Any]]:
     """Start every teacher's replicas on its own resources; pretrain tiny teachers first if asked.
 
@@ -133,7 +139,7 @@ def start_teachers(job: JobConfig, train_rows: list[dict[str, Any]], cache: bool
     for t in job.teachers:
         r = t.resources
         opts: dict[str, Any] = {"num_cpus": r.num_cpus, "num_gpus": r.num_gpus, "max_restarts": 2,
-                                "max_task_retries": 2}
+                                "max_task_retries": 2, "scheduling_strategy": _outside_pg()}
         if r.accelerator_type:
             opts["accelerator_type"] = r.accelerator_type
         if r.memory:
@@ -279,7 +285,7 @@ def evaluate_export(job: JobConfig, export_dir: str, eval_rows: list[dict[str, A
     if not eval_rows:
         return {}
 
-    @ray.remote(num_cpus=0.5, num_gpus=1 if job.train.use_gpu else 0)
+    @ray.remote(num_cpus=0.5, num_gpus=1 if job.train.use_gpu else 0, scheduling_strategy=_outside_pg())
     def _score(path: str, rows: list[dict[str, Any]]) -> dict[str, float]:
         import torch
         from transformers import AutoModelForCausalLM

@@ -90,6 +90,7 @@ class TuneSummary:
     parent_run_id: str
     teacher_forward_rows: int | None
     wall_s: float
+    tracking_uri: str
 
 
 def run_tune(job: JobConfig, space_path: str, *, num_samples: int = 1, scheduler: str | None = None,
@@ -167,7 +168,7 @@ def run_tune(job: JobConfig, space_path: str, *, num_samples: int = 1, scheduler
         if teachers else None
     _log_results(client, parent, table, metric, forward_rows, len(rows))
     client.set_terminated(parent, "FINISHED")
-    return TuneSummary(table, str(best_path), parent, forward_rows, time.time() - t0)
+    return TuneSummary(table, str(best_path), parent, forward_rows, time.time() - t0, job.tracking.resolved_uri())
 
 
 def _reports_per_trial(job: JobConfig) -> int:

@@ -64,3 +64,19 @@ def test_reference_payload_cannot_be_split():
     payload = mlot.compress_teacher(t, lt, mode="reference")
     with pytest.raises(ValueError, match="one whole batch"):
         payload.index_select(torch.tensor([0]))
+
+
+def test_reference_chunking_is_invisible(monkeypatch, vector_files):
+    """The released arithmetic runs over chunks of answer positions: one per chunk changes nothing."""
+    import mlot.softmax
+    d = _load(vector_files[0])
+    args = (torch.tensor(d["student_labels"]), torch.tensor(d["teacher_logits"]), torch.tensor(d["teacher_labels"]))
+    x1 = torch.tensor(d["student_logits"], requires_grad=True)
+    whole = mlot.multilevel_ot(x1, *args, mode="reference")
+    whole.distill.backward()
+    monkeypatch.setattr(mlot.softmax, "_CHUNK_BYTES", 1)
+    x2 = torch.tensor(d["student_logits"], requires_grad=True)
+    chunked = mlot.multilevel_ot(x2, *args, mode="reference")
+    chunked.distill.backward()
+    assert abs(float(chunked.distill.detach()) - float(whole.distill.detach())) < 1e-12
+    torch.testing.assert_close(x2.grad, x1.grad, rtol=0, atol=1e-12)

@@ -268,7 +268,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # Every rank runs this forward: under ZeRO-3 a forward gathers parameters collectively.
     plan = _eval_plan(engine, tokenizer, template, job, eval_rows, config["teachers"], device, vocab)
     if rank == 0:
-        tracker.finish(history, plan)
+        tracker.finish(history, plan, config["teachers"], steps)
 
 
 def _resolve(x: Any) -> Any:
@@ -377,10 +377,15 @@ class _Tracker:
     def warn(self, message: str) -> None:
         print(f"[mlot] {message}", flush=True)
 
-    def finish(self, history: list[dict[str, float]], plan: Any) -> None:
-        """Final artefacts: the loss curve, a transport-plan heatmap of a fixed eval sample, the student."""
+    def finish(self, history: list[dict[str, float]], plan: Any, teachers: dict[str, list[Any]], step: int) -> None:
+        """Final artefacts: the loss curve, a transport-plan heatmap of a fixed eval sample, the student;
+        and how many rows each teacher ran a forward pass on (cumulative for long-lived teachers)."""
         if self.client is None:
             return
+        import ray
+        for name, replicas in teachers.items():
+            rows = sum(info["forward_rows"] for info in ray.get([a.info.remote() for a in replicas]))
+            self.log({f"teacher/{name}/forward_rows": rows}, step)
         from workers.plots import loss_curve_png, plan_heatmap_png
         with tempfile.TemporaryDirectory() as d:
             if history:

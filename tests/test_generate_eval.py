@@ -1,0 +1,178 @@
+"""``mlot generate`` -> ``mlot distill`` on the pseudo-labels -> ``mlot eval``, and the eval metrics.
+
+The end-to-end test runs a real local Ray cluster with the quickstart's tiny models (SentencePiece
+teacher, WordPiece student) on 200 rows kept in a local jsonl with extra columns, so it also checks
+that the generated file keeps every original column.
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+
+QUICKSTART = Path(__file__).resolve().parents[1] / "orchestrator" / "configs" / "quickstart.yaml"
+
+
+# --------------------------------------------------------------------------------------------- metrics
+
+
+def test_rouge_lsum_hand_computed():
+    from orchestrator.evaluation import rouge_lsum
+
+    # One sentence each: LCS("the cat on the mat", "the cat sat on the mat") = 5 tokens,
+    # P = 5/5, R = 5/6, F = 2PR / (P + R) = 10/11.
+    assert rouge_lsum("the cat on the mat", ["the cat sat on the mat"]) == pytest.approx(10 / 11)
+    # Two sentences in swapped order. Summary-level LCS is the union, per reference sentence, of its LCS
+    # with every candidate sentence: "it purred" gets {it, purred} from "it softly purred", "the cat sat"
+    # gets {the, cat} from "the cat": 4 hits over 5 reference and 5 candidate tokens, F = 0.8. (Plain
+    # ROUGE-L over the joined texts finds an LCS of only 2 here: 0.4.)
+    assert rouge_lsum("the cat\nit softly purred", ["it purred\nthe cat sat"]) == pytest.approx(0.8)
+    # Max over references; an empty prediction scores 0.
+    assert rouge_lsum("a dog barked", ["nothing alike", "a dog barked"]) == pytest.approx(1.0)
+    assert rouge_lsum("", ["a dog barked"]) == 0.0
+
+
+def test_score_predictions_metric_choice():
+    from orchestrator.evaluation import score_predictions
+
+    preds, golds = ["The Cat", "dog"], [["cat"], ["a big dog", "hound"]]
+    qa = score_predictions(preds, golds, "qa")
+    assert set(qa) == {"exact_match", "f1"}
+    assert qa["exact_match"] == pytest.approx(50.0)  # "The Cat" == "cat" after SQuAD normalisation
+    assert qa["f1"] == pytest.approx(100 * (1 + 2 / 3) / 2)  # "dog" vs "big dog": P 1, R 1/2
+    assert set(score_predictions(preds, golds, "rouge")) == {"rougeLsum"}
+    assert set(score_predictions(preds, golds, "all")) == {"exact_match", "f1", "rougeLsum"}
+    with pytest.raises(ValueError, match="qa, rouge, all"):
+        score_predictions(preds, golds, "bleu")
+
+
+# --------------------------------------------------------------------------------------------- parsers
+
+
+def _parser() -> argparse.ArgumentParser:
+    from orchestrator.evaluation import add_eval_parser
+    from orchestrator.generate import add_generate_parser
+
+    p = argparse.ArgumentParser(prog="mlot")
+    sub = p.add_subparsers(dest="command", required=True)
+    add_eval_parser(sub)
+    add_generate_parser(sub)
+    return p
+
+
+def test_eval_parser():
+    from orchestrator.evaluation import cmd_eval
+
+    args = _parser().parse_args([
+        "eval", "--model", "runs/x/final", "--data", "../shared/data/qed/validation.jsonl",
+        "--columns", "context=context, question=question,answer=answers", "--limit", "50", "--metric", "qa",
+        "--template-prompt", "{context}\\nQuestion: {question}\\nAnswer:", "--tracking-uri", "sqlite:///m.db"])
+    assert args.func is cmd_eval
+    assert args.columns == {"context": "context", "question": "question", "answer": "answers"}
+    assert (args.limit, args.metric, args.split, args.tracking_uri) == (50, "qa", "validation", "sqlite:///m.db")
+    defaults = _parser().parse_args(["eval", "--model", "m", "--data", "d"])
+    assert defaults.columns == {"prompt": "prompt", "answer": "answer"}
+    assert (defaults.metric, defaults.limit, defaults.tracking_uri) == ("all", None, None)
+    for bad in (["--columns", "prompt=question"], ["--columns", "prompt"], ["--metric", "bleu"]):
+        with pytest.raises(SystemExit):
+            _parser().parse_args(["eval", "--model", "m", "--data", "d", *bad])
+
+
+def test_generate_parser():
+    from orchestrator.generate import cmd_generate
+
+    args = _parser().parse_args(["generate", "job.yaml", "--output", "out.jsonl", "--set", "data.limit=10"])
+    assert args.func is cmd_generate
+    assert (args.config, args.output, args.field, args.teacher, args.set) == (
+        "job.yaml", "out.jsonl", "teacher_answer", None, ["data.limit=10"])
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["generate", "job.yaml"])  # --output is required
+
+
+# ------------------------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+    yield
+    ray.shutdown()
+
+
+def _labeled_file(path: Path, n: int) -> Path:
+    """Quickstart rows as a local jsonl with an id and a list of gold answers (like QED's)."""
+    from workers.tasks import quickstart_dataset
+
+    with path.open("w") as f:
+        for i, row in enumerate(quickstart_dataset()[:n]):
+            f.write(json.dumps({"id": i, "question": row["prompt"], "answers": [row["answer"], "unknown"]}) + "\n")
+    return path
+
+
+def _job(tmp_path: Path, source: Path, *extra: str):
+    from orchestrator.config import load_config
+
+    return load_config(QUICKSTART, [
+        "name=gen", f"output_dir={tmp_path}", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+        f"data.source={source}", "data.columns.prompt=question", "data.columns.answer=answers", "data.limit=200",
+        "train.steps=4", "train.warmup_steps=1", "train.checkpoint_every=4", "train.eval_every=null",
+        "teachers.0.pretrain.steps=100", *extra])
+
+
+def test_generate_rejects_bad_requests_before_starting_anything(tmp_path):
+    from orchestrator.generate import run_generate
+
+    job = _job(tmp_path, _labeled_file(tmp_path / "qa.jsonl", 20))
+    with pytest.raises(ValueError, match="already a column"):
+        run_generate(job, str(tmp_path / "out.jsonl"), field="answers")
+    with pytest.raises(ValueError, match="teacher-sp"):
+        run_generate(job, str(tmp_path / "out.jsonl"), teacher="nobody")
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+@pytest.mark.integration
+def test_generate_distill_eval_end_to_end(tmp_path, ray_cluster):
+    from mlflow import MlflowClient
+
+    from orchestrator.config import apply_overrides
+    from orchestrator.driver import run_distill
+    from orchestrator.evaluation import run_eval
+    from orchestrator.generate import run_generate
+    from workers.data import Template
+
+    source = _labeled_file(tmp_path / "qa.jsonl", 200)
+    job = _job(tmp_path, source)
+
+    out = run_generate(job, str(tmp_path / "labels" / "teacher.jsonl"), field="teacher_answer", max_new_tokens=8)
+    labeled = [json.loads(line) for line in Path(out).read_text().splitlines()]
+    assert 0 < len(labeled) <= 200  # rows answered with an empty line are left out
+    originals = {r["id"]: r for r in map(json.loads, source.read_text().splitlines())}
+    for row in labeled:
+        assert set(row) == {"id", "question", "answers", "teacher_answer"}
+        assert {k: row[k] for k in ("question", "answers")} == {k: originals[row["id"]][k] for k in ("question", "answers")}
+        assert isinstance(row["teacher_answer"], str) and row["teacher_answer"].strip()
+        assert "\n" not in row["teacher_answer"]
+    saved_teacher = tmp_path / "gen" / "teachers" / "teacher-sp"
+    assert (saved_teacher / "config.json").exists()  # pretrained and saved like `mlot distill` does
+
+    # The unlabeled setting: the same job trains on the teacher's answers (and reuses the saved teacher).
+    unlabeled = apply_overrides(job, [f"data.source={out}", "data.columns.answer=teacher_answer", "data.limit=null"])
+    summary = run_distill(unlabeled)
+    assert Path(summary.export_dir, "config.json").exists()
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    scores = run_eval(summary.export_dir, str(source), {"prompt": "question", "answer": "answers"},
+                      template=Template(prompt="{prompt}"), max_prompt_length=96, max_new_tokens=8, limit=30,
+                      tracking_uri=uri, run_name="e2e", metric="all")
+    assert scores["n"] == 30
+    for key in ("exact_match", "f1", "rougeLsum"):
+        assert 0.0 <= scores[key] <= 100.0
+    client = MlflowClient(uri)
+    run = client.search_runs([client.get_experiment_by_name("mlot-eval").experiment_id])[0]
+    assert run.info.run_name == "e2e" and run.info.status == "FINISHED"
+    assert run.data.metrics["eval/f1"] == pytest.approx(scores["f1"])
+    assert run.data.params["model"] == summary.export_dir
+    predictions = Path(client.download_artifacts(run.info.run_id, "predictions.jsonl", str(tmp_path)))
+    lines = [json.loads(line) for line in predictions.read_text().splitlines()]
+    assert len(lines) == 30 and lines[0]["gold"] == originals[0]["answers"]
