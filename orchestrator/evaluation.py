@@ -6,8 +6,8 @@
 
 Greedy decoding with the model's own prompt template, first line of the answer kept (as the paper
 does). Metrics: SQuAD-style exact match and token F1 (``workers.evaluate``; max over the gold answers)
-for QA, ROUGE-Lsum F-measure (Google's ``rouge-score``, the implementation the summarisation papers
-report; max over the references) for summaries; all in percent.
+for QA, ROUGE-Lsum F-measure (Google's ``rouge-score``, which HF ``evaluate`` wraps; max over the
+references) for summaries; all in percent.
 """
 
 from __future__ import annotations
@@ -28,15 +28,17 @@ METRICS = ("qa", "rouge", "all")
 def _rouge_scorer() -> Any:
     from rouge_score import rouge_scorer
 
-    # The stemmer is what the published ROUGE-Lsum numbers use (HF evaluate and the papers' scripts).
-    return rouge_scorer.RougeScorer(["rougeLsum"], use_stemmer=True)
+    # No stemming: the benchmark scripts behind the paper's numbers (ULD's, which MultiLevelOT reuses) call
+    # HF evaluate's "rouge" with its defaults, i.e. this scorer with use_stemmer=False.
+    return rouge_scorer.RougeScorer(["rougeLsum"], use_stemmer=False)
 
 
 def rouge_lsum(prediction: str, references: Sequence[str]) -> float:
     """Summary-level ROUGE-L F-measure in [0, 1], max over ``references``.
 
     Sentences are the lines of each text (ROUGE-Lsum's union-LCS runs over newline-separated
-    sentences); tokens are lower-cased alphanumeric runs, Porter-stemmed.
+    sentences); tokens are lower-cased ASCII alphanumeric runs (rouge-score's tokenizer drops other
+    characters), not stemmed.
     """
     scorer = _rouge_scorer()
     return max((scorer.score(ref, prediction)["rougeLsum"].fmeasure for ref in references), default=0.0)

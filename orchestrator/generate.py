@@ -70,8 +70,8 @@ def run_generate(job: JobConfig, output: str, field: str = "teacher_answer", tea
         line are left out (an empty answer is not a training target); both are counted on stdout.
 
     Raises:
-        ValueError: an unknown teacher, ``field`` already a column, or (``on_bad_row: error``) a prompt
-            the teacher cannot encode, naming the row.
+        ValueError: an unknown teacher, ``field`` already a column, every answer empty, or
+            (``on_bad_row: error``) a prompt the teacher cannot encode, naming the row.
     """
     import ray
 
@@ -123,23 +123,23 @@ def run_generate(job: JobConfig, output: str, field: str = "teacher_answer", tea
             for h in replicas:
                 ray.kill(h)
 
+    labeled = [(i, answer) for i, answer in zip(keep, answers) if answer]
+    empty = len(keep) - len(labeled)
+    if not labeled:
+        raise ValueError(f"teacher {name} answered all {len(keep)} prompts with an empty line: nothing to train on "
+                         "(an untrained teacher stops at once; give it teachers.N.pretrain.steps or a trained model)")
     out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    written = empty = 0
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=out.name + ".")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for i, answer in zip(keep, answers):
-                if not answer:
-                    empty += 1
-                    continue
+            for i, answer in labeled:
                 f.write(json.dumps({**records[i], field: answer}, ensure_ascii=False) + "\n")
-                written += 1
         os.replace(tmp, out)  # never leave a half-written file where training would pick it up
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    say(f"generate: wrote {written} rows to {out}" + (f"; skipped {len(bad)} bad prompt(s)" if bad else "")
+    say(f"generate: wrote {len(labeled)} rows to {out}" + (f"; skipped {len(bad)} bad prompt(s)" if bad else "")
         + (f"; left out {empty} empty answer(s)" if empty else ""))
     return str(out)
 

@@ -138,9 +138,27 @@ class PayloadStream:
             refs[name] = actor.payload.remote(rows, batch_id=[self.rank, m], loss=self.loss)
         self.inflight.append((m, refs))
 
+    def _fetch(self, name: str, ref: Any, m: int, attempts: int = 5) -> dict[str, Any]:
+        """ray.get with retries on other replicas: a teacher that died (and is restarting) costs time, not the run."""
+        import ray
+        from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+
+        for attempt in range(attempts):
+            try:
+                return ray.get(ref)
+            except (ActorDiedError, ActorUnavailableError, RayActorError) as e:
+                if attempt == attempts - 1:
+                    raise
+                replicas = self.teachers[name]
+                actor = replicas[(m * self.world + self.rank + attempt + 1) % len(replicas)]
+                print(f"[mlot] teacher {name} failed on batch {[self.rank, m]} ({type(e).__name__}); "
+                      f"retrying ({attempt + 1}/{attempts - 1})", flush=True)
+                time.sleep(min(2.0 ** attempt, 10.0))
+                ref = actor.payload.remote(self.order(m), batch_id=[self.rank, m], loss=self.loss)
+        raise AssertionError("unreachable")
+
     def get(self, m: int) -> tuple[dict[str, mlot.TeacherPayload], float, int]:
         """Payloads of micro-batch m, the seconds spent waiting for them, and their total bytes."""
-        import ray
 
         if self.next_m <= m and not self.inflight:
             self.next_m = m
@@ -153,7 +171,7 @@ class PayloadStream:
         t0 = time.perf_counter()
         out, nbytes = {}, 0
         for name, ref in refs.items():
-            reply = ray.get(ref)
+            reply = self._fetch(name, ref, m)
             if reply["batch_id"] != [self.rank, m] or got_m != m:
                 raise RuntimeError(f"teacher {name} answered batch {reply['batch_id']} for batch {[self.rank, m]}")
             out[name] = mlot.TeacherPayload.from_numpy(reply["payload"])
@@ -360,6 +378,8 @@ class _Tracker:
     def __init__(self, config: dict[str, Any], rank: int, info: dict[str, Any]) -> None:
         self.rank, self.run_id, self.export_dir = rank, config["run_id"], config["export_dir"]
         self.client = None
+        self.pending: list[Any] = []  # metrics not yet accepted by the tracking server
+        self.gap_since = 0
         if rank == 0 and self.run_id:
             from mlflow import MlflowClient
             self.client = MlflowClient(config["tracking_uri"])
@@ -367,12 +387,28 @@ class _Tracker:
                 self.client.log_param(self.run_id, f"student.{k}", v)
 
     def log(self, metrics: dict[str, float], step: int) -> None:
+        """Log to MLflow; while the tracking server is unreachable, keep the metrics and send them later.
+
+        Training never stops for tracking: a failed call is retried with the next step's metrics.
+        """
         if self.client is None:
             return
         from mlflow.entities import Metric
         now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step)
-                                                    for k, v in metrics.items()])
+        self.pending.extend(Metric(k, float(v), now, step) for k, v in metrics.items())
+        try:
+            for i in range(0, len(self.pending), 1000):  # MLflow's per-call limit
+                self.client.log_batch(self.run_id, metrics=self.pending[i:i + 1000])
+        except Exception as e:  # any transport or server error
+            if not self.gap_since:
+                self.gap_since = step
+                self.warn(f"MLflow unreachable at step {step} ({type(e).__name__}); buffering metrics")
+            return
+        if self.gap_since:
+            self.warn(f"MLflow back at step {step}; sent metrics buffered since step {self.gap_since}")
+            self.client.log_metric(self.run_id, "tracking/gap_steps", step - self.gap_since, step=step)
+            self.gap_since = 0
+        self.pending = []
 
     def warn(self, message: str) -> None:
         print(f"[mlot] {message}", flush=True)
