@@ -273,7 +273,10 @@ def run_distill(job: JobConfig, *, resume: bool = False, teachers: dict[str, lis
             client.log_batch(run_id, metrics=[Metric(f"final/{k}", v, now, 0) for k, v in scores.items()])
         client.set_terminated(run_id, "FINISHED")
     except BaseException:
-        client.set_terminated(run_id, "FAILED")
+        # Inside a sweep the trial may be stopped by the scheduler (which surfaces here as an error):
+        # the sweep driver, which knows why a trial ended, closes its run instead.
+        if parent_run_id is None:
+            client.set_terminated(run_id, "FAILED")
         raise
     return DistillSummary(job.name, export_dir, run_id, uri, dict(result.metrics or {}), scores)
 

@@ -144,8 +144,10 @@ def run_tune(job: JobConfig, space_path: str, *, num_samples: int = 1, scheduler
         sched = None
         if scheduler == "asha":
             from ray.tune.schedulers import ASHAScheduler
+            # max_t one past the last report: ASHA must never stop a trial at its final report, which
+            # would kill it while it exports the student and closes its MLflow run.
             sched = ASHAScheduler(time_attr="training_iteration", grace_period=1, reduction_factor=2,
-                                  max_t=_reports_per_trial(job))
+                                  max_t=_reports_per_trial(job) + 1)
         algo = None
         if search == "optuna":
             from ray.tune.search.optuna import OptunaSearch
@@ -159,7 +161,7 @@ def run_tune(job: JobConfig, space_path: str, *, num_samples: int = 1, scheduler
     results = tuner.fit()
 
     table = results_table(results, metric, mode, _reports_per_trial(job))
-    _close_children(client, parent)
+    _close_children(client, parent, sweep, table)
     best = table[0] if table else None
     best_path = run_dir / "best.yaml"
     if best is not None:
@@ -192,22 +194,24 @@ def results_table(results: Any, metric: str, mode: str, full: int) -> list[dict[
     rows = []
     for r in results:
         if r.metrics is None or metric not in (r.metrics or {}):
-            rows.append({"config": r.config, metric: None, "iterations": 0, "status": "error" if r.error else "no metric"})
+            rows.append({"config": r.config, metric: None, "iterations": 0, "status": "error" if r.error else "no metric",
+                         "trial_id": (r.metrics or {}).get("trial_id")})
             continue
         it = r.metrics.get("training_iteration", 0)
-        rows.append({"config": r.config, metric: r.metrics[metric], "iterations": it,
+        rows.append({"config": r.config, metric: r.metrics[metric], "iterations": it, "trial_id": r.metrics.get("trial_id"),
                      "status": "error" if r.error else ("stopped early" if it < full else "completed")})
     sign = 1 if mode == "min" else -1
     return sorted(rows, key=lambda row: (row[metric] is None, sign * (row[metric] or 0)))
 
 
-def _close_children(client: Any, parent: str) -> None:
-    """Trials that ASHA stopped were killed mid-run: mark their MLflow runs KILLED, not RUNNING forever."""
+def _close_children(client: Any, parent: str, sweep: str, table: list[dict[str, Any]]) -> None:
+    """Close the MLflow runs of trials that did not finish on their own: KILLED when the scheduler
+    stopped them, FAILED when they errored (trials leave that to this driver; see run_distill)."""
+    errored = {f"{sweep}-{row.get('trial_id')}" for row in table if row["status"] == "error"}
     run = client.get_run(parent)
-    children = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{parent}'")
-    for child in children:
+    for child in client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{parent}'"):
         if child.info.status == "RUNNING":
-            client.set_terminated(child.info.run_id, "KILLED")
+            client.set_terminated(child.info.run_id, "FAILED" if child.info.run_name in errored else "KILLED")
 
 
 def _log_results(client: Any, parent: str, table: list[dict[str, Any]], metric: str, forward_rows: int | None,
@@ -217,7 +221,7 @@ def _log_results(client: Any, parent: str, table: list[dict[str, Any]], metric: 
 
     from workers.plots import metric_vs_params_png
 
-    keys = sorted({k for row in table for k in row["config"]})
+    keys = sorted({k for row in table for k in row["config"]})  # trial_id stays out of the printed table
     lines = ["| " + " | ".join([*keys, metric, "iterations", "status"]) + " |",
              "|" + "---|" * (len(keys) + 3)]
     for row in table:
