@@ -181,12 +181,20 @@ def _reports_per_trial(job: JobConfig) -> int:
 
 
 def _fitting_trials(job: JobConfig) -> int:
-    """How many trials' worker groups fit the cluster's CPUs at once (at least one)."""
+    """How many trials' worker groups fit the cluster's CPUs at once (at least one).
+
+    A local Ray may declare more logical CPUs than the machine has (so actors and workers can share
+    2 cores); concurrent trials there would only contend, so they are capped by the real cores.
+    """
+    import os
+
     import ray
-    per_worker = job.train.resources_per_worker.get("CPU", 1)
+    per_worker = job.train.resources_per_worker.get("CPU", 1) * job.train.num_workers
     teacher_cpu = sum(t.resources.num_cpus * t.replicas for t in job.teachers)
-    free = ray.cluster_resources().get("CPU", 1) - teacher_cpu
-    return max(1, int(free // (per_worker * job.train.num_workers)))
+    fit = int((ray.cluster_resources().get("CPU", 1) - teacher_cpu) // per_worker)
+    if job.cluster.address is None:
+        fit = min(fit, (os.cpu_count() or 1) // (2 * per_worker))
+    return max(1, fit)
 
 
 def results_table(results: Any, metric: str, mode: str, full: int) -> list[dict[str, Any]]:

@@ -52,7 +52,7 @@ def test_small_asha_sweep_shares_teacher_work_and_logs_runs(tmp_path):
                             "train.steps=6", "train.warmup_steps=0", "train.eval_every=2", "train.checkpoint_every=6",
                             "teachers.0.pretrain.steps=0", "data.limit=300", "train.batch_size=8"])
     try:
-        s = run_tune(job, str(space), num_samples=1, scheduler="asha", max_concurrent=1)
+        s = run_tune(job, str(space), num_samples=1, scheduler="asha")  # 2 cores: one trial at a time
     finally:
         ray.shutdown()
     assert len(s.table) == 3
@@ -66,7 +66,45 @@ def test_small_asha_sweep_shares_teacher_work_and_logs_runs(tmp_path):
     children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{s.parent_run_id}'")
     assert len(children) == 3 and all(c.info.status in ("FINISHED", "KILLED") for c in children)
     assert {a.path for a in client.list_artifacts(s.parent_run_id)} >= {"results.md", "space.yaml", "plots"}
-    # The best config is a valid job config for `mlot distill`.
+    assert json.loads((tmp_path / "sw" / "sweep.json").read_text())["parent_run_id"] == s.parent_run_id
+
+    # Resuming the (finished) sweep restores its trials instead of re-running them, under the same parent.
+    try:
+        again = run_tune(job, str(space), num_samples=1, scheduler="asha", resume=True)
+    finally:
+        ray.shutdown()
+    assert again.parent_run_id == s.parent_run_id
+    assert [(r["config"], r["status"]) for r in again.table] == [(r["config"], r["status"]) for r in s.table]
+    assert len(client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{s.parent_run_id}'")) == 3
+
+    # The best config is a complete job config: `mlot distill` runs it.
+    from orchestrator.cli import main
     best = load(s.best_config_path)
     assert best.train.lr == 3.0e-3
-    assert json.loads((tmp_path / "sw" / "sweep.json").read_text())["parent_run_id"] == s.parent_run_id
+    try:
+        assert main(["distill", s.best_config_path, "--set", "train.steps=2", "--set", "train.eval_every=2",
+                     "--set", "train.checkpoint_every=2"]) == 0
+    finally:
+        ray.shutdown()
+    assert (tmp_path / "sw-best" / "final" / "config.json").exists()
+
+
+@pytest.mark.integration
+def test_optuna_search_runs_trials(tmp_path):
+    import ray
+
+    from orchestrator.config import load_config as load
+    from orchestrator.tune import run_tune
+
+    space = tmp_path / "space.yaml"
+    space.write_text("loss.params.top_k: {choice: [5, 20]}\nloss.params.sinkhorn_reg: {loguniform: [0.01, 1.0]}\n")
+    job = load(QUICKSTART, ["name=opt", f"output_dir={tmp_path}", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+                            "train.steps=2", "train.warmup_steps=0", "train.eval_every=2", "train.checkpoint_every=2",
+                            "teachers.0.pretrain.steps=0", "data.limit=100", "train.batch_size=4"])
+    try:
+        s = run_tune(job, str(space), num_samples=2, search="optuna")
+    finally:
+        ray.shutdown()
+    assert len(s.table) == 2 and all(r["status"] == "completed" for r in s.table)
+    assert all(r["config"]["loss.params.top_k"] in (5, 20) and 0.01 <= r["config"]["loss.params.sinkhorn_reg"] <= 1.0
+               for r in s.table)

@@ -275,6 +275,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             metrics["eval/loss"] = last_eval
         history.append({"step": done, **metrics})
         tracker.log(metrics, done)
+        if rank == 0 and (done % max(1, steps // 20) == 0 or done == steps):  # progress, ~20 lines a run
+            print(f"[mlot] step {done}/{steps}  loss {metrics['train/loss']:.4f}  ce {metrics['train/ce']:.4f}"
+                  + (f"  eval {last_eval:.4f}" if last_eval is not None else "")
+                  + f"  {metrics['train/tokens_per_s']:.0f} tok/s  teacher wait {100 * metrics['train/teacher_wait_frac']:.0f}%",
+                  flush=True)
         # Every report carries the latest eval metric: a sweep's scheduler compares trials on it.
         report = {**metrics, "step": done, **({"eval/loss": last_eval} if last_eval is not None else {})}
         if done % job.train.checkpoint_every == 0 or done == steps:
