@@ -44,7 +44,10 @@ def cmd_distill(args: argparse.Namespace) -> int:
         print_comparison(main, base, args.baseline)
         _summary(main)
     else:
-        _summary(run_distill(job, resume=args.resume))
+        summary = run_distill(job, resume=args.resume)
+        _summary(summary)
+        if summary.stopped_at:
+            return 130  # interrupted (cleanly, with a checkpoint): the shell convention for Ctrl-C
     return 0
 
 
@@ -106,6 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-share-teachers", action="store_true", help="each trial starts its own teachers (for comparison)")
     t.add_argument("--resume", action="store_true", help="continue an interrupted sweep of this job")
     t.set_defaults(func=cmd_tune)
+
+    from orchestrator.evaluation import add_eval_parser
+    from orchestrator.generate import add_generate_parser
+    add_generate_parser(sub)
+    add_eval_parser(sub)
 
     v = sub.add_parser("validate", help="check CONFIG and print what it would run")
     with_config(v)

@@ -6,12 +6,16 @@ teacher actors to workers through the object store and never come back here.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import random
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from orchestrator.config import JobConfig, apply_overrides, dump_config
@@ -148,15 +152,19 @@ def start_teachers(job: JobConfig, train_rows: list[dict[str, Any]], cache: bool
             opts["resources"] = dict(r.custom)
         actor = ray.remote(TeacherActor).options(**opts)
         saved = job.run_dir.resolve() / "teachers" / t.name
-        weights = str(saved) if (t.pretrain.steps and (saved / "config.json").exists()) else None
-        replicas = [actor.remote(t, job.data, job.loss, job.train.seed, weights, cache) for _ in range(t.replicas)]
-        if t.pretrain.steps and weights is None:
+        if t.pretrain.steps and not (saved / "config.json").exists():
             say(f"teacher {t.name}: pretraining {t.pretrain.steps} steps on the task")
             t0 = time.time()
-            state = replicas[0].pretrain.remote(train_rows, t.pretrain.steps, t.pretrain.lr, t.pretrain.batch_size,
-                                                job.train.seed)
-            ray.get([a.load_state.remote(state) for a in replicas[1:]] + [replicas[0].save.remote(str(saved))])
+            trainer = actor.remote(t, job.data, job.loss, job.train.seed)
+            ray.get(trainer.pretrain.remote(train_rows, t.pretrain.steps, t.pretrain.lr, t.pretrain.batch_size,
+                                            job.train.seed))
+            ray.get(trainer.save.remote(str(saved)))
+            ray.kill(trainer)
             say(f"teacher {t.name}: pretrained in {time.time() - t0:.0f}s, saved to {saved}")
+        # Replicas load saved weights through their constructor, so a replica that Ray restarts after
+        # a crash comes back as the same teacher (the run directory must be on storage all nodes see).
+        weights = str(saved) if t.pretrain.steps else None
+        replicas = [actor.remote(t, job.data, job.loss, job.train.seed, weights, cache) for _ in range(t.replicas)]
         infos = ray.get([a.info.remote() for a in replicas])
         say(f"teacher {t.name}: {len(replicas)} replica(s) on {infos[0]['device']}, vocab {infos[0]['vocab_size']}"
             + (f" ({infos[0]['padded_rows']} padded logit rows ignored)" if infos[0]["padded_rows"] else ""))
@@ -206,6 +214,7 @@ class DistillSummary:
     tracking_uri: str
     metrics: dict[str, Any] = field(default_factory=dict)
     eval: dict[str, float] = field(default_factory=dict)
+    stopped_at: int | None = None  # set when Ctrl-C stopped the run (a checkpoint was written there)
 
 
 def run_distill(job: JobConfig, *, resume: bool = False, teachers: dict[str, list[Any]] | None = None,
@@ -223,7 +232,7 @@ def run_distill(job: JobConfig, *, resume: bool = False, teachers: dict[str, lis
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from workers.student import train_loop_per_worker
+    from workers.student import StopSignal, train_loop_per_worker
 
     run_dir = job.run_dir.resolve()
     state_file = run_dir / "run.json"
@@ -249,11 +258,13 @@ def run_distill(job: JobConfig, *, resume: bool = False, teachers: dict[str, lis
         if teachers is None:
             teachers = start_teachers(job, rows) if job.loss.method != "sft" else {}
         export_dir = str(run_dir / "final")
+        stop_signal = ray.remote(StopSignal).options(num_cpus=0, scheduling_strategy=_outside_pg()).remote()
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={
                 "job": job, "train_rows": ray.put(rows), "eval_rows": ray.put(eval_rows), "teachers": teachers,
                 "run_id": run_id, "tracking_uri": uri, "export_dir": export_dir, "fingerprint": fingerprint(job),
+                "stop_signal": stop_signal, **_fault_hook(run_dir),
             },
             scaling_config=ScalingConfig(num_workers=job.train.num_workers, use_gpu=job.train.use_gpu,
                                          resources_per_worker=job.train.resources_per_worker or None),
@@ -263,9 +274,15 @@ def run_distill(job: JobConfig, *, resume: bool = False, teachers: dict[str, lis
         )
         say(f"training: {job.train.num_workers} worker(s), ZeRO-{job.student.deepspeed.stage}, "
             f"loss {job.loss.method} ({job.loss.mode})" + (" - resuming" if resume else ""))
-        result = trainer.fit()
+        with _ctrl_c_stops(stop_signal):
+            result = trainer.fit()
         if result.error:
             raise result.error
+        stopped = (result.metrics or {}).get("train/stopped_at_step")
+        if stopped:
+            say(f"stopped at step {stopped}; continue with: mlot distill <config> --resume")
+            client.set_terminated(run_id, "KILLED")
+            return DistillSummary(job.name, export_dir, run_id, uri, dict(result.metrics), {}, int(stopped))
         scores = evaluate_export(job, export_dir, eval_rows) if evaluate else {}
         if scores:
             from mlflow.entities import Metric
@@ -279,6 +296,32 @@ def run_distill(job: JobConfig, *, resume: bool = False, teachers: dict[str, lis
             client.set_terminated(run_id, "FAILED")
         raise
     return DistillSummary(job.name, export_dir, run_id, uri, dict(result.metrics or {}), scores)
+
+
+@contextlib.contextmanager
+def _ctrl_c_stops(stop_signal: Any):
+    """First Ctrl-C: ask the workers to checkpoint and stop (fit then returns normally). Second: abort."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        say("interrupt: the workers checkpoint and stop at the next step (Ctrl-C again to abort)")
+        stop_signal.set.remote()
+        signal.signal(signal.SIGINT, previous)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _fault_hook(run_dir: Path) -> dict[str, Any]:
+    """Fault-test hook: MLOT_FAULT_EXIT_AT_STEP=n makes training rank 0 die once at step n (see the
+    ``faults`` tests). Unset in normal use."""
+    at = int(os.environ.get("MLOT_FAULT_EXIT_AT_STEP", "0"))
+    return {"fault_exit_at_step": at, "fault_marker": str(run_dir / "fault_injected")} if at else {}
 
 
 def evaluate_export(job: JobConfig, export_dir: str, eval_rows: list[dict[str, Any]]) -> dict[str, float]:

@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-pytestmark = pytest.mark.integration
+from helpers import metric_history as _history
+from helpers import quickstart_job as _job
 
-QUICKSTART = Path(__file__).resolve().parents[1] / "orchestrator" / "configs" / "quickstart.yaml"
+pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
@@ -20,24 +21,6 @@ def ray_cluster():
     import ray
     yield
     ray.shutdown()
-
-
-def _job(tmp_path: Path, name: str, *extra: str, add_teacher: dict | None = None):
-    import yaml
-
-    from orchestrator.config import config_from_dict
-    data = yaml.safe_load(QUICKSTART.read_text())
-    if add_teacher:
-        data["teachers"].append(add_teacher)
-    return config_from_dict(data, [
-        f"name={name}", f"output_dir={tmp_path}", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
-        "train.steps=4", "train.warmup_steps=1", "train.checkpoint_every=2", "train.eval_every=2",
-        "teachers.0.pretrain.steps=0", "data.limit=400", *extra])
-
-
-def _history(summary, key):
-    from mlflow import MlflowClient
-    return [(m.step, m.value) for m in MlflowClient(summary.tracking_uri).get_metric_history(summary.run_id, key)]
 
 
 def _record_driver_gets(monkeypatch) -> list:

@@ -48,7 +48,7 @@ def test_small_asha_sweep_shares_teacher_work_and_logs_runs(tmp_path):
     space = tmp_path / "space.yaml"
     # One good learning rate and two hopeless ones: ASHA must stop the hopeless trials early.
     space.write_text("train.lr: {grid: [3.0e-3, 1.0e-9, 2.0e-9]}\nloss.params.teacher_temperature: {choice: [1.0, 1.5]}\n")
-    job = load(QUICKSTART, [f"name=sw", f"output_dir={tmp_path}", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+    job = load(QUICKSTART, ["name=sw", f"output_dir={tmp_path}", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
                             "train.steps=6", "train.warmup_steps=0", "train.eval_every=2", "train.checkpoint_every=6",
                             "teachers.0.pretrain.steps=0", "data.limit=300", "train.batch_size=8"])
     try:

@@ -179,6 +179,41 @@ class PayloadStream:
         return out, time.perf_counter() - t0, nbytes
 
 
+class StopSignal:
+    """Set by the driver on Ctrl-C (a Ray actor): the workers checkpoint at the next step and stop."""
+
+    def __init__(self) -> None:
+        self.stop = False
+
+    def set(self) -> None:
+        self.stop = True
+
+    def is_set(self) -> bool:
+        return self.stop
+
+
+def _stop_requested(signal: Any, dist: Any) -> bool:
+    """Rank 0 asks the driver's StopSignal; every rank gets the answer (they must stop at the same step)."""
+    import ray
+
+    flag = torch.tensor([1.0 if signal is not None and ray.get(signal.is_set.remote()) else 0.0])
+    if dist.is_initialized():
+        dist.broadcast(flag, src=0)
+    return bool(flag.item())
+
+
+def _fault_injection(config: dict[str, Any], step: int, rank: int) -> None:
+    """Chaos-testing hook (the fault tests): rank 0 dies at ``fault_exit_at_step``, once per run directory.
+
+    It waits ``fault_delay_s`` first, so the last checkpoint's report has reached the controller.
+    """
+    at, marker = config.get("fault_exit_at_step"), config.get("fault_marker")
+    if at and step == at and rank == 0 and marker and not Path(marker).exists():
+        Path(marker).write_text(str(step))
+        time.sleep(config.get("fault_delay_s", 8.0))
+        os._exit(1)
+
+
 # ---------------------------------------------------------------------------- the loop
 
 
@@ -282,10 +317,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                   flush=True)
         # Every report carries the latest eval metric: a sweep's scheduler compares trials on it.
         report = {**metrics, "step": done, **({"eval/loss": last_eval} if last_eval is not None else {})}
-        if done % job.train.checkpoint_every == 0 or done == steps:
+        stop = _stop_requested(config.get("stop_signal"), dist) and done < steps
+        if stop:
+            report["train/stopped_at_step"] = done
+        if done % job.train.checkpoint_every == 0 or done == steps or stop:
             _checkpoint(engine, report, done, config["fingerprint"])
         elif "eval/loss" in metrics:
             ray.train.report(report)
+        if stop:
+            tracker.warn(f"stopped at step {done} on request; checkpoint written: resume with --resume")
+            return
+        _fault_injection(config, done, rank)
 
     export_student(engine, tokenizer, job, config["export_dir"], rank)
     # Every rank runs this forward: under ZeRO-3 a forward gathers parameters collectively.

@@ -115,7 +115,7 @@ class TeacherActor:
     def pretrain(self, rows: list[dict[str, Any]], steps: int, lr: float, batch_size: int, seed: int) -> dict[str, Any]:
         """Briefly train this (tiny, random) teacher on the task with CE, so distillation has signal.
 
-        Returns the trained weights (CPU tensors) for the other replicas and the loss curve.
+        Returns the loss curve; ``save`` then writes the weights the replicas load.
         """
         g = torch.Generator().manual_seed(seed)
         opt = torch.optim.AdamW(self.model.parameters(), lr=lr)
@@ -134,12 +134,7 @@ class TeacherActor:
             losses.append(float(loss.detach()))
         self.model.eval()
         self._forget()
-        return {"state": {k: v.detach().cpu() for k, v in self.model.state_dict().items()}, "losses": losses}
-
-    def load_state(self, state: dict[str, Any]) -> None:
-        """Take the weights another replica trained (``pretrain``'s ``state``)."""
-        self.model.load_state_dict(state["state"] if "state" in state else state)
-        self._forget()
+        return {"losses": losses}
 
     def _forget(self) -> None:
         """New weights: cached hidden states are stale."""
