@@ -6,7 +6,6 @@ teacher actors to workers through the object store and never come back here.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -274,8 +273,7 @@ def run_distill(job: JobConfig, *, resume: bool = False, teachers: dict[str, lis
         )
         say(f"training: {job.train.num_workers} worker(s), ZeRO-{job.student.deepspeed.stage}, "
             f"loss {job.loss.method} ({job.loss.mode})" + (" - resuming" if resume else ""))
-        with _ctrl_c_stops(stop_signal):
-            result = trainer.fit()
+        result = _fit_stoppable(trainer, stop_signal)
         if result.error:
             raise result.error
         stopped = (result.metrics or {}).get("train/stopped_at_step")
@@ -298,12 +296,22 @@ def run_distill(job: JobConfig, *, resume: bool = False, teachers: dict[str, lis
     return DistillSummary(job.name, export_dir, run_id, uri, dict(result.metrics or {}), scores)
 
 
-@contextlib.contextmanager
-def _ctrl_c_stops(stop_signal: Any):
-    """First Ctrl-C: ask the workers to checkpoint and stop (fit then returns normally). Second: abort."""
+def _fit_stoppable(trainer: Any, stop_signal: Any) -> Any:
+    """``trainer.fit()``, where the first Ctrl-C asks the workers to checkpoint and stop (fit then
+    returns normally) and a second one aborts.
+
+    fit runs in a helper thread: in the main thread Ray Train would install its own Ctrl-C handler,
+    which aborts the run without a final checkpoint.
+    """
     if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+        return trainer.fit()
+    box: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            box["result"] = trainer.fit()
+        except BaseException as e:  # handed to the main thread
+            box["error"] = e
 
     def handler(signum: int, frame: Any) -> None:
         say("interrupt: the workers checkpoint and stop at the next step (Ctrl-C again to abort)")
@@ -311,10 +319,16 @@ def _ctrl_c_stops(stop_signal: Any):
         signal.signal(signal.SIGINT, previous)
 
     previous = signal.signal(signal.SIGINT, handler)
+    worker = threading.Thread(target=fit, name="mlot-fit", daemon=True)
+    worker.start()
     try:
-        yield
+        while worker.is_alive():
+            worker.join(0.5)  # short waits: the main thread must stay free to run the handler
     finally:
         signal.signal(signal.SIGINT, previous)
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
 
 
 def _fault_hook(run_dir: Path) -> dict[str, Any]:
