@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-SHARED = Path(os.environ.get("MLOT_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+SHARED = Path(os.environ.get("MLOT_SHARED", Path(__file__).resolve().parents[2] / "shared")).resolve()
 QED = SHARED / "data" / "qed" / "validation.jsonl"
 COLUMNS = {"context": "context", "question": "question", "answer": "answers"}
 TEACHER = "teacher-sp"
@@ -128,7 +128,8 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=80, help="student optimizer steps, every method (default 80)")
     ap.add_argument("--teacher-steps", type=int, default=400, help="teacher pretraining steps (default 400)")
     ap.add_argument("--heldout", type=int, default=200, help="held-out QED rows (default 200)")
-    ap.add_argument("--out", help="working folder (default: a new temporary folder)")
+    ap.add_argument("--out", help="working folder (default: a new temporary folder); a folder of an earlier run "
+                    "keeps its pretrained teacher, whatever --teacher-steps says")
     args = ap.parse_args()
     if args.teacher_steps < 1:
         ap.error("--teacher-steps must be >= 1: a random teacher has nothing to distil")
@@ -148,6 +149,8 @@ def main() -> int:
     t_start = time.time()
     out = Path(args.out or tempfile.mkdtemp(prefix="mlot-quality-")).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    # MLflow stores a new experiment's artifacts (every student) under ./mlruns: keep them in the folder.
+    os.chdir(out)
     train_file, test_file = split_qed(out, args.heldout)
     base = [f"output_dir={out}", f"tracking.uri=sqlite:///{out}/mlflow.db", f"data.source={train_file}",
             "data.eval_fraction=0", "train.eval_every=null", f"train.steps={args.steps}",
@@ -158,8 +161,8 @@ def main() -> int:
     test_rows = load_rows(str(test_file), None, "validation", COLUMNS)
 
     def evaluate(model_dir: str, spec: Any) -> dict[str, float]:
-        return run_eval(model_dir, str(test_file), COLUMNS, template=template_of(spec), max_prompt_length=d.max_prompt_length,
-                        max_new_tokens=d.max_answer_length, metric="qa")
+        return run_eval(model_dir, str(test_file), COLUMNS, template=template_of(spec),
+                        max_prompt_length=d.max_prompt_length, max_new_tokens=d.max_answer_length, metric="qa")
 
     train_rows = load_data(teacher_job)[0]
     print(f"[quality] QED: {len(train_rows)} train / {len(test_rows)} held-out rows; working folder {out}", flush=True)

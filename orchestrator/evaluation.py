@@ -16,8 +16,9 @@ import argparse
 import functools
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from workers.data import Template
 

@@ -149,7 +149,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     job = load_config(args.config, args.set or [])
     path = run_generate(job, args.output, args.field, args.teacher, args.max_new_tokens)
     print(f"\n  pseudo-labels : {path}  (column {args.field!r})")
-    print(f"  train on them : mlot distill {args.config} --set data.source={path} "
+    # The same overrides keep the job's name and output_dir, so distill finds the teacher saved here.
+    same = "".join(f" --set {kv}" for kv in args.set or [])
+    print(f"  train on them : mlot distill {args.config}{same} --set data.source={path} "
           f"--set data.columns.answer={args.field}")
     return 0
 

@@ -132,7 +132,7 @@ def test_generate_rejects_bad_requests_before_starting_anything(tmp_path):
 
 
 @pytest.mark.integration
-def test_generate_distill_eval_end_to_end(tmp_path, ray_cluster):
+def test_generate_distill_eval_end_to_end(tmp_path, ray_cluster, monkeypatch):
     from mlflow import MlflowClient
 
     from orchestrator.config import apply_overrides
@@ -141,6 +141,8 @@ def test_generate_distill_eval_end_to_end(tmp_path, ray_cluster):
     from orchestrator.generate import run_generate
     from workers.data import Template
 
+    # MLflow puts a new experiment's artifacts under ./mlruns of the working directory: keep them in tmp.
+    monkeypatch.chdir(tmp_path)
     source = _labeled_file(tmp_path / "qa.jsonl", 200)
     job = _job(tmp_path, source)
 

@@ -428,34 +428,65 @@ class _Tracker:
         self.pending: list[Any] = []  # metrics not yet accepted by the tracking server
         self.gap_since = 0
         if rank == 0 and self.run_id:
+            # No blocking retries inside the training step: a failed call is buffered and resent later.
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
             from mlflow import MlflowClient
             self.client = MlflowClient(config["tracking_uri"])
-            for k, v in info.items():
-                self.client.log_param(self.run_id, f"student.{k}", v)
+            try:
+                for k, v in info.items():
+                    self.client.log_param(self.run_id, f"student.{k}", v)
+            except Exception as e:  # tracking must not stop training
+                self.warn(f"MLflow: could not log the student's params ({type(e).__name__})")
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         """Log to MLflow; while the tracking server is unreachable, keep the metrics and send them later.
 
-        Training never stops for tracking: a failed call is retried with the next step's metrics.
+        Training never waits for tracking: a failed call is retried with the next step's metrics.
         """
         if self.client is None:
             return
         from mlflow.entities import Metric
         now = int(time.time() * 1000)
         self.pending.extend(Metric(k, float(v), now, step) for k, v in metrics.items())
+        if self._flush():
+            if self.gap_since:
+                self.warn(f"MLflow back at step {step}; sent the metrics buffered since step {self.gap_since}")
+                self._flush_gap(step)
+        elif not self.gap_since:
+            self.gap_since = step
+            self.warn(f"MLflow unreachable at step {step}; buffering metrics")
+
+    def _flush(self) -> bool:
         try:
             for i in range(0, len(self.pending), 1000):  # MLflow's per-call limit
                 self.client.log_batch(self.run_id, metrics=self.pending[i:i + 1000])
-        except Exception as e:  # any transport or server error
-            if not self.gap_since:
-                self.gap_since = step
-                self.warn(f"MLflow unreachable at step {step} ({type(e).__name__}); buffering metrics")
-            return
-        if self.gap_since:
-            self.warn(f"MLflow back at step {step}; sent metrics buffered since step {self.gap_since}")
-            self.client.log_metric(self.run_id, "tracking/gap_steps", step - self.gap_since, step=step)
-            self.gap_since = 0
+        except Exception:  # any transport or server error: keep everything for the next try
+            return False
         self.pending = []
+        return True
+
+    def _flush_gap(self, step: int) -> None:
+        from mlflow.entities import Metric
+        self.pending.append(Metric("tracking/gap_steps", float(step - self.gap_since), int(time.time() * 1000), step))
+        self.gap_since = 0
+        self._flush()
+
+    def _wait_for_server(self, step: int, budget_s: float = 300.0) -> bool:
+        """At the end of training: wait (bounded) for the server, so buffered metrics are not lost."""
+        deadline = time.time() + budget_s
+        delay = 1.0
+        while not self._flush():
+            if time.time() > deadline:
+                self.warn(f"MLflow still unreachable after {budget_s:.0f}s: {len(self.pending)} metrics not sent; "
+                          "the trained student is saved locally all the same")
+                return False
+            time.sleep(delay)
+            delay = min(delay * 2, 15.0)
+        if self.gap_since:
+            self.warn(f"MLflow back after the last step; sent the metrics buffered since step {self.gap_since}")
+            self._flush_gap(step)
+        return True
 
     def warn(self, message: str) -> None:
         print(f"[mlot] {message}", flush=True)
@@ -463,7 +494,7 @@ class _Tracker:
     def finish(self, history: list[dict[str, float]], plan: Any, teachers: dict[str, list[Any]], step: int) -> None:
         """Final artefacts: the loss curve, a transport-plan heatmap of a fixed eval sample, the student;
         and how many rows each teacher ran a forward pass on (cumulative for long-lived teachers)."""
-        if self.client is None:
+        if self.client is None or not self._wait_for_server(step):
             return
         import ray
         for name, replicas in teachers.items():
