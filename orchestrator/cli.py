@@ -136,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     except SpaceError as e:
         print(f"mlot: invalid search space:\n{e}", file=sys.stderr)
         return 2
+    except (ValueError, FileNotFoundError, ConnectionError) as e:  # bad input: the message, not a traceback
+        print(f"mlot: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("mlot: interrupted", file=sys.stderr)
         return 130

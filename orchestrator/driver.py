@@ -98,6 +98,30 @@ def fingerprint(job: JobConfig) -> str:
 # ---------------------------------------------------------------------------- Ray, teachers, tracking
 
 
+def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """A host:port address that accepts no connection fails now, not after ray.init's minutes of retries."""
+    import socket
+
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return  # "auto" and other forms: Ray resolves them
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            pass
+    except OSError as e:
+        raise ConnectionError(f"cluster.address {address!r}: nothing answers at {host}:{port} ({e}); start the "
+                              "cluster (ray start --head / ray up cluster.yaml), fix the address, or set "
+                              "cluster.address: null to start a local Ray") from e
+
+
+def artifact_location(uri: str) -> str | None:
+    """Where a new experiment keeps its artefacts: beside a sqlite store (not the working directory's
+    ./mlruns); None lets a tracking server decide."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
+    return None
+
+
 def connect_ray(job: JobConfig, extra_resources: dict[str, float] | None = None) -> None:
     """Start a local Ray, or join ``cluster.address``; a bad address is a clear error, not a hang.
 
@@ -110,6 +134,7 @@ def connect_ray(job: JobConfig, extra_resources: dict[str, float] | None = None)
     kwargs: dict[str, Any] = {"runtime_env": job.cluster.runtime_env or None, "logging_level": "WARNING",
                               "log_to_driver": True}
     if job.cluster.address:
+        _check_reachable(job.cluster.address)
         try:
             ray.init(address=job.cluster.address, **kwargs)
         except Exception as e:  # ConnectionError, TimeoutError, ValueError depending on the address form
@@ -184,7 +209,8 @@ def start_tracking(job: JobConfig, run_id: str | None = None, parent_run_id: str
     client = MlflowClient(uri)
     if run_id is None:
         exp = client.get_experiment_by_name(job.tracking.experiment)
-        exp_id = exp.experiment_id if exp else client.create_experiment(job.tracking.experiment)
+        exp_id = exp.experiment_id if exp else client.create_experiment(job.tracking.experiment,
+                                                                         artifact_location(uri))
         tags = {"mlot.job": job.name, **job.tracking.tags}
         if parent_run_id:
             tags["mlflow.parentRunId"] = parent_run_id

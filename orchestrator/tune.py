@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from orchestrator.config import ConfigError, JobConfig, apply_overrides, dump_config
-from orchestrator.driver import connect_ray, load_data, run_distill, say, start_teachers
+from orchestrator.driver import artifact_location, connect_ray, load_data, run_distill, say, start_teachers
 
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "randint", "grid")
 
@@ -122,7 +122,8 @@ def run_tune(job: JobConfig, space_path: str, *, num_samples: int = 1, scheduler
         client.update_run(parent, status="RUNNING")
     else:
         exp = client.get_experiment_by_name(job.tracking.experiment)
-        exp_id = exp.experiment_id if exp else client.create_experiment(job.tracking.experiment)
+        exp_id = exp.experiment_id if exp else client.create_experiment(
+            job.tracking.experiment, artifact_location(job.tracking.resolved_uri()))
         parent = client.create_run(exp_id, run_name=sweep, tags={"mlot.sweep": sweep, **job.tracking.tags}).info.run_id
         client.log_text(parent, Path(space_path).read_text(), "space.yaml")
         client.log_text(parent, dump_config(job), "base_config.yaml")

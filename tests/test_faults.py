@@ -87,8 +87,9 @@ def _free_port() -> int:
 
 def _mlflow_server(db: Path, port: int) -> subprocess.Popen:
     proc = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri",
-                             f"sqlite:///{db}", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                             f"sqlite:///{db}", "--artifacts-destination", str(db.parent / "artifacts"),
+                             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                            cwd=db.parent, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 60
     while time.time() < deadline:
         try:
@@ -136,6 +137,14 @@ def test_tracking_server_outage_loses_no_metrics(tmp_path, fresh_ray):
         assert metric_history(s, "tracking/gap_steps")[0][1] > 0  # and the gap is reported
     finally:
         _stop(state.get("server", server)) if "server" in state else _stop(server)
+
+
+def test_unreachable_ray_address_fails_fast(tmp_path):
+    from orchestrator.cli import main
+    t0 = time.time()
+    code = main(["distill", str(QUICKSTART), "--set", f"output_dir={tmp_path}", "--set",
+                 f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", "--set", f"cluster.address=127.0.0.1:{_free_port()}"])
+    assert code == 2 and time.time() - t0 < 60
 
 
 def test_ctrl_c_checkpoints_and_resume_continues(tmp_path):
