@@ -196,6 +196,12 @@ def start_teachers(job: JobConfig, train_rows: list[dict[str, Any]], cache: bool
     return teachers
 
 
+def redact(text: str) -> str:
+    """Hide credentials written into URIs (scheme://user:secret@host) before anything is logged."""
+    import re
+    return re.sub(r"(\w+://)[^/@\s]+@", r"\1***@", text)
+
+
 def start_tracking(job: JobConfig, run_id: str | None = None, parent_run_id: str | None = None) -> tuple[str, str]:
     """Create (or reopen, when resuming) the job's MLflow run; log the resolved config. Returns (uri, run_id).
 
@@ -216,7 +222,7 @@ def start_tracking(job: JobConfig, run_id: str | None = None, parent_run_id: str
             tags["mlflow.parentRunId"] = parent_run_id
         run = client.create_run(exp_id, run_name=job.tracking.run_name or job.name, tags=tags)
         run_id = run.info.run_id
-        params = [Param(k, str(v)[:6000]) for k, v in job.to_flat_dict().items()]
+        params = [Param(k, redact(str(v))[:6000]) for k, v in job.to_flat_dict().items()]
         for i in range(0, len(params), 100):
             client.log_batch(run_id, params=params[i:i + 100])
         client.log_text(run_id, dump_config(job), "config.yaml")
@@ -358,10 +364,16 @@ def _fit_stoppable(trainer: Any, stop_signal: Any) -> Any:
 
 
 def _fault_hook(run_dir: Path) -> dict[str, Any]:
-    """Fault-test hook: MLOT_FAULT_EXIT_AT_STEP=n makes training rank 0 die once at step n (see the
-    ``faults`` tests). Unset in normal use."""
+    """Fault-test hooks (the ``faults`` tests; unset in normal use): MLOT_FAULT_EXIT_AT_STEP=n makes
+    training rank 0 die once at step n; MLOT_FAULT_NAN_BATCHES=i,j poisons those micro-batches' loss."""
+    hooks: dict[str, Any] = {}
     at = int(os.environ.get("MLOT_FAULT_EXIT_AT_STEP", "0"))
-    return {"fault_exit_at_step": at, "fault_marker": str(run_dir / "fault_injected")} if at else {}
+    if at:
+        hooks.update(fault_exit_at_step=at, fault_marker=str(run_dir / "fault_injected"))
+    nan = os.environ.get("MLOT_FAULT_NAN_BATCHES")
+    if nan:
+        hooks["fault_nan_batches"] = {int(i) for i in nan.split(",")}
+    return hooks
 
 
 def evaluate_export(job: JobConfig, export_dir: str, eval_rows: list[dict[str, Any]]) -> dict[str, float]:

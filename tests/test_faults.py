@@ -53,6 +53,17 @@ def test_worker_death_restarts_from_checkpoint_and_matches_undisturbed_run(tmp_p
         assert got[step] == pytest.approx(want[step], rel=1e-5, abs=1e-6), step
 
 
+def test_nonfinite_losses_are_skipped_counted_and_bounded(tmp_path, fresh_ray, monkeypatch):
+    from orchestrator.driver import run_distill
+    common = ("train.steps=6", "train.checkpoint_every=6", "train.eval_every=null")
+    monkeypatch.setenv("MLOT_FAULT_NAN_BATCHES", "2,3")  # micro-batches of steps 3 and 4
+    s = run_distill(quickstart_job(tmp_path, "nan-ok", *common, "train.max_nonfinite_steps=2"))
+    assert [v for _, v in metric_history(s, "train/nonfinite_skipped")] == [0, 0, 1, 2, 2, 2]
+    assert [st for st, _ in metric_history(s, "train/loss")] == [1, 2, 5, 6]  # no loss for skipped steps
+    with pytest.raises(Exception, match="consecutive non-finite losses"):
+        run_distill(quickstart_job(tmp_path, "nan-stop", *common, "train.max_nonfinite_steps=1"))
+
+
 def test_teacher_death_is_survived_without_stale_payloads(tmp_path, fresh_ray):
     import ray
 

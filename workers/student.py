@@ -259,7 +259,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # Params are write-once in MLflow: log them when the run starts, not again on resumption.
     tracker = _Tracker(config, rank, {"params": n_params, "world": world} if start == 0 else {})
     loss_params = dict(job.loss.params)
-    bad_steps = 0
+    bad_steps = skipped_total = 0
     last_eval: float | None = None
     history: list[dict[str, float]] = []
 
@@ -284,8 +284,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 loss = loss + weights[name] * r.loss
                 parts[f"{name}/distill"] = r.distill.detach()
                 parts.update({f"{name}/{k}": v.detach().mean() for k, v in r.terms.items()})
+            if m in config.get("fault_nan_batches", ()):
+                loss = loss * float("nan")  # fault tests: a poisoned batch
             if not _all_finite(loss, dist):
                 bad_steps += 1
+                skipped_total += 1
                 tracker.warn(f"step {step}: non-finite loss; step skipped ({bad_steps} in a row)")
                 if bad_steps > job.train.max_nonfinite_steps:
                     raise FloatingPointError(f"{bad_steps} consecutive non-finite losses (train.max_nonfinite_steps="
@@ -303,14 +306,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         metrics = {f"train/{k}": v for k, v in sums.items()}
         metrics.update({"train/lr": scheduler.get_last_lr()[0], "train/tokens_per_s": tokens * world / elapsed,
                         "train/teacher_wait_s": wait, "train/teacher_wait_frac": wait / elapsed,
-                        "train/payload_bytes_per_token": nbytes / max(answer_tokens, 1), "train/step_s": elapsed})
+                        "train/payload_bytes_per_token": nbytes / max(answer_tokens, 1), "train/step_s": elapsed,
+                        "train/nonfinite_skipped": skipped_total})
         done = step + 1
         if job.train.eval_every and (done % job.train.eval_every == 0 or done == steps) and eval_rows:
             last_eval = evaluate_ce(engine, eval_rows, tokenizer, template, job, rank, world, device, vocab)
             metrics["eval/loss"] = last_eval
         history.append({"step": done, **metrics})
         tracker.log(metrics, done)
-        if rank == 0 and (done % max(1, steps // 20) == 0 or done == steps):  # progress, ~20 lines a run
+        if rank == 0 and "train/loss" in metrics and (done % max(1, steps // 20) == 0 or done == steps):  # ~20 lines
             print(f"[mlot] step {done}/{steps}  loss {metrics['train/loss']:.4f}  ce {metrics['train/ce']:.4f}"
                   + (f"  eval {last_eval:.4f}" if last_eval is not None else "")
                   + f"  {metrics['train/tokens_per_s']:.0f} tok/s  teacher wait {100 * metrics['train/teacher_wait_frac']:.0f}%",
