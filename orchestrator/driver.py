@@ -225,7 +225,7 @@ def start_tracking(job: JobConfig, run_id: str | None = None, parent_run_id: str
         params = [Param(k, redact(str(v))[:6000]) for k, v in job.to_flat_dict().items()]
         for i in range(0, len(params), 100):
             client.log_batch(run_id, params=params[i:i + 100])
-        client.log_text(run_id, dump_config(job), "config.yaml")
+        client.log_text(run_id, redact(dump_config(job)), "config.yaml")
     else:
         client.update_run(run_id, status="RUNNING")
     mlflow.set_tracking_uri(uri)

@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from orchestrator.config import ConfigError, JobConfig, apply_overrides, dump_config
-from orchestrator.driver import artifact_location, connect_ray, load_data, run_distill, say, start_teachers
+from orchestrator.driver import artifact_location, connect_ray, load_data, redact, run_distill, say, start_teachers
 
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "randint", "grid")
 
@@ -126,7 +126,7 @@ def run_tune(job: JobConfig, space_path: str, *, num_samples: int = 1, scheduler
             job.tracking.experiment, artifact_location(job.tracking.resolved_uri()))
         parent = client.create_run(exp_id, run_name=sweep, tags={"mlot.sweep": sweep, **job.tracking.tags}).info.run_id
         client.log_text(parent, Path(space_path).read_text(), "space.yaml")
-        client.log_text(parent, dump_config(job), "base_config.yaml")
+        client.log_text(parent, redact(dump_config(job)), "base_config.yaml")
         for k, v in {"space": Path(space_path).name, "num_samples": num_samples, "scheduler": scheduler,
                      "search": search, "metric": metric, "mode": mode, "share_teachers": share_teachers}.items():
             client.log_param(parent, k, v)
