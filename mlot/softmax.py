@@ -25,9 +25,19 @@ def _chunk(batch: int, vocab: int) -> int:
     return max(1, _CHUNK_BYTES // (4 * batch * vocab))
 
 
-def _rows(logits: Tensor, index: Tensor, dtype: torch.dtype) -> Tensor:
-    """logits [B, L, V] at rows index [B, c] -> [B, c, V] in the compute dtype."""
-    return logits.gather(1, index[..., None].expand(-1, -1, logits.shape[-1])).to(dtype)
+def _row_chunks(logits: Tensor, index: Tensor, dtype: torch.dtype):
+    """Yield (t0, t1, rows [B, t1-t0, V]): the answer rows of logits [B, L, V], a chunk of positions at a time,
+    in the compute dtype. A loop over positions, never over the batch."""
+    B, W = index.shape
+    c = _chunk(B, logits.shape[-1])
+    for t0 in range(0, W, c):
+        t1 = min(W, t0 + c)
+        yield t0, t1, logits.gather(1, index[:, t0:t1, None].expand(-1, -1, logits.shape[-1])).to(dtype)
+
+
+def _add_rows(grad: Tensor, index: Tensor, t0: int, t1: int, values: Tensor) -> None:
+    """grad [B, L, V] += values [B, t1-t0, V] at the answer rows of positions t0..t1."""
+    grad.scatter_add_(1, index[:, t0:t1, None].expand(-1, -1, grad.shape[-1]), values.to(grad.dtype))
 
 
 @dataclass
@@ -58,10 +68,7 @@ def answer_row_stats(logits: Tensor, index: Tensor, mask: Tensor, temperatures: 
     lse = [torch.empty(B, W, dtype=dtype, device=logits.device) for _ in temperatures]
     tot = torch.zeros(B, V, dtype=dtype, device=logits.device) if totals else None
     tok = torch.empty(B, W, token_k, dtype=torch.long, device=logits.device) if token_k else None
-    c = _chunk(B, V)
-    for t0 in range(0, W, c):  # over answer positions, never over the batch
-        t1 = min(W, t0 + c)
-        z = _rows(logits, index[:, t0:t1], dtype)
+    for t0, t1, z in _row_chunks(logits, index, dtype):
         for j, tau in enumerate(temperatures):
             zt = z if tau == 1 else z / tau
             top = zt.amax(-1, keepdim=True)
@@ -95,13 +102,8 @@ class _AnswerLogSoftmax(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads: Tensor):  # type: ignore[override]
         logits, index, mask, columns, *lse = ctx.saved_tensors
-        B, W = index.shape
-        V = logits.shape[-1]
         grad = torch.zeros_like(logits)
-        c = _chunk(B, V)
-        for t0 in range(0, W, c):
-            t1 = min(W, t0 + c)
-            z = _rows(logits, index[:, t0:t1], ctx.dtype)
+        for t0, t1, z in _row_chunks(logits, index, ctx.dtype):
             acc = None
             for g, tau, l in zip(grads, ctx.temperatures, lse):
                 if g is None:
@@ -114,7 +116,7 @@ class _AnswerLogSoftmax(torch.autograd.Function):
             if acc is None:
                 continue
             acc.mul_(mask[:, t0:t1, None])  # padding positions repeat a real row: they must add nothing
-            grad.scatter_add_(1, index[:, t0:t1, None].expand(-1, -1, V), acc.to(grad.dtype))
+            _add_rows(grad, index, t0, t1, acc)
         return grad, None, None, None, None, None, None
 
 
@@ -153,10 +155,7 @@ def reference_row_stats(logits: Tensor, index: Tensor, mask: Tensor, dtype: torc
     V = logits.shape[-1]
     mean, sigma, lse = (torch.empty(B, W, dtype=dtype, device=logits.device) for _ in range(3))
     totals = torch.zeros(V, dtype=dtype, device=logits.device)
-    c = _chunk(B, V)
-    for t0 in range(0, W, c):
-        t1 = min(W, t0 + c)
-        z = _rows(logits, index[:, t0:t1], dtype)
+    for t0, t1, z in _row_chunks(logits, index, dtype):
         mean[:, t0:t1] = z.mean(-1)
         s = z.std(-1, keepdim=True) + 1e-4
         sigma[:, t0:t1] = s.squeeze(-1)
@@ -185,13 +184,9 @@ class _ReferenceProbs(torch.autograd.Function):
         # onto the kept columns:  dL/dy = p * (G - <G, p>),  dL/dsigma = -<dL/dy, z> / sigma^2,
         # dL/dz = dL/dy / sigma + dL/dsigma * (z - mean) / ((V - 1) std).
         logits, index, mask, columns, mean, sigma, lse = ctx.saved_tensors
-        B, W = index.shape
-        V = logits.shape[-1]
+        B, V = index.shape[0], logits.shape[-1]
         grad = torch.zeros_like(logits)
-        c = _chunk(B, V)
-        for t0 in range(0, W, c):
-            t1 = min(W, t0 + c)
-            z = _rows(logits, index[:, t0:t1], ctx.dtype)
+        for t0, t1, z in _row_chunks(logits, index, ctx.dtype):
             sg = sigma[:, t0:t1, None]
             p = (z / sg).sub_(lse[:, t0:t1, None]).exp_()
             cols = columns.expand(B, t1 - t0, -1)
@@ -200,7 +195,7 @@ class _ReferenceProbs(torch.autograd.Function):
             d_sigma = -(dy * z).sum(-1, keepdim=True) / sg.square()
             std = (sg - 1e-4).clamp_min(torch.finfo(z.dtype).tiny)
             dz = dy.div_(sg).add_(z.sub_(mean[:, t0:t1, None]).mul_(d_sigma / ((V - 1) * std)))
-            grad.scatter_add_(1, index[:, t0:t1, None].expand(-1, -1, V), dz.mul_(mask[:, t0:t1, None]).to(grad.dtype))
+            _add_rows(grad, index, t0, t1, dz.mul_(mask[:, t0:t1, None]))
         return grad, None, None, None, None, None
 
 
