@@ -57,7 +57,7 @@ def main() -> None:
         order = BatchOrder(rows, rank, world, job.train.batch_size, job.train.seed)
         for m in range(args.steps * ga + job.train.prefetch + 1):
             for hs in cached.values():
-                warm.append(hs[(m * world + rank) % len(hs)].payload.remote(order(m)))
+                warm.append(hs[(m * world + rank) % len(hs)].payload.remote(order(m), loss=job.loss))
     ray.wait(warm, num_returns=len(warm))
     job2 = load_config(bundled_config(QUICKSTART), [*base, "name=precomputed"])
     pre = run_distill(job2, teachers=cached)

@@ -188,3 +188,8 @@ class PayloadCache:
 
     def stats(self) -> dict[str, int]:
         return {"hits": self.hits, "misses": self.misses, "entries": len(self.store)}
+
+    def info(self) -> dict[str, Any]:
+        """The teacher's own info (its forward rows), as for a TeacherActor."""
+        import ray
+        return ray.get(self.teacher.info.remote())
