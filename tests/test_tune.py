@@ -37,24 +37,37 @@ def test_bad_space_files_name_the_key(tmp_path, job, text, needle):
         load_space(p, job)
 
 
+def _sweep(tmp_path, name: str, space_text: str, *, steps: int, eval_every: int, limit: int, batch: int, **kwargs):
+    """Write a space file, build a small quickstart job, run the sweep on a fresh local Ray; (job, summary)."""
+    import ray
+
+    from orchestrator.tune import run_tune
+
+    space = tmp_path / "space.yaml"
+    space.write_text(space_text)
+    job = load_config(QUICKSTART, [f"name={name}", f"output_dir={tmp_path}", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+                                   f"train.steps={steps}", "train.warmup_steps=0", f"train.eval_every={eval_every}",
+                                   f"train.checkpoint_every={steps}", "teachers.0.pretrain.steps=0",
+                                   f"data.limit={limit}", f"train.batch_size={batch}"])
+    try:
+        return job, run_tune(job, str(space), **kwargs)
+    finally:
+        ray.shutdown()
+
+
+# One good learning rate and two hopeless ones: ASHA must stop the hopeless trials early.
+ASHA_SPACE = "train.lr: {grid: [3.0e-3, 1.0e-9, 2.0e-9]}\nloss.params.teacher_temperature: {choice: [1.0, 1.5]}\n"
+
+
 @pytest.mark.integration
 def test_small_asha_sweep_shares_teacher_work_and_logs_runs(tmp_path):
     import ray
     from mlflow import MlflowClient
 
     from orchestrator.config import load_config as load
-    from orchestrator.tune import run_tune
 
-    space = tmp_path / "space.yaml"
-    # One good learning rate and two hopeless ones: ASHA must stop the hopeless trials early.
-    space.write_text("train.lr: {grid: [3.0e-3, 1.0e-9, 2.0e-9]}\nloss.params.teacher_temperature: {choice: [1.0, 1.5]}\n")
-    job = load(QUICKSTART, ["name=sw", f"output_dir={tmp_path}", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
-                            "train.steps=6", "train.warmup_steps=0", "train.eval_every=2", "train.checkpoint_every=6",
-                            "teachers.0.pretrain.steps=0", "data.limit=300", "train.batch_size=8"])
-    try:
-        s = run_tune(job, str(space), num_samples=1, scheduler="asha")  # 2 cores: one trial at a time
-    finally:
-        ray.shutdown()
+    small = {"steps": 6, "eval_every": 2, "limit": 300, "batch": 8, "num_samples": 1, "scheduler": "asha"}
+    job, s = _sweep(tmp_path, "sw", ASHA_SPACE, **small)  # 2 cores: one trial at a time
     assert len(s.table) == 3
     assert s.table[0]["config"]["train.lr"] == 3.0e-3 and s.table[0]["status"] == "completed"
     assert any(row["status"] == "stopped early" for row in s.table)
@@ -69,10 +82,7 @@ def test_small_asha_sweep_shares_teacher_work_and_logs_runs(tmp_path):
     assert json.loads((tmp_path / "sw" / "sweep.json").read_text())["parent_run_id"] == s.parent_run_id
 
     # Resuming the (finished) sweep restores its trials instead of re-running them, under the same parent.
-    try:
-        again = run_tune(job, str(space), num_samples=1, scheduler="asha", resume=True)
-    finally:
-        ray.shutdown()
+    _, again = _sweep(tmp_path, "sw", ASHA_SPACE, **small, resume=True)
     assert again.parent_run_id == s.parent_run_id
     assert [(r["config"], r["status"]) for r in again.table] == [(r["config"], r["status"]) for r in s.table]
     assert len(client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{s.parent_run_id}'")) == 3
@@ -91,20 +101,8 @@ def test_small_asha_sweep_shares_teacher_work_and_logs_runs(tmp_path):
 
 @pytest.mark.integration
 def test_optuna_search_runs_trials(tmp_path):
-    import ray
-
-    from orchestrator.config import load_config as load
-    from orchestrator.tune import run_tune
-
-    space = tmp_path / "space.yaml"
-    space.write_text("loss.params.top_k: {choice: [5, 20]}\nloss.params.sinkhorn_reg: {loguniform: [0.01, 1.0]}\n")
-    job = load(QUICKSTART, ["name=opt", f"output_dir={tmp_path}", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
-                            "train.steps=2", "train.warmup_steps=0", "train.eval_every=2", "train.checkpoint_every=2",
-                            "teachers.0.pretrain.steps=0", "data.limit=100", "train.batch_size=4"])
-    try:
-        s = run_tune(job, str(space), num_samples=2, search="optuna")
-    finally:
-        ray.shutdown()
+    _, s = _sweep(tmp_path, "opt", "loss.params.top_k: {choice: [5, 20]}\nloss.params.sinkhorn_reg: {loguniform: [0.01, 1.0]}\n",
+                  steps=2, eval_every=2, limit=100, batch=4, num_samples=2, search="optuna")
     assert len(s.table) == 2 and all(r["status"] == "completed" for r in s.table)
     assert all(r["config"]["loss.params.top_k"] in (5, 20) and 0.01 <= r["config"]["loss.params.sinkhorn_reg"] <= 1.0
                for r in s.table)

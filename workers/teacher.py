@@ -60,6 +60,7 @@ class TeacherActor:
         self.forward_rows = 0  # rows this replica ran a forward pass on (sharing / caching is measured by it)
         self.cache: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = {} if cache else None
         self._head_is_exact: bool | None = None  # checked once: logits == head(final hidden)?
+        self._configs: dict[str, Any] = {}
 
     def info(self) -> dict[str, Any]:
         return {"name": self.name, "device": str(self.device), "vocab_size": self.vocab_size,
@@ -77,12 +78,19 @@ class TeacherActor:
         ``seconds`` spent, ``answer_tokens``.
         """
         t0 = time.perf_counter()
-        cfg = self.payload_config if loss is None else mlot.payload_config(loss.method, loss.mode, **loss.params)
+        cfg = self.payload_config if loss is None else self._config_for(loss)
         with torch.inference_mode():
             logits, labels = self._answer_logits(rows)
             payload = mlot.compress_teacher(logits, labels, config=cfg)
         return {"payload": payload.to("cpu").to_numpy(), "batch_id": batch_id, "seconds": time.perf_counter() - t0,
                 "answer_tokens": int(payload.lengths.sum())}
+
+    def _config_for(self, loss: Any) -> Any:
+        """The payload settings of a request's loss, built once per distinct loss (workers send it every time)."""
+        key = loss.model_dump_json()
+        if key not in self._configs:
+            self._configs[key] = mlot.payload_config(loss.method, loss.mode, **loss.params)
+        return self._configs[key]
 
     def _answer_logits(self, rows: list[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Answer-window logits [B, K, V] and labels [B, K]; from the hidden-state cache when enabled."""
