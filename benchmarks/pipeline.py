@@ -21,7 +21,7 @@ import mlot
 from orchestrator.cli import QUICKSTART, bundled_config
 from orchestrator.config import load_config
 from orchestrator.driver import connect_ray, load_data, run_distill, start_teachers
-from workers.student import BatchOrder
+from workers.payload_stream import BatchOrder
 
 
 def metric(summary, key: str, skip: int = 2) -> list[float]:
@@ -70,9 +70,9 @@ def main() -> None:
                        ("train/tokens_per_s", "tokens/s (median)")]:
         f = statistics.mean if "frac" in key else statistics.median
         print(f"{label:34s} {f(metric(live, key)):14.3f} {f(metric(pre, key)):12.3f}")
-    bpt = statistics.mean(metric(live, "train/payload_bytes_per_token"))
+    bpt = statistics.mean(metric(live, f"train/{job.teachers[0].name}/payload_bytes_per_token"))
     full = mlot.full_logits_bytes_per_token(32000)
-    print(f"payload bytes per answer token (as shipped, padding included): {bpt:.0f}; full bf16 logits: {full} "
+    print(f"payload bytes per teacher answer token (as shipped, padding included): {bpt:.0f}; full bf16 logits: {full} "
           f"-> {full / bpt:.0f}x smaller")
     print(f"cache: {[ray.get(h.stats.remote()) for hs in cached.values() for h in hs]}")
 

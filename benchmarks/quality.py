@@ -144,7 +144,6 @@ def main() -> int:
     from orchestrator.generate import run_generate
     from workers.evaluate import gold_answers
     from workers.tasks import load_rows
-    from workers.teacher import template_of
 
     t_start = time.time()
     out = Path(args.out or tempfile.mkdtemp(prefix="mlot-quality-")).resolve()
@@ -161,7 +160,7 @@ def main() -> int:
     test_rows = load_rows(str(test_file), None, "validation", COLUMNS)
 
     def evaluate(model_dir: str, spec: Any) -> dict[str, float]:
-        return run_eval(model_dir, str(test_file), COLUMNS, template=template_of(spec),
+        return run_eval(model_dir, str(test_file), COLUMNS, template=spec.template,
                         max_prompt_length=d.max_prompt_length, max_new_tokens=d.max_answer_length, metric="qa")
 
     train_rows = load_data(teacher_job)[0]
@@ -188,7 +187,7 @@ def main() -> int:
             t0 = time.time()
             summary = run_distill(job, teachers=teachers if job.teachers else {})
             scores = evaluate(summary.export_dir, job.student)
-            ce = heldout_ce(summary.export_dir, template_of(job.student), test_rows, d.max_prompt_length,
+            ce = heldout_ce(summary.export_dir, job.student.template, test_rows, d.max_prompt_length,
                             d.max_answer_length)
             results[label].append({**scores, "heldout_ce": ce, **final_terms(summary)})
             print(f"[quality] {name}: F1 {scores['f1']:.2f} EM {scores['exact_match']:.2f} held-out CE {ce:.3f} "

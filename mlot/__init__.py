@@ -8,8 +8,9 @@
     result = mlot.multilevel_ot(student_logits, student_labels, payload)  # identical result
 """
 
-from .baselines import LOSSES, causal_lm_loss, kl_distill, mined, mined_alignment, payload_config, payload_loss, sft, uld
+from .baselines import causal_lm_loss, kl_distill, mined, mined_alignment, sft, uld
 from .config import MultiLevelOTConfig, make_config
+from .methods import METHODS, Method, get_method, register
 from .multilevel import compress_teacher, multilevel_ot
 from .ot import sinkhorn_log, sinkhorn_plain
 from .payload import TeacherPayload, full_logits_bytes_per_token
@@ -17,7 +18,7 @@ from .result import DistillResult
 from .spans import answer_spans, gather_rows
 
 __all__ = [
-    "LOSSES", "DistillResult", "MultiLevelOTConfig", "TeacherPayload", "answer_spans", "causal_lm_loss",
-    "compress_teacher", "full_logits_bytes_per_token", "gather_rows", "kl_distill", "make_config", "mined",
-    "mined_alignment", "multilevel_ot", "payload_config", "payload_loss", "sft", "sinkhorn_log", "sinkhorn_plain", "uld",
+    "METHODS", "DistillResult", "Method", "MultiLevelOTConfig", "TeacherPayload", "answer_spans", "causal_lm_loss",
+    "compress_teacher", "full_logits_bytes_per_token", "gather_rows", "get_method", "kl_distill", "make_config", "mined",
+    "mined_alignment", "multilevel_ot", "register", "sft", "sinkhorn_log", "sinkhorn_plain", "uld",
 ]

@@ -7,7 +7,7 @@ and returns a :class:`DistillResult`; the training objective is ``CE + result.lo
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -203,35 +203,3 @@ def mined(student_logits: Tensor, student_labels: Tensor, teacher_logits: Tensor
     ok = valid & s_mask
     per_sample = (ok * kl).sum(1) / ok.sum(1).clamp(min=1).to(dtype)
     return DistillResult(distill=per_sample.mean(), alpha=alpha, per_sample=per_sample, terms={"kl": per_sample})
-
-
-LOSSES: dict[str, Callable[..., DistillResult]] = {
-    "multilevel_ot": multilevel_ot, "uld": uld, "sft": sft, "kl": kl_distill, "mined": mined,
-}
-
-
-def payload_config(method: str, mode: str = "paper", **params: Any) -> MultiLevelOTConfig:
-    """The settings a teacher compresses with for ``method`` (what its payload must carry).
-
-    multilevel_ot: ``make_config(mode, **params)``; uld: the ULD preset; kl: token-ranked top-k (or
-    the full distribution). Raises for methods that need no payload (sft) or full logits (mined).
-    """
-    if method == "multilevel_ot":
-        return make_config(mode, **params)
-    if method == "uld":
-        return make_config("paper", **{**ULD_PARAMS, **params})
-    if method == "kl":
-        return make_config("paper", ranking="token", top_k=params.get("top_k"), use_sd=False,
-                           teacher_temperature=params.get("temperature", 1.0))
-    raise ValueError(f"loss method {method!r} takes no teacher payload "
-                     "(sft needs no teacher; mined needs full teacher logits and both tokenizers: call mlot.mined)")
-
-
-def payload_loss(method: str, student_logits: Tensor, student_labels: Tensor, payload: TeacherPayload,
-                 mode: str = "paper", **params: Any) -> DistillResult:
-    """Run ``method``'s loss on a teacher payload (the student side of a distributed job)."""
-    if method == "multilevel_ot":
-        return multilevel_ot(student_logits, student_labels, payload, mode=mode, **params)
-    if method in ("uld", "kl"):
-        return LOSSES[method](student_logits, student_labels, payload, **params)
-    raise ValueError(f"loss method {method!r} cannot run on a teacher payload")

@@ -1,4 +1,7 @@
-"""The ``mlot`` command line: distill, validate, quickstart."""
+"""The ``mlot`` command line: distill, validate, quickstart, tune, generate, eval.
+
+Exit codes: 0 done, 2 bad input (a ``specs.UserError``: the message names what to fix), 130 interrupted;
+any other exception is a bug and keeps its traceback."""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ from pathlib import Path
 
 from orchestrator.config import ConfigError, load_config
 from orchestrator.tune import SpaceError
+from specs import UserError
 
 QUICKSTART = "quickstart.yaml"
 
@@ -136,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     except SpaceError as e:
         print(f"mlot: invalid search space:\n{e}", file=sys.stderr)
         return 2
-    except (ValueError, FileNotFoundError, ConnectionError) as e:  # bad input: the message, not a traceback
+    except UserError as e:  # bad input: the message and the fix, not a traceback (anything else is a bug: kept)
         print(f"mlot: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

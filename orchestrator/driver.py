@@ -17,7 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from orchestrator.config import JobConfig, apply_overrides, dump_config
+from orchestrator.config import JobConfig, apply_overrides
+from orchestrator.tracking import start_tracking
+from specs import UserError
 
 # Fail in 30 s instead of hanging when the cluster cannot place the worker group.
 os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "60")
@@ -51,7 +53,7 @@ def load_data(job: JobConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]
     rows, skipped = check_rows(job, rows, "train")
     eval_rows, skipped_eval = check_rows(job, eval_rows, "eval")
     if not rows:
-        raise ValueError(f"data.source {d.source!r}: no usable training rows")
+        raise UserError(f"data.source {d.source!r}: no usable training rows")
     return rows, eval_rows, skipped + skipped_eval
 
 
@@ -59,7 +61,6 @@ def check_rows(job: JobConfig, rows: list[dict[str, Any]], split: str) -> tuple[
     """Encode each row with the student's and every teacher's tokenizer/template; error or skip bad ones."""
     from workers.data import BadRowError, encode_batch
     from workers.models import load_tokenizer
-    from workers.teacher import template_of
 
     bad: set[int] = set()
     for spec in [job.student, *job.teachers]:
@@ -67,7 +68,7 @@ def check_rows(job: JobConfig, rows: list[dict[str, Any]], split: str) -> tuple[
         for i in range(0, len(rows), 256):
             chunk = rows[i:i + 256]
             try:
-                _, skipped = encode_batch(chunk, tok, template_of(spec), job.data.max_prompt_length,
+                _, skipped = encode_batch(chunk, tok, spec.template, job.data.max_prompt_length,
                                           job.data.max_answer_length, on_bad_row=job.data.on_bad_row, first_index=i)
             except BadRowError:
                 if job.data.on_bad_row == "error":
@@ -109,17 +110,9 @@ def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
         with socket.create_connection((host, int(port)), timeout=timeout_s):
             pass
     except OSError as e:
-        raise ConnectionError(f"cluster.address {address!r}: nothing answers at {host}:{port} ({e}); start the "
+        raise UserError(f"cluster.address {address!r}: nothing answers at {host}:{port} ({e}); start the "
                               "cluster (ray start --head / ray up cluster.yaml), fix the address, or set "
                               "cluster.address: null to start a local Ray") from e
-
-
-def artifact_location(uri: str) -> str | None:
-    """Where a new experiment keeps its artefacts: beside a sqlite store (not the working directory's
-    ./mlruns); None lets a tracking server decide."""
-    if uri.startswith("sqlite:///"):
-        return (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
-    return None
 
 
 def connect_ray(job: JobConfig, extra_resources: dict[str, float] | None = None) -> None:
@@ -138,7 +131,7 @@ def connect_ray(job: JobConfig, extra_resources: dict[str, float] | None = None)
         try:
             ray.init(address=job.cluster.address, **kwargs)
         except Exception as e:  # ConnectionError, TimeoutError, ValueError depending on the address form
-            raise ConnectionError(f"cluster.address {job.cluster.address!r}: cannot connect to Ray ({e}); "
+            raise UserError(f"cluster.address {job.cluster.address!r}: cannot connect to Ray ({e}); "
                                   "check the address, or set cluster.address: null to start a local Ray") from e
     else:
         # The dashboard (needed by the state API that cleans up after stopped trials) binds to loopback,
@@ -196,42 +189,6 @@ def start_teachers(job: JobConfig, train_rows: list[dict[str, Any]], cache: bool
     return teachers
 
 
-def redact(text: str) -> str:
-    """Hide credentials written into URIs (scheme://user:secret@host) before anything is logged."""
-    import re
-    return re.sub(r"(\w+://)[^/@\s]+@", r"\1***@", text)
-
-
-def start_tracking(job: JobConfig, run_id: str | None = None, parent_run_id: str | None = None) -> tuple[str, str]:
-    """Create (or reopen, when resuming) the job's MLflow run; log the resolved config. Returns (uri, run_id).
-
-    ``parent_run_id`` nests the run under a sweep's parent run.
-    """
-    import mlflow
-    from mlflow import MlflowClient
-    from mlflow.entities import Param
-
-    uri = job.tracking.resolved_uri()
-    client = MlflowClient(uri)
-    if run_id is None:
-        exp = client.get_experiment_by_name(job.tracking.experiment)
-        exp_id = exp.experiment_id if exp else client.create_experiment(job.tracking.experiment,
-                                                                         artifact_location(uri))
-        tags = {"mlot.job": job.name, **job.tracking.tags}
-        if parent_run_id:
-            tags["mlflow.parentRunId"] = parent_run_id
-        run = client.create_run(exp_id, run_name=job.tracking.run_name or job.name, tags=tags)
-        run_id = run.info.run_id
-        params = [Param(k, redact(str(v))[:6000]) for k, v in job.to_flat_dict().items()]
-        for i in range(0, len(params), 100):
-            client.log_batch(run_id, params=params[i:i + 100])
-        client.log_text(run_id, redact(dump_config(job)), "config.yaml")
-    else:
-        client.update_run(run_id, status="RUNNING")
-    mlflow.set_tracking_uri(uri)
-    return uri, run_id
-
-
 # ---------------------------------------------------------------------------- the job
 
 
@@ -250,7 +207,7 @@ class DistillSummary:
 
 def run_distill(job: JobConfig, *, resume: bool = False, teachers: dict[str, list[Any]] | None = None,
                 parent_run_id: str | None = None, train_callbacks: list[Any] | None = None,
-                evaluate: bool = True) -> DistillSummary:
+                evaluate: bool = True, callbacks: list[Any] | None = None) -> DistillSummary:
     """Run one distillation job end to end (or continue it with ``resume``).
 
     Args:
@@ -258,20 +215,22 @@ def run_distill(job: JobConfig, *, resume: bool = False, teachers: dict[str, lis
             by default the job starts its own.
         parent_run_id: MLflow parent run (a sweep). train_callbacks: Ray Train RunConfig callbacks
             (a sweep's TuneReportCallback). evaluate: score the exported student by generation.
+        callbacks: ``workers.callbacks.TrainCallback``s run inside every training worker (fault tests).
     """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from workers.engine import deepspeed_config
     from workers.student import StopSignal, train_loop_per_worker
 
     run_dir = job.run_dir.resolve()
     state_file = run_dir / "run.json"
     previous = json.loads(state_file.read_text()) if state_file.exists() else None
     if resume and previous is None:
-        raise FileNotFoundError(f"--resume: no earlier run of job {job.name!r} under {run_dir}")
+        raise UserError(f"--resume: no earlier run of job {job.name!r} under {run_dir}")
     if resume and previous["fingerprint"] != fingerprint(job):
-        raise ValueError(f"--resume: {run_dir} was trained with other model/data/loss settings; "
+        raise UserError(f"--resume: {run_dir} was trained with other model/data/loss settings; "
                          "resume with the config it was started with (steps may change)")
     run_dir.mkdir(parents=True, exist_ok=True)
 
@@ -287,7 +246,7 @@ def run_distill(job: JobConfig, *, resume: bool = False, teachers: dict[str, lis
         client.log_metric(run_id, "data/skipped_rows", skipped)
     try:
         if teachers is None:
-            teachers = start_teachers(job, rows) if job.loss.method != "sft" else {}
+            teachers = start_teachers(job, rows) if job.loss.spec.needs_teacher else {}
         export_dir = str(run_dir / "final")
         stop_signal = ray.remote(StopSignal).options(num_cpus=0, scheduling_strategy=_outside_pg()).remote()
         trainer = TorchTrainer(
@@ -295,7 +254,7 @@ def run_distill(job: JobConfig, *, resume: bool = False, teachers: dict[str, lis
             train_loop_config={
                 "job": job, "train_rows": ray.put(rows), "eval_rows": ray.put(eval_rows), "teachers": teachers,
                 "run_id": run_id, "tracking_uri": uri, "export_dir": export_dir, "fingerprint": fingerprint(job),
-                "stop_signal": stop_signal, **_fault_hook(run_dir),
+                "stop_signal": stop_signal, "callbacks": callbacks or [],
             },
             scaling_config=ScalingConfig(num_workers=job.train.num_workers, use_gpu=job.train.use_gpu,
                                          resources_per_worker=job.train.resources_per_worker or None),
@@ -303,7 +262,8 @@ def run_distill(job: JobConfig, *, resume: bool = False, teachers: dict[str, lis
                                  checkpoint_config=CheckpointConfig(num_to_keep=2),
                                  failure_config=FailureConfig(max_failures=job.train.max_failures)),
         )
-        say(f"training: {job.train.num_workers} worker(s), ZeRO-{job.student.deepspeed.stage}, "
+        zero = deepspeed_config(job)["zero_optimization"].get("stage", 0)
+        say(f"training: {job.train.num_workers} worker(s), ZeRO-{zero}, "
             f"loss {job.loss.method} ({job.loss.mode})" + (" - resuming" if resume else ""))
         result = _fit_stoppable(trainer, stop_signal)
         if result.error:
@@ -363,19 +323,6 @@ def _fit_stoppable(trainer: Any, stop_signal: Any) -> Any:
     return box["result"]
 
 
-def _fault_hook(run_dir: Path) -> dict[str, Any]:
-    """Fault-test hooks (the ``faults`` tests; unset in normal use): MLOT_FAULT_EXIT_AT_STEP=n makes
-    training rank 0 die once at step n; MLOT_FAULT_NAN_BATCHES=i,j poisons those micro-batches' loss."""
-    hooks: dict[str, Any] = {}
-    at = int(os.environ.get("MLOT_FAULT_EXIT_AT_STEP", "0"))
-    if at:
-        hooks.update(fault_exit_at_step=at, fault_marker=str(run_dir / "fault_injected"))
-    nan = os.environ.get("MLOT_FAULT_NAN_BATCHES")
-    if nan:
-        hooks["fault_nan_batches"] = {int(i) for i in nan.split(",")}
-    return hooks
-
-
 def evaluate_export(job: JobConfig, export_dir: str, eval_rows: list[dict[str, Any]]) -> dict[str, float]:
     """Greedy exact match / F1 of the exported student on the eval rows (in a Ray task, near the data)."""
     import ray
@@ -390,12 +337,11 @@ def evaluate_export(job: JobConfig, export_dir: str, eval_rows: list[dict[str, A
 
         from workers.evaluate import gold_answers, greedy_answers, score
         from workers.models import load_tokenizer
-        from workers.teacher import template_of
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
         model = AutoModelForCausalLM.from_pretrained(path).to(device)
         tok = load_tokenizer(path)
-        preds = greedy_answers(model, tok, template_of(job.student), rows, job.data.max_prompt_length,
+        preds = greedy_answers(model, tok, job.student.template, rows, job.data.max_prompt_length,
                                job.data.max_answer_length, device)
         return score(preds, [gold_answers(r) for r in rows])
 

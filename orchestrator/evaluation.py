@@ -20,7 +20,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from workers.data import Template
+from specs import Template
+from specs import UserError
 
 METRICS = ("qa", "rouge", "all")
 
@@ -50,7 +51,7 @@ def score_predictions(predictions: Sequence[str], golds: Sequence[Sequence[str]]
     from workers.evaluate import score
 
     if metric not in METRICS:
-        raise ValueError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
+        raise UserError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
     out: dict[str, float] = {}
     if metric in ("qa", "all"):
         out.update(score(predictions, golds))
@@ -90,14 +91,14 @@ def run_eval(model_path: str, data_source: str, columns: dict[str, str] | None =
     from workers.tasks import load_rows
 
     if metric not in METRICS:
-        raise ValueError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
+        raise UserError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
     columns = dict(columns) if columns else {"prompt": "prompt", "answer": "answer"}
     if "answer" not in columns:
-        raise ValueError(f"columns must map 'answer' to the gold answer column, got {columns}")
+        raise UserError(f"columns must map 'answer' to the gold answer column, got {columns}")
     template = template or Template()
     rows = load_rows(data_source, data_name, split, columns, limit)
     if not rows:
-        raise ValueError(f"no rows to evaluate in {data_source!r}")
+        raise UserError(f"no rows to evaluate in {data_source!r}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = AutoModelForCausalLM.from_pretrained(model_path).to(device)
     tokenizer = load_tokenizer(model_path)
@@ -120,10 +121,10 @@ def _log_run(uri: str, experiment: str, run_name: str, results: dict[str, float]
     from mlflow import MlflowClient
     from mlflow.entities import Metric, Param
 
+    from orchestrator.tracking import experiment_id
+
     client = MlflowClient(uri)
-    exp = client.get_experiment_by_name(experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
-    run_id = client.create_run(exp_id, run_name=run_name).info.run_id
+    run_id = client.create_run(experiment_id(client, experiment, uri), run_name=run_name).info.run_id
     now = int(time.time() * 1000)
     client.log_batch(run_id, metrics=[Metric(f"eval/{k}", v, now, 0) for k, v in results.items()],
                      params=[Param(k, str(v)[:6000]) for k, v in params.items()])

@@ -22,6 +22,7 @@ from typing import Any
 
 from orchestrator.config import JobConfig, load_config
 from orchestrator.driver import connect_ray, load_data, say, start_teachers
+from specs import UserError
 
 #: Rows per ``generate`` call: big enough to batch the decoding, small enough to spread over replicas.
 CHUNK_ROWS = 64
@@ -36,11 +37,10 @@ def prompt_problems(job: JobConfig, teacher_name: str, rows: list[dict[str, Any]
     from workers.data import BadRowError
     from workers.evaluate import prompt_ids
     from workers.models import load_tokenizer
-    from workers.teacher import template_of
 
     spec = next(t for t in job.teachers if t.name == teacher_name)
     tok = load_tokenizer(spec.tokenizer_name, spec.trust_remote_code)
-    template = template_of(spec)
+    template = spec.template
     bad: dict[int, Any] = {}
     for i, row in enumerate(rows):
         try:
@@ -81,11 +81,11 @@ def run_generate(job: JobConfig, output: str, field: str = "teacher_answer", tea
     names = [t.name for t in job.teachers]
     name = teacher or (names[0] if names else None)
     if name not in names:
-        raise ValueError(f"--teacher {teacher!r}: job {job.name!r} has teachers {names}")
+        raise UserError(f"--teacher {teacher!r}: job {job.name!r} has teachers {names}")
     d = job.data
     records, columns, label = load_records(d.source, d.name, d.train_split, d.limit)
     if field in columns:
-        raise ValueError(f"--field {field!r} is already a column of {label} (columns {columns}); "
+        raise UserError(f"--field {field!r} is already a column of {label} (columns {columns}); "
                          "choose another name so the original column is kept")
     rows = load_rows(d.source, d.name, d.train_split, d.columns, d.limit)
 
@@ -126,7 +126,7 @@ def run_generate(job: JobConfig, output: str, field: str = "teacher_answer", tea
     labeled = [(i, answer) for i, answer in zip(keep, answers) if answer]
     empty = len(keep) - len(labeled)
     if not labeled:
-        raise ValueError(f"teacher {name} answered all {len(keep)} prompts with an empty line: nothing to train on "
+        raise UserError(f"teacher {name} answered all {len(keep)} prompts with an empty line: nothing to train on "
                          "(an untrained teacher stops at once; give it teachers.N.pretrain.steps or a trained model)")
     out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)

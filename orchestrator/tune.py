@@ -18,12 +18,14 @@ from typing import Any
 import yaml
 
 from orchestrator.config import ConfigError, JobConfig, apply_overrides, dump_config
-from orchestrator.driver import artifact_location, connect_ray, load_data, redact, run_distill, say, start_teachers
+from orchestrator.driver import connect_ray, load_data, run_distill, say, start_teachers
+from orchestrator.tracking import experiment_id, redact
+from specs import UserError
 
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "randint", "grid")
 
 
-class SpaceError(ValueError):
+class SpaceError(UserError, ValueError):
     """A search-space file that cannot be used; the message names the file and key."""
 
 
@@ -110,7 +112,7 @@ def run_tune(job: JobConfig, space_path: str, *, num_samples: int = 1, scheduler
     run_dir = job.run_dir.resolve()
     state_file = run_dir / "sweep.json"
     if resume and not state_file.exists():
-        raise FileNotFoundError(f"--resume: no earlier sweep of job {job.name!r} under {run_dir}")
+        raise UserError(f"--resume: no earlier sweep of job {job.name!r} under {run_dir}")
     run_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
 
@@ -121,9 +123,7 @@ def run_tune(job: JobConfig, space_path: str, *, num_samples: int = 1, scheduler
         parent = json.loads(state_file.read_text())["parent_run_id"]
         client.update_run(parent, status="RUNNING")
     else:
-        exp = client.get_experiment_by_name(job.tracking.experiment)
-        exp_id = exp.experiment_id if exp else client.create_experiment(
-            job.tracking.experiment, artifact_location(job.tracking.resolved_uri()))
+        exp_id = experiment_id(client, job.tracking.experiment, job.tracking.resolved_uri())
         parent = client.create_run(exp_id, run_name=sweep, tags={"mlot.sweep": sweep, **job.tracking.tags}).info.run_id
         client.log_text(parent, Path(space_path).read_text(), "space.yaml")
         client.log_text(parent, redact(dump_config(job)), "base_config.yaml")

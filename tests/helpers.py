@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
+
+from workers.callbacks import TrainCallback
 
 
 def make_batch(lengths: list[int], prompt: list[int], vocab: int, *, seq_len: int | None = None, left_pad: bool = False,
@@ -41,3 +44,53 @@ def metric_history(summary, key: str) -> list[tuple[int, float]]:
     """(step, value) pairs of a metric of a finished job's MLflow run, in logging order."""
     from mlflow import MlflowClient
     return [(m.step, m.value) for m in MlflowClient(summary.tracking_uri).get_metric_history(summary.run_id, key)]
+
+
+# ---------------------------------------------------------------------------- fault injection (tests only)
+# The callbacks below travel to Ray workers, which cannot import this test module: pickle them by value.
+
+import ray.cloudpickle  # noqa: E402
+
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+class ExitAtStep(TrainCallback):
+    """Training rank 0 dies (``os._exit``) after step ``step``, once per run directory (``marker``).
+
+    It waits ``delay_s`` first, so the last checkpoint's report has reached the Ray Train controller.
+    """
+
+    def __init__(self, step: int, marker: str, delay_s: float = 8.0) -> None:
+        self.step, self.marker, self.delay_s = step, marker, delay_s
+
+    def on_step_end(self, step, rank, engine):
+        import os
+        import time
+        if step == self.step and rank == 0 and not Path(self.marker).exists():
+            Path(self.marker).write_text(str(step))
+            time.sleep(self.delay_s)
+            os._exit(1)
+
+
+class PoisonLogits(TrainCallback):
+    """NaN student logits on micro-batches ``batches`` (on ``rank`` only, or on every rank if None):
+    what a real numerical blow-up in the student's forward looks like to the loss."""
+
+    def __init__(self, batches, rank=None) -> None:
+        self.batches, self.rank = set(batches), rank
+
+    def on_logits(self, m, rank, logits):
+        if m in self.batches and self.rank in (None, rank):
+            return logits + float("nan")
+        return logits
+
+
+class OptimizerSteps(TrainCallback):
+    """Writes DeepSpeed's own step counters after every loop step (one line per rank and step)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_step_end(self, step, rank, engine):
+        with open(self.path, "a") as f:
+            f.write(f"{rank} {step} {engine.global_steps} {engine.micro_steps}\n")

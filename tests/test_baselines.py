@@ -113,5 +113,6 @@ def test_mined_moves_teacher_mass_onto_mapped_student_tokens():
     assert g[3, STUDENT_VOCAB.index("world")] < 0
 
 
-def test_losses_registry_has_every_method():
-    assert set(mlot.LOSSES) == {"multilevel_ot", "uld", "sft", "kl", "mined"}
+def test_method_registry_has_every_method():
+    assert set(mlot.METHODS) == {"multilevel_ot", "uld", "sft", "kl", "mined"}
+    assert [m.name for m in mlot.METHODS.values() if not m.needs_teacher] == ["sft"]

@@ -71,7 +71,7 @@ def test_quickstart_loads() -> None:
     assert cfg.student.deepspeed.stage == 2
     assert cfg.tracking.uri is None and cfg.tracking.resolved_uri("/tmp/x") == "sqlite:////tmp/x/mlflow.db"
     assert cfg.run_dir == Path("runs") / "quickstart"
-    assert cfg.loss.mlot_config().top_k == 50
+    assert cfg.loss.payload_config().top_k == 50
 
 
 def test_example_cluster_loads() -> None:
@@ -193,14 +193,47 @@ def test_bad_loss_param_value_uses_mlot_checks(tmp_path: Path) -> None:
     data = raw_quickstart()
     data["loss"]["params"] = {"top_k": 0}
     assert_names(error_of(tmp_path, data), "loss.params.top_k", "0")
-    # Other methods' params are not MultiLevelOT's: not checked against it.
+    # Every method's params are checked by its own registry entry, not only MultiLevelOT's.
     data["loss"]["method"] = "uld"
-    assert load_config(write(tmp_path, data)).loss.params == {"top_k": 0}
+    assert_names(error_of(tmp_path, data), "loss.params.top_k", "0")
+
+
+@pytest.mark.parametrize("method, typo, fix", [("kl", "temprature", "temperature"), ("uld", "tpo_k", "top_k"),
+                                               ("multilevel_ot", "sinkhorn_itres", "sinkhorn_iters")])
+def test_loss_param_typos_are_refused_for_every_method(tmp_path: Path, method: str, typo: str, fix: str) -> None:
+    data = raw_quickstart()
+    data["loss"]["method"] = method
+    data["teachers"][0]["tokenizer"] = data["student"]["tokenizer"]  # kl needs one vocabulary
+    data["teachers"][0]["model_config"]["vocab_size"] = data["student"]["model_config"]["vocab_size"]
+    data["loss"]["params"] = {typo: 1}
+    assert_names(error_of(tmp_path, data), f"loss.params.{typo}", f"did you mean {fix!r}", "allowed")
+    data["loss"]["params"] = {fix: 2 if fix != "temperature" else 2.0}
+    assert load_config(write(tmp_path, data)).loss.params == {fix: data["loss"]["params"][fix]}
+
+
+def test_loss_methods_come_from_the_registry(tmp_path: Path) -> None:
+    import mlot
+    data = raw_quickstart()
+    data["loss"]["method"] = "multilevel"
+    assert_names(error_of(tmp_path, data), "loss.method", "did you mean 'multilevel_ot'", *mlot.METHODS)
+    data["loss"]["method"] = "mined"
+    assert_names(error_of(tmp_path, data), "loss.method", "full teacher logits", "mlot.mined")
+    data["loss"] |= {"method": "sft", "params": {"top_k": 5}}
+    assert_names(error_of(tmp_path, data), "loss.params.top_k", "allowed: none")
+    data["loss"] |= {"method": "kl", "params": {"direction": "reverse", "top_k": 5}}
+    assert_names(error_of(tmp_path, data), "loss.params", "full distribution")
+
+
+def test_uld_payload_is_bounded_by_default() -> None:
+    from mlot.methods import ULD_DISTRIBUTED_TOP_K
+    cfg = load_config(QUICKSTART, ["loss.method=uld"])
+    assert cfg.loss.payload_config().top_k == ULD_DISTRIBUTED_TOP_K
+    assert load_config(QUICKSTART, ["loss.method=uld", "loss.params.top_k=null"]).loss.payload_config().top_k is None
 
 
 def test_loss_params_build_the_mlot_config(tmp_path: Path) -> None:
     cfg = load_config(QUICKSTART, ["loss.mode=reference", "loss.params={top_k: 20, sinkhorn_iters: 5}"])
-    mc = cfg.loss.mlot_config()
+    mc = cfg.loss.payload_config()
     assert (mc.mode, mc.top_k, mc.sinkhorn_iters, mc.alpha) == ("reference", 20, 5, 1.5)
 
 
@@ -273,7 +306,7 @@ def test_overrides_change_values_including_list_items() -> None:
     assert cfg.tracking.tags == {"team": "nlp"}
     assert cfg.student.deepspeed.stage == 3
     assert cfg.train.eval_every is None
-    assert cfg.loss.mlot_config().top_k == 8
+    assert cfg.loss.payload_config().top_k == 8
 
 
 def test_override_of_a_string_field_keeps_the_text() -> None:

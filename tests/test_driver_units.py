@@ -3,7 +3,8 @@
 from pathlib import Path
 
 from orchestrator.config import apply_overrides, load_config
-from orchestrator.driver import artifact_location, fingerprint, redact
+from orchestrator.driver import fingerprint
+from orchestrator.tracking import artifact_location, redact
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "orchestrator" / "configs" / "quickstart.yaml"
 

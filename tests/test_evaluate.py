@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from workers.data import Template
+from specs import Template
 from workers.evaluate import exact_match, gold_answers, greedy_answers, normalize, score, token_f1
 from workers.models import load_tokenizer
 

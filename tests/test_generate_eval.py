@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from specs import UserError
+
 QUICKSTART = Path(__file__).resolve().parents[1] / "orchestrator" / "configs" / "quickstart.yaml"
 
 
@@ -43,7 +45,7 @@ def test_score_predictions_metric_choice():
     assert qa["f1"] == pytest.approx(100 * (1 + 2 / 3) / 2)  # "dog" vs "big dog": P 1, R 1/2
     assert set(score_predictions(preds, golds, "rouge")) == {"rougeLsum"}
     assert set(score_predictions(preds, golds, "all")) == {"exact_match", "f1", "rougeLsum"}
-    with pytest.raises(ValueError, match="qa, rouge, all"):
+    with pytest.raises(UserError, match="qa, rouge, all"):
         score_predictions(preds, golds, "bleu")
 
 
@@ -124,9 +126,9 @@ def test_generate_rejects_bad_requests_before_starting_anything(tmp_path):
     from orchestrator.generate import run_generate
 
     job = _job(tmp_path, _labeled_file(tmp_path / "qa.jsonl", 20))
-    with pytest.raises(ValueError, match="already a column"):
+    with pytest.raises(UserError, match="already a column"):
         run_generate(job, str(tmp_path / "out.jsonl"), field="answers")
-    with pytest.raises(ValueError, match="teacher-sp"):
+    with pytest.raises(UserError, match="teacher-sp"):
         run_generate(job, str(tmp_path / "out.jsonl"), teacher="nobody")
     assert not (tmp_path / "out.jsonl").exists()
 
@@ -139,7 +141,7 @@ def test_generate_distill_eval_end_to_end(tmp_path, ray_cluster, monkeypatch):
     from orchestrator.driver import run_distill
     from orchestrator.evaluation import run_eval
     from orchestrator.generate import run_generate
-    from workers.data import Template
+    from specs import Template
 
     # MLflow puts a new experiment's artifacts under ./mlruns of the working directory: keep them in tmp.
     monkeypatch.chdir(tmp_path)

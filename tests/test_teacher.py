@@ -43,7 +43,7 @@ def test_payload_echoes_batch_id_and_matches_in_process_loss(job):
     t = TeacherActor(job.teachers[0], job.data, job.loss, seed=0)
     reply = t.payload(rows, batch_id=[0, 7])
     assert reply["batch_id"] == [0, 7] and reply["answer_tokens"] > 0
-    assert _payload(reply).settings == job.loss.mlot_config().teacher_settings()
+    assert _payload(reply).settings == job.loss.payload_config().teacher_settings()
 
 
 def test_pretraining_clears_the_cache(job):

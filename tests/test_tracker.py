@@ -4,7 +4,7 @@ from pathlib import Path
 
 from mlflow import MlflowClient
 
-from workers.student import _Tracker
+from workers.tracking import MetricsBuffer
 
 
 class FlakyClient:
@@ -30,8 +30,7 @@ def test_metrics_buffered_through_an_outage(tmp_path: Path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     real = MlflowClient(uri)
     run_id = real.create_run(real.create_experiment("t")).info.run_id
-    tracker = _Tracker({"run_id": None, "export_dir": str(tmp_path), "tracking_uri": uri}, rank=0, info={})
-    tracker.run_id, tracker.client = run_id, FlakyClient(uri)
+    tracker = MetricsBuffer(FlakyClient(uri), run_id)
     tracker.log({"train/loss": 3.0}, 1)
     tracker.client.down = True
     tracker.log({"train/loss": 2.0}, 2)   # lost without buffering

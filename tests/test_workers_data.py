@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from workers.data import IGNORE_INDEX, BadRowError, Template, collate, encode_batch, encode_example
+from mlot.spans import IGNORE_INDEX
+from specs import Template, UserError
+from workers.data import BadRowError, collate, encode_batch, encode_example
 from workers.models import (
     _package_dir,
     build_model,
@@ -153,7 +155,7 @@ def test_chat_template_answer_is_suffix():
 
 
 def test_chat_without_template_is_a_clear_error():
-    with pytest.raises(ValueError, match="no chat template"):
+    with pytest.raises(UserError, match="no chat template"):
         encode_example({"prompt": "a", "answer": "b"}, load_tokenizer("builtin:wordpiece"), Template(chat=True), 8, 8)
 
 
@@ -267,9 +269,9 @@ def test_check_vocab_accepts_padded_rows_and_rejects_too_small():
     with pytest.raises(ValueError):
         trim_padded_vocab(logits, len(t) + 71)
     small = build_model(None, {**TINY, "vocab_size": 1000})
-    with pytest.raises(ValueError, match=r"teacher: .*1,000 rows.*30,522 tokens.*vocab_size >= 30,522"):
+    with pytest.raises(UserError, match=r"teacher: .*1,000 rows.*30,522 tokens.*vocab_size >= 30,522"):
         check_vocab(small, t, "teacher")
-    with pytest.raises(ValueError, match="student"):
+    with pytest.raises(UserError, match="student"):
         build_model(None, {**TINY, "vocab_size": 1000}, tokenizer=t, who="student")
 
 
@@ -324,17 +326,17 @@ def test_load_rows_from_local_files(tmp_path, kind):
     rows = load_rows(str(path), None, "train", {"prompt": "q", "answer": "a"}, limit=3)
     assert len(rows) == 3
     assert rows[1] == {"prompt": "question 1", "answer": "answer 1", "answer_all": ["answer 1", "alt"]}
-    with pytest.raises(ValueError, match=r"no column 'question'.*'prompt'.*\['q', 'a', 'id'\]") as info:
+    with pytest.raises(UserError, match=r"no column 'question'.*'prompt'.*\['q', 'a', 'id'\]") as info:
         load_rows(str(path), None, "train", {"prompt": "question", "answer": "a"}, None)
     assert str(path) in str(info.value)
 
 
 def test_load_rows_missing_file_and_builtin(tmp_path):
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(UserError, match="does not exist"):
         load_rows(str(tmp_path / "nope.jsonl"), None, "train", {"prompt": "q"}, None)
     rows = load_rows("builtin:quickstart", None, "train", {"prompt": "prompt", "answer": "answer"}, limit=10)
     assert rows == quickstart_dataset()[:10]
-    with pytest.raises(ValueError, match="no column 'question'"):
+    with pytest.raises(UserError, match="no column 'question'"):
         load_rows("builtin:quickstart", None, "train", {"prompt": "question"}, None)
 
 
@@ -373,5 +375,5 @@ def test_build_model_from_pretrained_path(tmp_path):
     build_model(None, {**TINY, "vocab_size": len(t) + 6}, tokenizer=t).save_pretrained(tmp_path)
     model = build_model(str(tmp_path), None, tokenizer=t, who="teacher")
     assert check_vocab(model, t, "teacher") == 6
-    with pytest.raises(ValueError, match="teacher: "):
+    with pytest.raises(UserError, match="teacher: "):
         build_model(str(tmp_path), None, tokenizer=load_tokenizer("builtin:sentencepiece"), who="teacher")

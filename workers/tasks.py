@@ -10,6 +10,8 @@ import random
 from pathlib import Path
 from typing import Any, Sequence
 
+from specs import DATA_FILE_FORMATS, UserError
+
 # --- the quickstart task ------------------------------------------------------------------------
 #
 # Facts about everyday things, asked in varied words and by varied people. Every row is a distinct
@@ -117,7 +119,6 @@ def quickstart_dataset(n: int = 2000, seed: int = 0) -> list[dict[str, str]]:
 
 # --- loading rows -------------------------------------------------------------------------------
 
-_LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".arrow": "arrow", ".csv": "csv"}
 
 
 def _lookup(record: dict[str, Any], column: str) -> tuple[bool, Any]:
@@ -158,12 +159,12 @@ def load_records(
 
     path = Path(source)
     suffix = path.suffix.lower()
-    if suffix in _LOCAL_FORMATS and path.is_file():
-        ds = datasets.load_dataset(_LOCAL_FORMATS[suffix], data_files={"train": str(path)}, split="train")
+    if suffix in DATA_FILE_FORMATS and path.is_file():
+        ds = datasets.load_dataset(DATA_FILE_FORMATS[suffix], data_files={"train": str(path)}, split="train")
         label = repr(source)
-    elif suffix in _LOCAL_FORMATS and not path.exists():
+    elif suffix in DATA_FILE_FORMATS and not path.exists():
         # Hub dataset ids never end in a file extension: this was meant as a local file.
-        raise FileNotFoundError(f"dataset file {source!r} does not exist")
+        raise UserError(f"data.source: dataset file {source!r} does not exist")
     else:
         ds = datasets.load_dataset(source, name, split=split)
         label = f"{source!r}" + (f" ({name})" if name else "") + f" split {split!r}"
@@ -206,7 +207,7 @@ def load_rows(
     for field, column in columns.items():
         top = column.split(".", 1)[0]
         if column not in available and top not in available:
-            raise ValueError(
+            raise UserError(
                 f"dataset {label} has no column {column!r} (mapped to template field {field!r}); "
                 f"its columns are {available}. Fix the `columns` mapping."
             )
@@ -216,7 +217,7 @@ def load_rows(
         for field, column in columns.items():
             found, value = _lookup(record, column)
             if not found:
-                raise ValueError(f"dataset {source!r} row {i} has no value at column path {column!r}")
+                raise UserError(f"dataset {source!r} row {i} has no value at column path {column!r}")
             if isinstance(value, (list, tuple)):
                 row[f"{field}_all"] = list(value)
                 value = value[0] if value else None

@@ -15,15 +15,9 @@ from typing import Any
 import torch
 
 import mlot
-from workers.data import Template, encode_batch
+from workers.data import encode_batch
 from workers.forward import answer_hidden, answer_logits, to_device
 from workers.models import build_model, check_vocab, load_tokenizer
-
-
-def template_of(spec: Any) -> Template:
-    """workers.data.Template from a config's template section."""
-    t = spec.template
-    return Template(prompt=t.prompt, answer=t.answer, chat=t.chat, eos=t.eos)
 
 
 class TeacherActor:
@@ -55,8 +49,8 @@ class TeacherActor:
         self.padded_rows = check_vocab(self.model, self.tokenizer, f"teachers[{self.name}]")
         self.vocab_size = len(self.tokenizer)
         self.model.to(self.device).eval()
-        self.template = template_of(teacher)
-        self.payload_config = mlot.payload_config(loss.method, loss.mode, **loss.params)
+        self.template = teacher.template
+        self.payload_config = loss.payload_config()
         self.forward_rows = 0  # rows this replica ran a forward pass on (sharing / caching is measured by it)
         self.cache: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = {} if cache else None
         self._head_is_exact: bool | None = None  # checked once: logits == head(final hidden)?
@@ -89,7 +83,7 @@ class TeacherActor:
         """The payload settings of a request's loss, built once per distinct loss (workers send it every time)."""
         key = loss.model_dump_json()
         if key not in self._configs:
-            self._configs[key] = mlot.payload_config(loss.method, loss.mode, **loss.params)
+            self._configs[key] = loss.payload_config()
         return self._configs[key]
 
     def _answer_logits(self, rows: list[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,106 @@
+"""Rank 0's MLflow logging: metrics that survive tracking-server outages, and the end-of-run artefacts.
+
+Training never waits for tracking: a failed call keeps its metrics and they go out with the next
+step's; only the end of the run waits (bounded) for the server, so nothing is lost.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+MLFLOW_BATCH = 1000  # MLflow's per-call metric limit
+
+
+def say(message: str) -> None:
+    print(f"[mlot] {message}", flush=True)
+
+
+class MetricsBuffer:
+    """Logs metrics to one MLflow run through ``client`` (an ``MlflowClient``), buffering through outages.
+
+    Create the client with no HTTP retries (``MLFLOW_HTTP_REQUEST_MAX_RETRIES=0``): a blocking retry
+    inside the training step would stall every rank.
+    """
+
+    def __init__(self, client: Any, run_id: str) -> None:
+        self.client, self.run_id = client, run_id
+        self.pending: list[Any] = []  # metrics not yet accepted by the tracking server
+        self.gap_since = 0           # the step since which the server has been unreachable (0: it is up)
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        """Log now if the server answers; otherwise keep the metrics for the next call."""
+        from mlflow.entities import Metric
+        now = int(time.time() * 1000)
+        self.pending.extend(Metric(k, float(v), now, step) for k, v in metrics.items())
+        if self._flush():
+            if self.gap_since:
+                say(f"MLflow back at step {step}; sent the metrics buffered since step {self.gap_since}")
+                self._flush_gap(step)
+        elif not self.gap_since:
+            self.gap_since = step
+            say(f"MLflow unreachable at step {step}; buffering metrics")
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        try:
+            for k, v in params.items():
+                self.client.log_param(self.run_id, k, v)
+        except Exception as e:  # tracking must not stop training
+            say(f"MLflow: could not log params {sorted(params)} ({type(e).__name__})")
+
+    def _flush(self) -> bool:
+        try:
+            for i in range(0, len(self.pending), MLFLOW_BATCH):
+                self.client.log_batch(self.run_id, metrics=self.pending[i:i + MLFLOW_BATCH])
+        except Exception:  # any transport or server error: keep everything for the next try
+            return False
+        self.pending = []
+        return True
+
+    def _flush_gap(self, step: int) -> None:
+        from mlflow.entities import Metric
+        self.pending.append(Metric("tracking/gap_steps", float(step - self.gap_since), int(time.time() * 1000), step))
+        self.gap_since = 0
+        self._flush()
+
+    def wait_for_server(self, step: int, budget_s: float = 300.0) -> bool:
+        """At the end of training: wait (bounded) for the server, so buffered metrics are not lost."""
+        deadline = time.time() + budget_s
+        delay = 1.0
+        while not self._flush():
+            if time.time() > deadline:
+                say(f"MLflow still unreachable after {budget_s:.0f}s: {len(self.pending)} metrics not sent; "
+                    "the trained student is saved locally all the same")
+                return False
+            time.sleep(delay)
+            delay = min(delay * 2, 15.0)
+        if self.gap_since:
+            say(f"MLflow back after the last step; sent the metrics buffered since step {self.gap_since}")
+            self._flush_gap(step)
+        return True
+
+    def finish(self, step: int, history: list[dict[str, float]], plan: Any, export_dir: str,
+               forward_rows: dict[str, int]) -> None:
+        """The end-of-run artefacts: the loss curve, a transport-plan heatmap of a fixed eval sample, the
+        exported student, and how many rows each teacher ran a forward pass on."""
+        if not self.wait_for_server(step):
+            return
+        self.log({f"teacher/{name}/forward_rows": rows for name, rows in forward_rows.items()}, step)
+        from workers.plots import loss_curve_png, plan_heatmap_png
+        with tempfile.TemporaryDirectory() as d:
+            if history:
+                self.client.log_artifact(self.run_id, loss_curve_png(history, Path(d) / "loss_curve.png"), "plots")
+            if plan is not None:
+                self.client.log_artifact(self.run_id, plan_heatmap_png(plan, Path(d) / "transport_plan.png"), "plots")
+        self.client.log_artifacts(self.run_id, export_dir, "student")
+
+
+def open_buffer(tracking_uri: str, run_id: str) -> MetricsBuffer:
+    """A MetricsBuffer on the job's run, with an MLflow client that never blocks on retries."""
+    import os
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    from mlflow import MlflowClient
+    return MetricsBuffer(MlflowClient(tracking_uri), run_id)
