@@ -14,9 +14,9 @@ import argparse
 import gc
 
 import torch
+from common import PeakMemory, timeit
 
 import mlot
-from common import PeakMemory, timeit
 
 
 def released_loop(s_logits: torch.Tensor, s_labels: torch.Tensor, t_logits: torch.Tensor, t_labels: torch.Tensor,
@@ -97,7 +97,8 @@ def main() -> None:
     cases = {
         "floor: one read of student logits": lambda: s.sum(),
         "looped released restatement": fwd_bwd(lambda x: released_loop(x, ls, t, lt)),
-        "mlot reference (teacher logits)": fwd_bwd(lambda x: mlot.multilevel_ot(x, ls, t, lt, mode="reference").distill),
+        "mlot reference (teacher logits)": fwd_bwd(
+            lambda x: mlot.multilevel_ot(x, ls, t, lt, mode="reference").distill),
         "mlot reference (payload)": fwd_bwd(lambda x: mlot.multilevel_ot(x, ls, payload_ref, mode="reference").distill),
         "mlot paper (teacher logits)": fwd_bwd(lambda x: mlot.multilevel_ot(x, ls, t, lt).distill),
         "mlot paper (payload)": fwd_bwd(lambda x: mlot.multilevel_ot(x, ls, payload_paper).distill),
@@ -121,11 +122,13 @@ def main() -> None:
     print(f"{'case':44s} {'ms':>9s} {'x floor':>8s} {'x loop':>7s} {'peak MB':>8s}")
     for name, (sec, peak) in results.items():
         print(f"{name:44s} {sec * 1e3:9.2f} {sec / floor:8.1f} {sec / loop:7.3f} {peak / 2**20:8.1f}")
-    print(f"speed-up over the looped restatement: reference (logits) {loop / results['mlot reference (teacher logits)'][0]:.1f}x, "
+    print(f"speed-up over the looped restatement: reference (logits) "
+          f"{loop / results['mlot reference (teacher logits)'][0]:.1f}x, "
           f"paper (payload) {loop / results['mlot paper (payload)'][0]:.1f}x")
     bpt = payload_paper.bytes_per_token()
     print(f"payload: {bpt:.1f} bytes/answer token (k=50, fp32) vs full bf16 logits "
-          f"{mlot.full_logits_bytes_per_token(args.vt)} bytes -> {mlot.full_logits_bytes_per_token(args.vt) / bpt:.0f}x smaller")
+          f"{mlot.full_logits_bytes_per_token(args.vt)} bytes -> "
+          f"{mlot.full_logits_bytes_per_token(args.vt) / bpt:.0f}x smaller")
 
 
 if __name__ == "__main__":

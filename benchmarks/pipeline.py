@@ -50,7 +50,8 @@ def main() -> None:
     live = run_distill(job, teachers=teachers)
 
     # The same teacher behind a cache, warmed with exactly the batches the workers will ask for.
-    cached = {name: [ray.remote(PayloadCache).options(num_cpus=0).remote(h) for h in hs] for name, hs in teachers.items()}
+    cached = {name: [ray.remote(PayloadCache).options(num_cpus=0).remote(h) for h in hs]
+              for name, hs in teachers.items()}
     world, ga = job.train.num_workers, job.train.grad_accum
     warm = []
     for rank in range(world):
@@ -62,7 +63,8 @@ def main() -> None:
     job2 = load_config(bundled_config(QUICKSTART), [*base, "name=precomputed"])
     pre = run_distill(job2, teachers=cached)
 
-    step_live, step_pre = statistics.median(metric(live, "train/step_s")), statistics.median(metric(pre, "train/step_s"))
+    step_live, step_pre = (statistics.median(metric(live, "train/step_s")),
+                           statistics.median(metric(pre, "train/step_s")))
     print(f"\nquickstart models, {args.workers} worker(s), {args.steps} steps, batch {job.train.batch_size}, CPU")
     print(f"{'':34s} {'live teachers':>14s} {'precomputed':>12s}")
     print(f"{'student step (median s)':34s} {step_live:14.4f} {step_pre:12.4f}   ratio {step_live / step_pre:.2f}x")

@@ -28,7 +28,8 @@ def teacher_rows(s) -> int:
     client = MlflowClient(s.tracking_uri)
     parent = client.get_run(s.parent_run_id)
     runs = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{s.parent_run_id}'")
-    vals = [v for r in runs for k, v in r.data.metrics.items() if k.startswith("teacher/") and k.endswith("forward_rows")]
+    vals = [v for r in runs for k, v in r.data.metrics.items()
+            if k.startswith("teacher/") and k.endswith("forward_rows")]
     return int(max(vals)) if s.teacher_forward_rows is not None else int(sum(vals))
 
 

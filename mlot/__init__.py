@@ -19,6 +19,6 @@ from .spans import answer_spans, gather_rows
 
 __all__ = [
     "METHODS", "DistillResult", "Method", "MultiLevelOTConfig", "TeacherPayload", "answer_spans", "causal_lm_loss",
-    "compress_teacher", "full_logits_bytes_per_token", "gather_rows", "get_method", "kl_distill", "make_config", "mined",
-    "mined_alignment", "multilevel_ot", "register", "sft", "sinkhorn_log", "sinkhorn_plain", "uld",
+    "compress_teacher", "full_logits_bytes_per_token", "gather_rows", "get_method", "kl_distill", "make_config",
+    "mined", "mined_alignment", "multilevel_ot", "register", "sft", "sinkhorn_log", "sinkhorn_plain", "uld",
 ]

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .config import MultiLevelOTConfig, make_config
+from .config import make_config
 from .multilevel import compress_teacher, multilevel_ot
 from .payload import TeacherPayload
 from .ranking import take_columns
@@ -44,7 +44,8 @@ def uld(student_logits: Tensor, student_labels: Tensor, teacher_logits: Tensor |
     ``mean over t < min(T_t, T_s)`` per sample, then mean over samples; alpha 1.5. Override e.g.
     ``top_k=50`` for a compact teacher payload (then ULD on the top-50 sorted probabilities).
     """
-    return multilevel_ot(student_logits, student_labels, teacher_logits, teacher_labels, "paper", **{**ULD_PARAMS, **params})
+    return multilevel_ot(student_logits, student_labels, teacher_logits, teacher_labels, "paper",
+                         **{**ULD_PARAMS, **params})
 
 
 def kl_distill(student_logits: Tensor, student_labels: Tensor, teacher_logits: Tensor | TeacherPayload,
@@ -69,7 +70,8 @@ def kl_distill(student_logits: Tensor, student_labels: Tensor, teacher_logits: T
     V = student_logits.shape[-1]
     t_cols = payload.columns.to(student_logits.device)
     if int(t_cols.max()) >= V or (top_k is None and payload.probs.shape[-1] != V):
-        raise ValueError(f"same-vocabulary KL needs one vocabulary: the teacher's has {payload.probs.shape[-1] if top_k is None else 'ids >= ' + str(V)}"
+        raise ValueError("same-vocabulary KL needs one vocabulary: the teacher's has "
+                         f"{payload.probs.shape[-1] if top_k is None else 'ids >= ' + str(V)}"
                          f" entries, the student's {V}; use multilevel_ot or uld across tokenizers")
     width = max(int(s_len.max()), payload.probs.shape[1])
     rows, s_mask = gather_rows(student_logits, start, s_len, width)

@@ -77,7 +77,8 @@ class MultiLevelOTConfig:
             if self.top_k is None or self.ranking != "sequence":
                 raise ValueError("student_ranking='assignment' needs top_k set and ranking='sequence'")
             if self.assignment_candidates is not None and self.assignment_candidates < self.top_k:
-                raise ValueError(f"assignment_candidates ({self.assignment_candidates}) must be >= top_k ({self.top_k})")
+                raise ValueError(f"assignment_candidates ({self.assignment_candidates}) "
+                                 f"must be >= top_k ({self.top_k})")
         if self.use_sd and self.sd_level == "token" and self.top_k is None:
             raise ValueError("sd_level='token' needs top_k (a k x k transport per position)")
 
@@ -95,7 +96,8 @@ def make_config(mode: Mode = "paper", **params: Any) -> MultiLevelOTConfig:
     """Build a config for ``mode``: the mode's defaults, then ``params``. Unknown names are refused."""
     unknown = sorted(set(params) - set(FIELDS))
     if unknown:
-        raise ValueError(f"unknown MultiLevelOT parameter(s) {unknown}; allowed: {', '.join(f for f in FIELDS if f != 'mode')}")
+        raise ValueError(f"unknown MultiLevelOT parameter(s) {unknown}; "
+                         f"allowed: {', '.join(f for f in FIELDS if f != 'mode')}")
     base = dict(_REFERENCE_DEFAULTS) if mode == "reference" else {}
     base.update(params)
     return MultiLevelOTConfig(mode=mode, **base)

@@ -47,6 +47,8 @@ class Method:
         params: the ``loss.params`` names it accepts; any other name is an error.
         payload: the teacher's payload settings for (mode, params); None where there is no payload.
         needs_teacher: False for methods that train on the labels alone (sft).
+        same_vocabulary: True for methods that pair teacher and student columns by id (kl): every
+            teacher must then use the student's tokenizer.
         defaults: parameter values used when the job does not set them (documented with the method).
         modes: the ``loss.mode`` values it supports.
         distributed: False for methods that need full teacher logits and both tokenizers in one
@@ -60,6 +62,7 @@ class Method:
     defaults: Mapping[str, Any] = field(default_factory=dict)
     modes: tuple[str, ...] = ("paper",)
     needs_teacher: bool = True
+    same_vocabulary: bool = False
     distributed: bool = True
 
     def resolved(self, params: Mapping[str, Any]) -> dict[str, Any]:
@@ -70,7 +73,8 @@ class Method:
         """Everything wrong with (mode, params), each naming the parameter; [] when they are usable."""
         if not self.distributed:
             return [("method", self.name, f"{self.name} needs full teacher logits and both tokenizers in one process "
-                     f"(call mlot.{self.name} directly); the distributed trainer runs {', '.join(distributed_names())}")]
+                     f"(call mlot.{self.name} directly); "
+                     f"the distributed trainer runs {', '.join(distributed_names())}")]
         if mode not in self.modes:
             return [("mode", mode, f"{self.name} supports loss.mode {' / '.join(self.modes)}")]
         out: list[Problem] = []
@@ -151,6 +155,7 @@ register(Method(
     "uld", lambda s, sl, payload, mode, **p: uld(s, sl, payload, **p), params=_MLOT_PARAMS,
     payload=lambda mode, p: make_config("paper", **{**ULD_PARAMS, **p}), defaults={"top_k": ULD_DISTRIBUTED_TOP_K}))
 register(Method(
-    "kl", lambda s, sl, payload, mode, **p: kl_distill(s, sl, payload, **p), params=_KL_PARAMS, payload=_kl_payload))
+    "kl", lambda s, sl, payload, mode, **p: kl_distill(s, sl, payload, **p), params=_KL_PARAMS, payload=_kl_payload,
+    same_vocabulary=True))
 register(Method("sft", lambda s, sl, payload, mode: sft(s, sl), needs_teacher=False))
 register(Method("mined", None, distributed=False))

@@ -26,8 +26,7 @@ from .ot import sinkhorn_log, sinkhorn_plain, uniform_log_marginal
 from .payload import TeacherPayload
 from .ranking import assignment_ranking
 from .result import DistillResult
-from .softmax import (answer_log_softmax, answer_row_stats, reference_probs, reference_row_stats,
-                      take_logits)
+from .softmax import answer_log_softmax, answer_row_stats, reference_probs, reference_row_stats, take_logits
 from .spans import answer_spans, compute_dtype, row_index
 
 
@@ -88,7 +87,8 @@ def multilevel_ot(
     cfg = config or make_config(mode, **params)
     if isinstance(teacher_logits, TeacherPayload):
         if teacher_labels is not None:
-            raise ValueError("teacher_labels must be None when teacher_logits is a TeacherPayload (it carries its spans)")
+            raise ValueError("teacher_labels must be None when teacher_logits is a TeacherPayload "
+                             "(it carries its spans)")
         payload = teacher_logits
     else:
         if teacher_labels is None:
@@ -215,7 +215,8 @@ def token_sinkhorn_distance(a: Tensor, b: Tensor, cfg: MultiLevelOTConfig) -> Te
 # ---------------------------------------------------------------------------- reference mode
 
 
-def _student_reference(logits: Tensor, labels: Tensor, payload: TeacherPayload, cfg: MultiLevelOTConfig) -> DistillResult:
+def _student_reference(logits: Tensor, labels: Tensor, payload: TeacherPayload,
+                       cfg: MultiLevelOTConfig) -> DistillResult:
     start, s_len = answer_spans(labels, drop_last=cfg.skip_student_eos, name="student_labels")
     t_len = payload.lengths
     width = max(int(s_len.max()), int(t_len.max()), 1)  # M: the batch's longest answer, either side
@@ -277,7 +278,8 @@ def _pad_to_same_k(x: Tensor, other: Tensor) -> tuple[Tensor, Tensor]:
     return F.pad(x, (0, k - x.shape[-1])), F.pad(other, (0, k - other.shape[-1]))
 
 
-def _check_inputs(student_logits: Tensor, student_labels: Tensor, payload: TeacherPayload, cfg: MultiLevelOTConfig) -> None:
+def _check_inputs(student_logits: Tensor, student_labels: Tensor, payload: TeacherPayload,
+                  cfg: MultiLevelOTConfig) -> None:
     if student_logits.dim() != 3:
         raise ValueError(f"student_logits must be [batch, seq_len, vocab], got shape {tuple(student_logits.shape)}")
     if student_labels.shape != student_logits.shape[:2]:

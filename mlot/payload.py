@@ -81,7 +81,8 @@ class TeacherPayload:
     def index_select(self, index: Tensor) -> "TeacherPayload":
         """The payload of a subset / reordering of the batch (paper mode only: reference couples the batch)."""
         if self.mode == "reference":
-            raise ValueError("a reference-mode payload belongs to one whole batch (its ranking is per batch); it cannot be split")
+            raise ValueError("a reference-mode payload belongs to one whole batch (its ranking is per batch); "
+                             "it cannot be split")
         return self._map(lambda t: t.index_select(0, index.to(t.device)))
 
     def _map(self, fn: Any) -> "TeacherPayload":

@@ -97,7 +97,7 @@ class _AnswerLogSoftmax(torch.autograd.Function):
         z_k = take_logits(logits, index, columns, dtype)
         ctx.save_for_backward(logits, index, mask, columns, *lse)
         ctx.temperatures, ctx.dtype = temperatures, dtype
-        return tuple(z_k / tau - l[..., None] for tau, l in zip(temperatures, lse))
+        return tuple(z_k / tau - lse_t[..., None] for tau, lse_t in zip(temperatures, lse))
 
     @staticmethod
     def backward(ctx, *grads: Tensor):  # type: ignore[override]
@@ -105,11 +105,11 @@ class _AnswerLogSoftmax(torch.autograd.Function):
         grad = torch.zeros_like(logits)
         for t0, t1, z in _row_chunks(logits, index, ctx.dtype):
             acc = None
-            for g, tau, l in zip(grads, ctx.temperatures, lse):
+            for g, tau, lse_t in zip(grads, ctx.temperatures, lse):
                 if g is None:
                     continue
                 g = g[:, t0:t1] / tau
-                e = (z / tau if tau != 1 else z) - l[:, t0:t1, None]
+                e = (z / tau if tau != 1 else z) - lse_t[:, t0:t1, None]
                 e = e.exp_().mul_(-g.sum(-1, keepdim=True))
                 e.scatter_add_(-1, columns[:, t0:t1], g)
                 acc = e if acc is None else acc.add_(e)

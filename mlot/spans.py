@@ -94,7 +94,8 @@ def check_finite(rows: Tensor, mask: Tensor, name: str) -> None:
     """Raise a ValueError naming the samples whose answer rows hold NaN or Inf.  rows [B, T, V], mask [B, T]."""
     # A row sum is finite iff every entry is (logits are far from fp32's overflow): one read, no [B,T,V] mask.
     with torch.no_grad():
-        bad_rows = ~torch.isfinite(rows.sum(-1, dtype=torch.float64 if rows.dtype == torch.float64 else torch.float32)) & mask
+        bad_rows = ~torch.isfinite(
+            rows.sum(-1, dtype=torch.float64 if rows.dtype == torch.float64 else torch.float32)) & mask
     bad = bad_rows.any(1).nonzero().flatten().tolist()
     if bad:
         raise ValueError(f"{name}: non-finite values (NaN/Inf) in the answer logits of sample(s) {bad}")

@@ -28,7 +28,8 @@ def _load(args: argparse.Namespace):
 
 def cmd_validate(args: argparse.Namespace) -> int:
     job = _load(args)
-    print(f"{args.config}: OK (job {job.name!r}, {len(job.teachers)} teacher(s), loss {job.loss.method}/{job.loss.mode}, "
+    print(f"{args.config}: OK (job {job.name!r}, {len(job.teachers)} teacher(s), "
+          f"loss {job.loss.method}/{job.loss.mode}, "
           f"{job.train.num_workers} worker(s), ZeRO-{job.student.deepspeed.stage})")
     return 0
 
@@ -98,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("distill", help="distil teacher(s) into the student described by CONFIG")
     with_config(d)
     d.add_argument("--resume", action="store_true", help="continue this job's last run from its newest checkpoint")
-    d.add_argument("--baseline", choices=["sft", "uld"], help="also train this baseline with the same budget and compare")
+    d.add_argument("--baseline", choices=["sft", "uld"],
+                   help="also train this baseline with the same budget and compare")
     d.set_defaults(func=cmd_distill)
 
     t = sub.add_parser("tune", help="sweep OT settings of CONFIG with Ray Tune (teacher work shared across trials)")
@@ -110,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--metric", default="eval/loss")
     t.add_argument("--mode", choices=["min", "max"], default="min")
     t.add_argument("--max-concurrent", type=int, help="trials at once (default: as many as the CPUs fit)")
-    t.add_argument("--no-share-teachers", action="store_true", help="each trial starts its own teachers (for comparison)")
+    t.add_argument("--no-share-teachers", action="store_true",
+                   help="each trial starts its own teachers (for comparison)")
     t.add_argument("--resume", action="store_true", help="continue an interrupted sweep of this job")
     t.set_defaults(func=cmd_tune)
 

@@ -26,7 +26,6 @@ import difflib
 import json
 import os
 import re
-import string
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -38,7 +37,15 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
 
-from specs import BUILTIN_DATASETS, BUILTIN_TOKENIZERS, DATA_FILE_FORMATS, FieldProblem, Template, UserError, format_fields
+from specs import (
+    BUILTIN_DATASETS,
+    BUILTIN_TOKENIZERS,
+    DATA_FILE_FORMATS,
+    FieldProblem,
+    Template,
+    UserError,
+    format_fields,
+)
 
 __all__ = [
     "BUILTIN_DATASETS", "BUILTIN_TOKENIZERS", "DATA_FILE_SUFFIXES", "ClusterConfig", "ConfigError",
@@ -423,12 +430,12 @@ class JobConfig(_Section):
             if t.name in seen:
                 problems.append((f"teachers.{i}.name", t.name, f"duplicate teacher name (also teachers.{seen[t.name]}.name); names must be unique"))
             seen.setdefault(t.name, i)
-        if self.loss.method == "kl":
+        if self.loss.spec.same_vocabulary:
             # Token-level KL compares distributions over one vocabulary: the tokenizers must be the same.
             for i, t in enumerate(self.teachers):
                 if t.tokenizer_name != self.student.tokenizer_name:
                     problems.append((f"teachers.{i}.tokenizer", t.tokenizer_name,
-                                     f"loss.method 'kl' needs every teacher to use the student's tokenizer ({self.student.tokenizer_name!r}); use multilevel_ot / uld / mined across tokenizers"))
+                                     f"loss.method {self.loss.method!r} compares distributions over one vocabulary: every teacher must use the student's tokenizer ({self.student.tokenizer_name!r}); use multilevel_ot / uld / mined across tokenizers"))
         known = set(self.data.columns)
         for prefix, spec in [("student", self.student)] + [(f"teachers.{i}", t) for i, t in enumerate(self.teachers)]:
             for key in ("prompt", "answer"):

@@ -14,7 +14,6 @@ import signal
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from orchestrator.config import JobConfig, apply_overrides
@@ -349,10 +348,13 @@ def evaluate_export(job: JobConfig, export_dir: str, eval_rows: list[dict[str, A
 
 
 def run_with_baseline(job: JobConfig, baseline: str = "sft") -> tuple[DistillSummary, DistillSummary]:
-    """The job, then the same budget with ``loss.method=baseline`` (no teachers for sft), for comparison."""
+    """The job, then the same budget with ``loss.method=baseline`` (without teachers for methods that need
+    none, e.g. sft), for comparison."""
+    from mlot.methods import get_method
+
     main = run_distill(job)
     overrides = [f"name={job.name}-{baseline}", f"loss.method={baseline}"]
     base_job = apply_overrides(job, overrides)
-    if baseline == "sft":
+    if not get_method(baseline).needs_teacher:
         base_job = base_job.model_copy(update={"teachers": []})
     return main, run_distill(base_job)

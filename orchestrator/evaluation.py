@@ -20,8 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from specs import Template
-from specs import UserError
+from specs import Template, UserError
 
 METRICS = ("qa", "rouge", "all")
 
@@ -46,8 +45,10 @@ def rouge_lsum(prediction: str, references: Sequence[str]) -> float:
     return max((scorer.score(ref, prediction)["rougeLsum"].fmeasure for ref in references), default=0.0)
 
 
-def score_predictions(predictions: Sequence[str], golds: Sequence[Sequence[str]], metric: str = "all") -> dict[str, float]:
-    """Mean scores in percent: ``exact_match`` and ``f1`` for ``qa``, ``rougeLsum`` for ``rouge``, all three for ``all``."""
+def score_predictions(predictions: Sequence[str], golds: Sequence[Sequence[str]],
+                      metric: str = "all") -> dict[str, float]:
+    """Mean scores in percent: ``exact_match`` and ``f1`` for ``qa``, ``rougeLsum`` for ``rouge``,
+    all three for ``all``."""
     from workers.evaluate import score
 
     if metric not in METRICS:
@@ -148,7 +149,8 @@ def parse_columns(text: str) -> dict[str, str]:
     for part in filter(None, (p.strip() for p in text.split(","))):
         field, sep, column = part.partition("=")
         if not sep or not field.strip() or not column.strip():
-            raise argparse.ArgumentTypeError(f"--columns: expected FIELD=COLUMN pairs separated by commas, got {part!r}")
+            raise argparse.ArgumentTypeError(
+                f"--columns: expected FIELD=COLUMN pairs separated by commas, got {part!r}")
         out[field.strip()] = column.strip()
     if "answer" not in out:
         raise argparse.ArgumentTypeError(f"--columns must map 'answer' to the gold answer column, got {text!r}")
@@ -183,7 +185,8 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
     e.add_argument("--limit", type=int, help="score only the first N rows")
     e.add_argument("--max-prompt-length", type=int, default=256, help="prompt tokens kept (default 256)")
     e.add_argument("--max-new-tokens", type=int, default=64, help="longest answer (default 64)")
-    e.add_argument("--metric", choices=METRICS, default="all", help="qa: exact match + F1; rouge: ROUGE-Lsum; all (default)")
+    e.add_argument("--metric", choices=METRICS, default="all",
+                   help="qa: exact match + F1; rouge: ROUGE-Lsum; all (default)")
     e.add_argument("--tracking-uri", help="log params, metrics and predictions to this MLflow tracking URI")
     e.add_argument("--run-name", help="MLflow run name (default eval-<model folder>)")
     e.set_defaults(func=cmd_eval)

@@ -164,7 +164,9 @@ def add_generate_parser(subparsers: Any) -> argparse.ArgumentParser:
     g.add_argument("--output", required=True, help="the .jsonl file to write")
     g.add_argument("--field", default="teacher_answer", help="name of the new answer column (default: teacher_answer)")
     g.add_argument("--teacher", help="which teacher of the job answers (default: the first)")
-    g.add_argument("--max-new-tokens", type=int, help="longest answer in teacher tokens (default: data.max_answer_length)")
-    g.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value, e.g. --set data.limit=500")
+    g.add_argument("--max-new-tokens", type=int,
+                   help="longest answer in teacher tokens (default: data.max_answer_length)")
+    g.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set data.limit=500")
     g.set_defaults(func=cmd_generate)
     return g

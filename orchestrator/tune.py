@@ -203,11 +203,13 @@ def results_table(results: Any, metric: str, mode: str, full: int) -> list[dict[
     rows = []
     for r in results:
         if r.metrics is None or metric not in (r.metrics or {}):
-            rows.append({"config": r.config, metric: None, "iterations": 0, "status": "error" if r.error else "no metric",
+            rows.append({"config": r.config, metric: None, "iterations": 0,
+                         "status": "error" if r.error else "no metric",
                          "trial_id": (r.metrics or {}).get("trial_id")})
             continue
         it = r.metrics.get("training_iteration", 0)
-        rows.append({"config": r.config, metric: r.metrics[metric], "iterations": it, "trial_id": r.metrics.get("trial_id"),
+        rows.append({"config": r.config, metric: r.metrics[metric], "iterations": it,
+                     "trial_id": r.metrics.get("trial_id"),
                      "status": "error" if r.error else ("stopped early" if it < full else "completed")})
     sign = 1 if mode == "min" else -1
     return sorted(rows, key=lambda row: (row[metric] is None, sign * (row[metric] or 0)))

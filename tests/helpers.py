@@ -11,7 +11,8 @@ from workers.callbacks import TrainCallback
 
 
 def make_batch(lengths: list[int], prompt: list[int], vocab: int, *, seq_len: int | None = None, left_pad: bool = False,
-               seed: int = 0, dtype: torch.dtype = torch.float64, scale: float = 3.0) -> tuple[torch.Tensor, torch.Tensor]:
+               seed: int = 0, dtype: torch.dtype = torch.float64,
+               scale: float = 3.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits [B, L, V] and labels [B, L] with answer i of length lengths[i] after prompt[i] tokens."""
     g = torch.Generator().manual_seed(seed)
     L = seq_len or max(p + n for p, n in zip(prompt, lengths)) + 2

@@ -59,7 +59,8 @@ def test_quickstart_loads() -> None:
     cfg = load_config(QUICKSTART)
     assert cfg.student.hf_config is not None and cfg.student.hf_config["model_type"] == "llama"
     assert cfg.student.hf_config["vocab_size"] == 30522
-    assert (cfg.student.hf_config["bos_token_id"], cfg.student.hf_config["eos_token_id"], cfg.student.hf_config["pad_token_id"]) == (101, 102, 0)
+    assert (cfg.student.hf_config["bos_token_id"], cfg.student.hf_config["eos_token_id"],
+            cfg.student.hf_config["pad_token_id"]) == (101, 102, 0)
     assert cfg.student.tokenizer_name == "builtin:wordpiece"
     [teacher] = cfg.teachers
     assert teacher.name == "teacher-sp" and teacher.tokenizer_name == "builtin:sentencepiece"

@@ -10,12 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import OptimizerSteps, PoisonLogits
+from helpers import metric_history as _history
+from helpers import quickstart_job as _job
 
 from specs import UserError
-
-from helpers import metric_history as _history
-from helpers import OptimizerSteps, PoisonLogits
-from helpers import quickstart_job as _job
 
 pytestmark = pytest.mark.integration
 
@@ -92,7 +91,8 @@ def test_zero2_two_workers_reference_mode_end_to_end(tmp_path, ray_cluster, monk
     run = client.get_run(s.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.params["train.num_workers"] == "2" and run.data.params["student.deepspeed.stage"] == "2"
-    arts = {a.path for a in client.list_artifacts(s.run_id)} | {a.path for a in client.list_artifacts(s.run_id, "plots")}
+    arts = ({a.path for a in client.list_artifacts(s.run_id)}
+            | {a.path for a in client.list_artifacts(s.run_id, "plots")})
     assert {"config.yaml", "student", "plots/loss_curve.png"} <= arts
     assert "final/exact_match" in run.data.metrics
 

@@ -22,7 +22,8 @@ def test_exact_match_takes_the_best_gold():
 def test_token_f1_by_hand():
     # pred tokens {wilhelm, conrad, rontgen}; gold {wilhelm, conrad, röntgen, of, germany}: 2 common
     p, r = 2 / 3, 2 / 5
-    assert token_f1("Wilhelm Conrad Rontgen", ["Wilhelm Conrad Röntgen , of Germany"]) == pytest.approx(2 * p * r / (p + r))
+    assert token_f1("Wilhelm Conrad Rontgen",
+                    ["Wilhelm Conrad Röntgen , of Germany"]) == pytest.approx(2 * p * r / (p + r))
     assert token_f1("x", ["y", "x"]) == 1.0
     assert token_f1("", ["y"]) == 0.0
 

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from helpers import make_batch
 
 import mlot
-from helpers import make_batch
 
 VARIANTS = [
     {},

@@ -31,8 +31,9 @@ def restore(engine: Any, fingerprint: str) -> int:
     """Load the run's newest checkpoint, if any; return the optimizer step to start at.
 
     Ray Train hands it over both after a worker-group restart and to a ``--resume`` (the driver reuses
-    the run's name and storage path). The step is an optimizer step: checkpoints are only written at accumulation boundaries, so the
-    engine's micro-step counter and the data order (a function of the step) resume in lockstep.
+    the run's name and storage path). The step is an optimizer step: checkpoints are only written at
+    accumulation boundaries, so the engine's micro-step counter and the data order (a function of the
+    step) resume in lockstep.
     """
     import ray.train
 

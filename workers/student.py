@@ -21,8 +21,15 @@ import torch
 import mlot
 from workers import checkpoint
 from workers.data import encode_batch
-from workers.engine import any_rank, build_engine, from_rank_zero, peak_memory_mb, total_steps, worker_device, \
-    zero_contribution
+from workers.engine import (
+    any_rank,
+    build_engine,
+    from_rank_zero,
+    peak_memory_mb,
+    total_steps,
+    worker_device,
+    zero_contribution,
+)
 from workers.forward import answer_logits, to_device
 from workers.models import build_model, check_vocab, load_tokenizer
 from workers.payload_stream import BatchOrder, Fetched, PayloadStream
@@ -194,7 +201,8 @@ class StudentRecipe:
         self.bad_in_a_row += 1
         limit = self.job.train.max_nonfinite_steps
         if self.rank == 0:
-            say(f"micro-batch {m}: non-finite {what} on some rank; skipped on every rank ({self.bad_in_a_row} in a row)")
+            say(f"micro-batch {m}: non-finite {what} on some rank; "
+                f"skipped on every rank ({self.bad_in_a_row} in a row)")
         if self.bad_in_a_row > limit:
             raise FloatingPointError(f"{self.bad_in_a_row} consecutive non-finite micro-batches "
                                      f"(train.max_nonfinite_steps={limit}): stopping")

@@ -18,7 +18,8 @@ from workers.engine import sum_over_ranks
 from workers.forward import answer_logits, to_device
 
 
-def eval_batches(rows: list[dict[str, Any]], rank: int, world: int, batch_size: int) -> list[tuple[list[dict[str, Any]], bool]]:
+def eval_batches(rows: list[dict[str, Any]], rank: int, world: int,
+                 batch_size: int) -> list[tuple[list[dict[str, Any]], bool]]:
     """This rank's eval batches as (rows, counts): the same number on every rank.
 
     Rank r scores ``rows[r::world]``; ranks whose share runs out early score ``rows[:1]`` instead,

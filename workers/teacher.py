@@ -42,7 +42,8 @@ class TeacherActor:
         self.tokenizer = load_tokenizer(teacher.tokenizer_name, teacher.trust_remote_code)
         torch.manual_seed(seed)
         if weights_dir is not None:
-            self.model = build_model(weights_dir, None, teacher.dtype, False, self.tokenizer, who=f"teacher {self.name}")
+            self.model = build_model(weights_dir, None, teacher.dtype, False, self.tokenizer,
+                                     who=f"teacher {self.name}")
         else:
             self.model = build_model(teacher.model, teacher.hf_config, teacher.dtype, teacher.trust_remote_code,
                                      self.tokenizer, who=f"teacher {self.name}")

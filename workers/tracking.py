@@ -6,6 +6,7 @@ step's; only the end of the run waits (bounded) for the server, so nothing is lo
 
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -99,7 +100,6 @@ class MetricsBuffer:
 
 def open_buffer(tracking_uri: str, run_id: str) -> MetricsBuffer:
     """A MetricsBuffer on the job's run, with an MLflow client that never blocks on retries."""
-    import os
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
     from mlflow import MlflowClient

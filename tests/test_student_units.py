@@ -1,0 +1,48 @@
+"""Pieces of the student loop that need no cluster: ZeRO-3-safe eval batching, the batch order, step stats."""
+
+import pytest
+import torch
+
+from workers.payload_stream import BatchOrder, Fetched
+from workers.student import StepStats, answer_rows_finite
+from workers.student_eval import eval_batches
+
+
+@pytest.mark.parametrize("n, world, batch", [(9, 2, 4), (33, 2, 8), (1, 3, 4), (16, 2, 8), (7, 4, 1)])
+def test_eval_batches_same_count_on_every_rank_and_every_row_counted_once(n, world, batch):
+    rows = [{"i": i} for i in range(n)]
+    per_rank = [eval_batches(rows, r, world, batch) for r in range(world)]
+    assert len({len(b) for b in per_rank}) == 1  # ZeRO-3: the same number of collective forwards
+    counted = sorted(row["i"] for batches in per_rank for chunk, counts in batches if counts for row in chunk)
+    assert counted == list(range(n))
+    assert all(chunk for batches in per_rank for chunk, _ in batches)  # padding batches still run a forward
+
+
+def test_batch_order_is_a_pure_function_of_seed_rank_and_micro_batch():
+    rows = [{"i": i} for i in range(40)]
+    a, b = BatchOrder(rows, 1, 2, 4, seed=3), BatchOrder(rows, 1, 2, 4, seed=3)
+    assert [a(m) for m in (7, 0, 12)] == [b(m) for m in (7, 0, 12)]  # any order of calls, any instance
+    epoch = [row["i"] for m in range(5) for row in a(m)]
+    assert sorted(epoch) == list(range(1, 40, 2))  # one epoch covers rank 1's shard exactly once
+    assert [r["i"] for r in a(5)] != [r["i"] for r in a(0)]  # the next epoch is reshuffled
+
+
+def test_step_stats_average_over_counted_micro_batches_and_bytes_per_teacher_token():
+    stats = StepStats()
+    stats.add_terms({"loss": torch.tensor(2.0), "ce": torch.tensor(1.0)})
+    stats.add_terms({"loss": torch.tensor(4.0), "ce": torch.tensor(3.0)})
+    stats.add_io(Fetched(wait_s={"t": 0.5}, nbytes={"t": 1000}, answer_tokens={"t": 10}), tokens=50)
+    stats.add_io(Fetched(wait_s={"t": 0.5}, nbytes={"t": 3000}, answer_tokens={"t": 30}), tokens=50)  # a skipped one
+    m = stats.metrics(elapsed=2.0, world=2)
+    assert (m["train/loss"], m["train/ce"]) == (3.0, 2.0)
+    assert m["train/t/payload_bytes_per_token"] == 100.0 and m["train/t/wait_s"] == 1.0
+    assert m["train/teacher_wait_frac"] == 0.5 and m["train/tokens_per_s"] == 100.0
+
+
+def test_answer_rows_finite_reads_only_rows_that_predict_an_answer_token():
+    logits = torch.zeros(1, 4, 3)
+    labels = torch.tensor([[-100, -100, 5, 6]])
+    logits[0, 3] = float("nan")  # the last row predicts nothing
+    assert answer_rows_finite(logits, labels)
+    logits[0, 1, 0] = float("inf")  # predicts the first answer token
+    assert not answer_rows_finite(logits, labels)
