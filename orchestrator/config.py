@@ -215,7 +215,9 @@ def _check_hf_config(d: dict[str, Any]) -> list[tuple[str, Any, str]]:
 class StudentConfig(ModelSpec):
     """The model being trained (one copy per training worker, under DeepSpeed)."""
 
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Training precision: bfloat16 / float16 train with DeepSpeed mixed precision and fp32 master weights (the loss softmax stays fp32).")
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig, description="DeepSpeed ZeRO settings.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass (less memory, about a third more compute).")
 
 
 class TeacherResources(_Section):
@@ -250,6 +252,7 @@ class PretrainConfig(_Section):
 class TeacherConfig(ModelSpec):
     """One teacher model served by a pool of Ray actors."""
 
+    dtype: Literal["float32", "bfloat16", "float16"] | None = Field(None, description="Inference dtype; null: bfloat16 on a GPU, float32 on the CPU.")
     name: str = Field(..., min_length=1, pattern=_NAME_RE, description="Unique teacher name (actor names, metrics); letters, digits, _ . -")
     weight: float = Field(1.0, ge=0, description="Weight of this teacher's distillation loss.")
     replicas: int = Field(1, ge=1, description="Number of actor replicas serving this teacher.")
@@ -352,7 +355,9 @@ class TrainConfig(_Section):
     warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps.")
     seed: int = Field(0, description="Random seed (data order, init of random-weight models).")
     num_workers: int = Field(1, ge=1, description="Training workers (Ray Train / DeepSpeed data parallel ranks).")
-    use_gpu: bool = Field(False, description="One GPU per training worker.")
+    use_gpu: bool = Field(False, description="One GPU per training worker (a worker without CUDA falls back to the CPU, with a warning).")
+    accelerator_type: str | None = Field(None, description="Ray accelerator type the training workers must run on, e.g. 'H100' (Ray Train ScalingConfig.accelerator_type).")
+    backend: Literal["nccl", "gloo"] | None = Field(None, description="torch.distributed backend; null: nccl with use_gpu, gloo otherwise.")
     resources_per_worker: dict[str, float] = Field(default_factory=dict, description="Ray resources per worker, e.g. {CPU: 4, student_node: 1}.")
     checkpoint_every: int = Field(50, ge=1, description="Checkpoint every N optimizer steps (and at the end).")
     eval_every: int | None = Field(None, ge=1, description="Evaluate every N optimizer steps; null: no periodic evaluation.")
@@ -402,9 +407,10 @@ class TrackingConfig(_Section):
 class ClusterConfig(_Section):
     """Which Ray cluster to run on."""
 
-    address: str | None = Field(None, description="Ray address (e.g. 'auto', 'ray://host:10001'); null: start a local Ray.")
+    address: str | None = Field(None, description="Ray address of an existing cluster (e.g. 'auto', '10.0.0.5:6379', 'ray://host:10001'); null: always start a fresh local Ray.")
     num_cpus: int | None = Field(None, ge=1, description="CPUs of a locally started Ray (logical; may exceed the machine's).")
     runtime_env: dict[str, Any] = Field(default_factory=dict, description="Ray runtime_env for the job (pip, env_vars, working_dir...).")
+    autoscaling: bool = Field(False, description="The cluster adds nodes on demand (Ray autoscaler): skip the up-front check that every teacher replica and training worker fits an existing node.")
 
 
 class JobConfig(_Section):

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from orchestrator.cluster import check_placeable, connect_ray, outside_pg, teacher_options
 from orchestrator.config import JobConfig, apply_overrides
 from orchestrator.tracking import start_tracking
 from specs import UserError
@@ -98,54 +99,6 @@ def fingerprint(job: JobConfig) -> str:
 # ---------------------------------------------------------------------------- Ray, teachers, tracking
 
 
-def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
-    """A host:port address that accepts no connection fails now, not after ray.init's minutes of retries."""
-    import socket
-
-    host, _, port = address.removeprefix("ray://").rpartition(":")
-    if not host or not port.isdigit():
-        return  # "auto" and other forms: Ray resolves them
-    try:
-        with socket.create_connection((host, int(port)), timeout=timeout_s):
-            pass
-    except OSError as e:
-        raise UserError(f"cluster.address {address!r}: nothing answers at {host}:{port} ({e}); start the "
-                              "cluster (ray start --head / ray up cluster.yaml), fix the address, or set "
-                              "cluster.address: null to start a local Ray") from e
-
-
-def connect_ray(job: JobConfig, extra_resources: dict[str, float] | None = None) -> None:
-    """Start a local Ray, or join ``cluster.address``; a bad address is a clear error, not a hang.
-
-    ``extra_resources``: logical resources of a locally started Ray (a sweep's ``train_driver``).
-    """
-    import ray
-
-    if ray.is_initialized():
-        return
-    kwargs: dict[str, Any] = {"runtime_env": job.cluster.runtime_env or None, "logging_level": "WARNING",
-                              "log_to_driver": True}
-    if job.cluster.address:
-        _check_reachable(job.cluster.address)
-        try:
-            ray.init(address=job.cluster.address, **kwargs)
-        except Exception as e:  # ConnectionError, TimeoutError, ValueError depending on the address form
-            raise UserError(f"cluster.address {job.cluster.address!r}: cannot connect to Ray ({e}); "
-                                  "check the address, or set cluster.address: null to start a local Ray") from e
-    else:
-        # The dashboard (needed by the state API that cleans up after stopped trials) binds to loopback,
-        # and token authentication stays on (both Ray 2.60 defaults).
-        ray.init(num_cpus=job.cluster.num_cpus, dashboard_host="127.0.0.1", resources=extra_resources, **kwargs)
-    from ray.data import DataContext
-    DataContext.get_current().enable_progress_bars = False
-
-
-# Teachers started from inside a sweep trial must not land in (and fail to fit) the trial's placement group.
-def _outside_pg() -> Any:
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-    return PlacementGroupSchedulingStrategy(placement_group=None)
-
-
 def start_teachers(job: JobConfig, train_rows: list[dict[str, Any]], cache: bool = False) -> dict[str, list[Any]]:
     """Start every teacher's replicas on its own resources; pretrain tiny teachers first if asked.
 
@@ -155,18 +108,10 @@ def start_teachers(job: JobConfig, train_rows: list[dict[str, Any]], cache: bool
 
     from workers.teacher import TeacherActor
 
+    check_placeable(job, workers=False)
     teachers: dict[str, list[Any]] = {}
     for t in job.teachers:
-        r = t.resources
-        opts: dict[str, Any] = {"num_cpus": r.num_cpus, "num_gpus": r.num_gpus, "max_restarts": 2,
-                                "max_task_retries": 2, "scheduling_strategy": _outside_pg()}
-        if r.accelerator_type:
-            opts["accelerator_type"] = r.accelerator_type
-        if r.memory:
-            opts["memory"] = r.memory
-        if r.custom:
-            opts["resources"] = dict(r.custom)
-        actor = ray.remote(TeacherActor).options(**opts)
+        actor = ray.remote(TeacherActor).options(**teacher_options(t))
         saved = job.run_dir.resolve() / "teachers" / t.name
         if t.pretrain.steps and not (saved / "config.json").exists():
             say(f"teacher {t.name}: pretraining {t.pretrain.steps} steps on the task")
@@ -182,7 +127,8 @@ def start_teachers(job: JobConfig, train_rows: list[dict[str, Any]], cache: bool
         weights = str(saved) if t.pretrain.steps else None
         replicas = [actor.remote(t, job.data, job.loss, job.train.seed, weights, cache) for _ in range(t.replicas)]
         infos = ray.get([a.info.remote() for a in replicas])
-        say(f"teacher {t.name}: {len(replicas)} replica(s) on {infos[0]['device']}, vocab {infos[0]['vocab_size']}"
+        say(f"teacher {t.name}: {len(replicas)} replica(s) on {infos[0]['device']} ({infos[0]['dtype']}), "
+            f"vocab {infos[0]['vocab_size']}"
             + (f" ({infos[0]['padded_rows']} padded logit rows ignored)" if infos[0]["padded_rows"] else ""))
         teachers[t.name] = replicas
     return teachers
@@ -218,7 +164,7 @@ def run_distill(job: JobConfig, *, resume: bool = False, teachers: dict[str, lis
     """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     from workers.engine import deepspeed_config
     from workers.student import StopSignal, train_loop_per_worker
@@ -236,6 +182,7 @@ def run_distill(job: JobConfig, *, resume: bool = False, teachers: dict[str, lis
     rows, eval_rows, skipped = load_data(job)
     say(f"data: {len(rows)} train / {len(eval_rows)} eval rows" + (f", {skipped} skipped" if skipped else ""))
     connect_ray(job)
+    check_placeable(job, teachers=teachers is None and job.loss.spec.needs_teacher)
     uri, run_id = start_tracking(job, previous["run_id"] if resume else None, parent_run_id)
     ray_name = previous["ray_name"] if resume else f"{job.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     state_file.write_text(json.dumps({"run_id": run_id, "ray_name": ray_name, "fingerprint": fingerprint(job)}))
@@ -247,7 +194,7 @@ def run_distill(job: JobConfig, *, resume: bool = False, teachers: dict[str, lis
         if teachers is None:
             teachers = start_teachers(job, rows) if job.loss.spec.needs_teacher else {}
         export_dir = str(run_dir / "final")
-        stop_signal = ray.remote(StopSignal).options(num_cpus=0, scheduling_strategy=_outside_pg()).remote()
+        stop_signal = ray.remote(StopSignal).options(num_cpus=0, scheduling_strategy=outside_pg()).remote()
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={
@@ -256,7 +203,9 @@ def run_distill(job: JobConfig, *, resume: bool = False, teachers: dict[str, lis
                 "stop_signal": stop_signal, "callbacks": callbacks or [],
             },
             scaling_config=ScalingConfig(num_workers=job.train.num_workers, use_gpu=job.train.use_gpu,
-                                         resources_per_worker=job.train.resources_per_worker or None),
+                                         resources_per_worker=job.train.resources_per_worker or None,
+                                         accelerator_type=job.train.accelerator_type),
+            torch_config=TorchConfig(backend=job.train.backend),
             run_config=RunConfig(name=ray_name, storage_path=str(run_dir / "ray"), callbacks=train_callbacks,
                                  checkpoint_config=CheckpointConfig(num_to_keep=2),
                                  failure_config=FailureConfig(max_failures=job.train.max_failures)),
@@ -329,7 +278,7 @@ def evaluate_export(job: JobConfig, export_dir: str, eval_rows: list[dict[str, A
     if not eval_rows:
         return {}
 
-    @ray.remote(num_cpus=0.5, num_gpus=1 if job.train.use_gpu else 0, scheduling_strategy=_outside_pg())
+    @ray.remote(num_cpus=0.5, num_gpus=1 if job.train.use_gpu else 0, scheduling_strategy=outside_pg())
     def _score(path: str, rows: list[dict[str, Any]]) -> dict[str, float]:
         import torch
         from transformers import AutoModelForCausalLM

@@ -20,8 +20,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from orchestrator.cluster import connect_ray
 from orchestrator.config import JobConfig, load_config
-from orchestrator.driver import connect_ray, load_data, say, start_teachers
+from orchestrator.driver import load_data, say, start_teachers
 from specs import UserError
 
 #: Rows per ``generate`` call: big enough to batch the decoding, small enough to spread over replicas.

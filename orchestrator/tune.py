@@ -17,8 +17,9 @@ from typing import Any
 
 import yaml
 
+from orchestrator.cluster import connect_ray, teacher_request, worker_request
 from orchestrator.config import ConfigError, JobConfig, apply_overrides, dump_config
-from orchestrator.driver import connect_ray, load_data, run_distill, say, start_teachers
+from orchestrator.driver import load_data, run_distill, say, start_teachers
 from orchestrator.tracking import experiment_id, redact
 from specs import UserError
 
@@ -117,7 +118,7 @@ def run_tune(job: JobConfig, space_path: str, *, num_samples: int = 1, scheduler
     t0 = time.time()
 
     rows, _, _ = load_data(job)
-    connect_ray(job, extra_resources={"train_driver": 4})
+    connect_ray(job)
     client = MlflowClient(job.tracking.resolved_uri())
     if resume:
         parent = json.loads(state_file.read_text())["parent_run_id"]
@@ -135,8 +136,9 @@ def run_tune(job: JobConfig, space_path: str, *, num_samples: int = 1, scheduler
     teachers = start_teachers(job, rows, cache=True) if share_teachers and job.teachers else None
     trainable = tune.with_resources(
         tune.with_parameters(_trial, base=job, teachers=teachers, parent_run_id=parent, sweep=sweep),
-        # The trial function only drives a TorchTrainer: it must not hold a CPU the workers need.
-        {"cpu": 0, "train_driver": 0.01})
+        # The trial function only drives a TorchTrainer: a sliver of a CPU, so it never holds one the workers
+        # need, and any node of any cluster can host it (Tune refuses a trial that asks for nothing).
+        {"cpu": 0.01})
     storage = str(run_dir / "tune")
     if resume:
         tuner = tune.Tuner.restore(str(Path(storage) / sweep), trainable=trainable, resume_unfinished=True,
@@ -155,7 +157,7 @@ def run_tune(job: JobConfig, space_path: str, *, num_samples: int = 1, scheduler
             algo = OptunaSearch()
         tuner = tune.Tuner(trainable, param_space=space, tune_config=tune.TuneConfig(
             metric=metric, mode=mode, scheduler=sched, search_alg=algo, num_samples=num_samples,
-            max_concurrent_trials=max_concurrent or _fitting_trials(job)),
+            max_concurrent_trials=max_concurrent or _fitting_trials(job, teachers is not None)),
             run_config=tune.RunConfig(name=sweep, storage_path=storage))
     say(f"sweep {sweep}: {Path(space_path).name}, {num_samples} sample(s), scheduler {scheduler or 'none'}, "
         f"teachers {'shared' if teachers else 'per trial'}")
@@ -181,8 +183,9 @@ def _reports_per_trial(job: JobConfig) -> int:
     return len(marks | {steps})
 
 
-def _fitting_trials(job: JobConfig) -> int:
-    """How many trials' worker groups fit the cluster's CPUs at once (at least one).
+def _fitting_trials(job: JobConfig, shared_teachers: bool) -> int:
+    """How many trials' worker groups (and, unshared, their teachers) fit the cluster at once, counting
+    every resource they ask for (CPUs, GPUs, accelerator types, custom) after the shared teachers' (>= 1).
 
     A local Ray may declare more logical CPUs than the machine has (so actors and workers can share
     2 cores); concurrent trials there would only contend, so they are capped by the real cores.
@@ -190,11 +193,16 @@ def _fitting_trials(job: JobConfig) -> int:
     import os
 
     import ray
-    per_worker = job.train.resources_per_worker.get("CPU", 1) * job.train.num_workers
-    teacher_cpu = sum(t.resources.num_cpus * t.replicas for t in job.teachers)
-    fit = int((ray.cluster_resources().get("CPU", 1) - teacher_cpu) // per_worker)
+    total = ray.cluster_resources()
+    per_trial = {k: v * job.train.num_workers for k, v in worker_request(job.train).items()}
+    reserved: dict[str, float] = {}
+    for t in job.teachers:
+        side = reserved if shared_teachers else per_trial
+        for k, v in teacher_request(t).items():
+            side[k] = side.get(k, 0.0) + v * t.replicas
+    fit = min(int((total.get(k, 0.0) - reserved.get(k, 0.0)) // v) for k, v in per_trial.items() if v > 0)
     if job.cluster.address is None:
-        fit = min(fit, (os.cpu_count() or 1) // (2 * per_worker))
+        fit = min(fit, (os.cpu_count() or 1) // (2 * int(max(1, worker_request(job.train)["CPU"]))))
     return max(1, fit)
 
 

@@ -95,3 +95,17 @@ class OptimizerSteps(TrainCallback):
     def on_step_end(self, step, rank, engine):
         with open(self.path, "a") as f:
             f.write(f"{rank} {step} {engine.global_steps} {engine.micro_steps}\n")
+
+
+class RecordNode(TrainCallback):
+    """Each training worker writes the id of the node it runs on (one JSON line per rank and step)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_step_end(self, step, rank, engine):
+        import json
+
+        import ray
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"rank": rank, "node": ray.get_runtime_context().get_node_id()}) + "\n")

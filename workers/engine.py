@@ -112,10 +112,13 @@ def zero_contribution(engine: Any) -> torch.Tensor:
 
 def worker_device(use_gpu: bool) -> torch.device:
     """This worker's device: its GPU under Ray Train, else the CPU (with one thread: Ray gives each
-    worker its CPU share, and more threads would only contend)."""
-    if use_gpu:
+    worker its CPU share, and more threads would only contend). A worker asked to use a GPU that has
+    no CUDA (logical GPUs of a test cluster, a broken driver) says so and computes on the CPU."""
+    if use_gpu and torch.cuda.is_available():
         import ray.train.torch
         return ray.train.torch.get_device()
+    if use_gpu:
+        print("[mlot] train.use_gpu is set but this worker has no CUDA device: training on the CPU", flush=True)
     torch.set_num_threads(1)
     return torch.device("cpu")
 

@@ -182,6 +182,7 @@ def build_model(
     trust_remote_code: bool = False,
     tokenizer: Any = None,
     who: str = "model",
+    device_map: str | None = None,
 ) -> Any:
     """Build a causal LM from a name/path or from a config dict.
 
@@ -198,6 +199,8 @@ def build_model(
         dtype: ``float32`` | ``bfloat16`` | ``float16`` | ``auto`` (``auto``: the checkpoint's dtype;
             for a config-built model, float32).
         trust_remote_code: passed to ``from_pretrained``.
+        device_map: passed to ``from_pretrained`` (e.g. ``"auto"``: spread the layers over the GPUs this
+            process sees, for a teacher larger than one GPU); config-built models ignore it.
         tokenizer: if given, :func:`check_vocab` runs and raises on a too-small model vocabulary.
         who: name used in error messages (e.g. ``"teacher"`` or ``"student"``).
 
@@ -210,7 +213,8 @@ def build_model(
         raise ValueError(f"{who}: give exactly one of `model` (name or path) and `model_config` (dict)")
     torch_dtype = resolve_dtype(dtype)
     if model is not None:
-        lm = AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+        lm = AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype, trust_remote_code=trust_remote_code,
+                                                  device_map=device_map)
     else:
         assert model_config is not None
         cfg = dict(model_config)

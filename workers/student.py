@@ -110,9 +110,13 @@ class StudentRecipe:
         self.device = worker_device(job.train.use_gpu)
         torch.manual_seed(job.train.seed)
         self.tokenizer = load_tokenizer(job.student.tokenizer_name, job.student.trust_remote_code)
-        model = build_model(job.student.model, job.student.hf_config, job.student.dtype,
-                            job.student.trust_remote_code, self.tokenizer, who="student")
+        # Built in fp32 whatever student.dtype says: DeepSpeed's bf16/fp16 mode casts the module and keeps
+        # fp32 master weights in the optimizer (a bf16 checkpoint loaded as bf16 would lose nothing either).
+        model = build_model(job.student.model, job.student.hf_config, "float32", job.student.trust_remote_code,
+                            self.tokenizer, who="student")
         check_vocab(model, self.tokenizer, "student")
+        if job.student.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.vocab = len(self.tokenizer)
         self.n_params = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them away
         self.steps = total_steps(job, len(self.rows), self.world)

@@ -40,16 +40,19 @@ class TeacherActor:
         self.data = data
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.tokenizer = load_tokenizer(teacher.tokenizer_name, teacher.trust_remote_code)
+        self.dtype = teacher.dtype or ("bfloat16" if self.device.type == "cuda" else "float32")
+        # A replica given several GPUs spreads its layers over them (a teacher larger than one GPU).
+        spread = self.device.type == "cuda" and teacher.resources.num_gpus > 1
         torch.manual_seed(seed)
-        if weights_dir is not None:
-            self.model = build_model(weights_dir, None, teacher.dtype, False, self.tokenizer,
-                                     who=f"teacher {self.name}")
-        else:
-            self.model = build_model(teacher.model, teacher.hf_config, teacher.dtype, teacher.trust_remote_code,
-                                     self.tokenizer, who=f"teacher {self.name}")
+        source = (weights_dir, None, False) if weights_dir is not None else (
+            teacher.model, teacher.hf_config, teacher.trust_remote_code)
+        self.model = build_model(*source[:2], self.dtype, source[2], self.tokenizer, who=f"teacher {self.name}",
+                                 device_map="auto" if spread else None)
         self.padded_rows = check_vocab(self.model, self.tokenizer, f"teachers[{self.name}]")
         self.vocab_size = len(self.tokenizer)
-        self.model.to(self.device).eval()
+        if getattr(self.model, "hf_device_map", None) is None:
+            self.model.to(self.device)
+        self.model.eval()
         self.template = teacher.template
         self.payload_config = loss.payload_config()
         self.forward_rows = 0  # rows this replica ran a forward pass on (sharing / caching is measured by it)
@@ -58,7 +61,9 @@ class TeacherActor:
         self._configs: dict[str, Any] = {}
 
     def info(self) -> dict[str, Any]:
-        return {"name": self.name, "device": str(self.device), "vocab_size": self.vocab_size,
+        import ray
+        return {"name": self.name, "device": str(self.device), "dtype": self.dtype, "vocab_size": self.vocab_size,
+                "node_id": ray.get_runtime_context().get_node_id() if ray.is_initialized() else None,
                 "padded_rows": self.padded_rows, "forward_rows": self.forward_rows,
                 "cached_batches": None if self.cache is None else len(self.cache)}
 
