@@ -4,8 +4,9 @@ The losses need ``log_softmax(z / tau)`` at k of V columns (k=50, V=50k) on the 
 [B, L, V] logits tensor, plus per-sequence column totals for the ranking. Plain autograd would build
 the gathered rows, a dense softmax, a zero-filled gather gradient and a dense softmax backward, each
 a fresh [B, T, V] buffer. Here everything dense runs over chunks of answer positions (a few MB, so
-temporaries stay in cache and are recycled by the allocator), and the backward writes straight into
-the one gradient buffer the caller needs anyway:
+temporaries stay in cache and are recycled by the allocator; on a GPU, a few hundred MB, where one-row
+chunks would mean thousands of kernel launches), and the backward writes straight into the one
+gradient buffer the caller needs anyway:
 
     d/dz_v = sum_tau (g_tau,v [v kept] - p_tau,v * sum_i g_tau,i) / tau
 """
@@ -17,19 +18,21 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-_CHUNK_BYTES = 4 << 20
+_CHUNK_BYTES = 4 << 20          # CPU: a block that stays in cache
+_CHUNK_BYTES_GPU = 256 << 20    # GPU: few, large kernels; still a small fraction of the device's memory
 
 
-def _chunk(batch: int, vocab: int) -> int:
-    """Answer positions per chunk so that one [B, c, V] fp32 block is about 4 MB."""
-    return max(1, _CHUNK_BYTES // (4 * batch * vocab))
+def _chunk(batch: int, vocab: int, device: torch.device) -> int:
+    """Answer positions per chunk so that one [B, c, V] fp32 block is about 4 MB (CPU) or 256 MB (GPU)."""
+    budget = _CHUNK_BYTES_GPU if device.type == "cuda" else _CHUNK_BYTES
+    return max(1, budget // (4 * batch * vocab))
 
 
 def _row_chunks(logits: Tensor, index: Tensor, dtype: torch.dtype):
     """Yield (t0, t1, rows [B, t1-t0, V]): the answer rows of logits [B, L, V], a chunk of positions at a time,
     in the compute dtype. A loop over positions, never over the batch."""
     B, W = index.shape
-    c = _chunk(B, logits.shape[-1])
+    c = _chunk(B, logits.shape[-1], logits.device)
     for t0 in range(0, W, c):
         t1 = min(W, t0 + c)
         yield t0, t1, logits.gather(1, index[:, t0:t1, None].expand(-1, -1, logits.shape[-1])).to(dtype)

@@ -101,17 +101,19 @@ def test_distill_and_tune_join_an_existing_cluster_with_token_auth(tmp_path, ray
     assert len(table) == 2, tune.stdout[-3000:]
 
 
-def test_local_default_never_joins_a_foreign_ray(tmp_path, ray_head, monkeypatch):
-    """With RAY_ADDRESS pointing at another cluster, ``cluster.address: null`` still starts its own Ray."""
+def test_local_default_never_joins_a_foreign_ray(ray_head, monkeypatch):
+    """With RAY_ADDRESS pointing at another cluster (and that cluster running on this machine),
+    ``cluster.address: null`` still starts its own fresh Ray, with the job's own CPU count."""
     import ray
 
-    from orchestrator.driver import run_distill
+    from orchestrator.cluster import connect_ray
+    from orchestrator.config import load_config
     monkeypatch.setenv("RAY_ADDRESS", ray_head)
     try:
-        s = run_distill(quickstart_job(tmp_path, "own-ray", "train.steps=2", "train.eval_every=null"),
-                        evaluate=False)
+        connect_ray(load_config(QUICKSTART, ["cluster.num_cpus=3"]))
         assert not ray.get_runtime_context().gcs_address.endswith(":" + ray_head.rsplit(":", 1)[1])
-        assert [st for st, _ in metric_history(s, "train/loss")] == [1, 2]
+        assert ray.cluster_resources()["CPU"] == 3  # the foreign head declares 4
+        assert ray.get(ray.remote(lambda: 1 + 1).remote()) == 2
     finally:
         ray.shutdown()
 

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
+from orchestrator.cluster import teacher_request, worker_request
 from orchestrator.config import JobConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,20 +81,11 @@ def _job() -> JobConfig:
 
 
 def _teacher_demand(job: JobConfig) -> list[tuple[str, dict[str, float]]]:
-    out = []
-    for t in job.teachers:
-        need = {"CPU": t.resources.num_cpus, "GPU": t.resources.num_gpus, **t.resources.custom}
-        if t.resources.accelerator_type:
-            need[f"accelerator_type:{t.resources.accelerator_type}"] = 0.001  # what Ray asks for
-        out.append((t.name, {k: v for k, v in need.items() if v}))
-    return out
+    return [(t.name, {k: v for k, v in teacher_request(t).items() if v}) for t in job.teachers]
 
 
 def _worker_demand(job: JobConfig) -> dict[str, float]:
-    need = {"CPU": 1.0, **job.train.resources_per_worker}  # Ray Train's default: 1 CPU per worker
-    if job.train.use_gpu:
-        need.setdefault("GPU", 1.0)
-    return need
+    return worker_request(job.train)
 
 
 def _fits(need: dict[str, float], have: dict[str, float]) -> bool:
