@@ -142,6 +142,7 @@ def main() -> int:
     from orchestrator.driver import connect_ray, load_data, run_distill, start_teachers
     from orchestrator.evaluation import run_eval, score_predictions
     from orchestrator.generate import run_generate
+    from specs import storage
     from workers.evaluate import gold_answers
     from workers.tasks import load_rows
 
@@ -167,7 +168,7 @@ def main() -> int:
     print(f"[quality] QED: {len(train_rows)} train / {len(test_rows)} held-out rows; working folder {out}", flush=True)
     connect_ray(teacher_job)
     teachers = start_teachers(teacher_job, train_rows)
-    teacher_scores = evaluate(str(teacher_job.run_dir.resolve() / "teachers" / TEACHER), teacher_job.teachers[0])
+    teacher_scores = evaluate(storage.join(teacher_job.run_path, "teachers", TEACHER), teacher_job.teachers[0])
     llama = load_rows(str(test_file), None, "validation", {"answer": "teacher_answer"})
     reference = score_predictions([r["answer"] for r in llama], [gold_answers(r) for r in test_rows], "qa")
     t0 = time.time()

@@ -85,6 +85,18 @@ def connect_ray(job: Any) -> None:
     DataContext.get_current().enable_progress_bars = False
 
 
+def reachable_from_workers(job: Any, uri: str) -> str:
+    """A tracking URI the workers can use: on a joined cluster (``cluster.address``), a server on the
+    driver's own loopback (``http://127.0.0.1:5000``, ``localhost``) is reached at the driver node's IP
+    from the other nodes (the server must listen there: ``mlflow server --host 0.0.0.0``)."""
+    import re
+
+    import ray
+    if not job.cluster.address or not re.match(r"https?://(127\.0\.0\.1|localhost)[:/]", uri):
+        return uri
+    return re.sub(r"(127\.0\.0\.1|localhost)", ray.util.get_node_ip_address(), uri, count=1)
+
+
 def outside_pg() -> Any:
     """Actors started from inside a sweep trial must not land in (and fail to fit) the trial's placement group."""
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy

@@ -417,7 +417,7 @@ class JobConfig(_Section):
     """A whole distillation job."""
 
     name: str = Field("mlot-job", min_length=1, pattern=_NAME_RE, description="Job name; the run writes to <output_dir>/<name>. Letters, digits, _ . -")
-    output_dir: str = Field("runs", min_length=1, description="Where checkpoints and exports go (under <output_dir>/<name>).")
+    output_dir: str = Field("runs", min_length=1, description="Where checkpoints and exports go (under <output_dir>/<name>): a local or shared directory, or a URI every node can reach (s3://, gs://, any pyarrow filesystem).")
     student: StudentConfig = Field(..., description="The model being trained.")
     teachers: list[TeacherConfig] = Field(default_factory=list, description="Teacher models (at least one unless loss.method is sft).")
     data: DataConfig = Field(..., description="Training / evaluation data.")
@@ -463,9 +463,11 @@ class JobConfig(_Section):
         return self
 
     @property
-    def run_dir(self) -> Path:
-        """``<output_dir>/<name>``: where this job's checkpoints and exports go."""
-        return Path(self.output_dir) / self.name
+    def run_path(self) -> str:
+        """``<output_dir>/<name>``: where this job's state, checkpoints and exports go (an absolute local
+        path, or a URI such as ``s3://bucket/runs/<name>``; see ``specs.storage``)."""
+        from specs.storage import join
+        return join(self.output_dir, self.name)
 
     def to_flat_dict(self) -> dict[str, Any]:
         """Dotted keys -> leaf values (``{"train.lr": 1e-4, "teachers.0.name": ...}``), for MLflow params.

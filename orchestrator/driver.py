@@ -16,10 +16,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from orchestrator.cluster import check_placeable, connect_ray, outside_pg, teacher_options
+from orchestrator.cluster import check_placeable, connect_ray, outside_pg, reachable_from_workers, teacher_options
 from orchestrator.config import JobConfig, apply_overrides
 from orchestrator.tracking import start_tracking
-from specs import UserError
+from specs import UserError, storage
 
 # Fail in 30 s instead of hanging when the cluster cannot place the worker group.
 os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "60")
@@ -112,19 +112,19 @@ def start_teachers(job: JobConfig, train_rows: list[dict[str, Any]], cache: bool
     teachers: dict[str, list[Any]] = {}
     for t in job.teachers:
         actor = ray.remote(TeacherActor).options(**teacher_options(t))
-        saved = job.run_dir.resolve() / "teachers" / t.name
-        if t.pretrain.steps and not (saved / "config.json").exists():
+        saved = storage.join(job.run_path, "teachers", t.name)
+        if t.pretrain.steps and not storage.exists(storage.join(saved, "config.json")):
             say(f"teacher {t.name}: pretraining {t.pretrain.steps} steps on the task")
             t0 = time.time()
             trainer = actor.remote(t, job.data, job.loss, job.train.seed)
             ray.get(trainer.pretrain.remote(train_rows, t.pretrain.steps, t.pretrain.lr, t.pretrain.batch_size,
                                             job.train.seed))
-            ray.get(trainer.save.remote(str(saved)))
+            ray.get(trainer.save.remote(saved))
             ray.kill(trainer)
             say(f"teacher {t.name}: pretrained in {time.time() - t0:.0f}s, saved to {saved}")
         # Replicas load saved weights through their constructor, so a replica that Ray restarts after
         # a crash comes back as the same teacher (the run directory must be on storage all nodes see).
-        weights = str(saved) if t.pretrain.steps else None
+        weights = saved if t.pretrain.steps else None
         replicas = [actor.remote(t, job.data, job.loss, job.train.seed, weights, cache) for _ in range(t.replicas)]
         infos = ray.get([a.info.remote() for a in replicas])
         say(f"teacher {t.name}: {len(replicas)} replica(s) on {infos[0]['device']} ({infos[0]['dtype']}), "
@@ -169,15 +169,14 @@ def run_distill(job: JobConfig, *, resume: bool = False, teachers: dict[str, lis
     from workers.engine import deepspeed_config
     from workers.student import StopSignal, train_loop_per_worker
 
-    run_dir = job.run_dir.resolve()
-    state_file = run_dir / "run.json"
-    previous = json.loads(state_file.read_text()) if state_file.exists() else None
+    run_path = job.run_path
+    state_file = storage.join(run_path, "run.json")
+    previous = json.loads(storage.read_text(state_file)) if storage.exists(state_file) else None
     if resume and previous is None:
-        raise UserError(f"--resume: no earlier run of job {job.name!r} under {run_dir}")
+        raise UserError(f"--resume: no earlier run of job {job.name!r} under {run_path}")
     if resume and previous["fingerprint"] != fingerprint(job):
-        raise UserError(f"--resume: {run_dir} was trained with other model/data/loss settings; "
-                         "resume with the config it was started with (steps may change)")
-    run_dir.mkdir(parents=True, exist_ok=True)
+        raise UserError(f"--resume: {run_path} was trained with other model/data/loss settings; "
+                        "resume with the config it was started with (steps may change)")
 
     rows, eval_rows, skipped = load_data(job)
     say(f"data: {len(rows)} train / {len(eval_rows)} eval rows" + (f", {skipped} skipped" if skipped else ""))
@@ -185,7 +184,8 @@ def run_distill(job: JobConfig, *, resume: bool = False, teachers: dict[str, lis
     check_placeable(job, teachers=teachers is None and job.loss.spec.needs_teacher)
     uri, run_id = start_tracking(job, previous["run_id"] if resume else None, parent_run_id)
     ray_name = previous["ray_name"] if resume else f"{job.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    state_file.write_text(json.dumps({"run_id": run_id, "ray_name": ray_name, "fingerprint": fingerprint(job)}))
+    state = {"run_id": run_id, "ray_name": ray_name, "fingerprint": fingerprint(job)}
+    storage.write_text(state_file, json.dumps(state))
     from mlflow import MlflowClient
     client = MlflowClient(uri)
     if skipped:
@@ -193,20 +193,21 @@ def run_distill(job: JobConfig, *, resume: bool = False, teachers: dict[str, lis
     try:
         if teachers is None:
             teachers = start_teachers(job, rows) if job.loss.spec.needs_teacher else {}
-        export_dir = str(run_dir / "final")
+        export_dir = storage.join(run_path, "final")
         stop_signal = ray.remote(StopSignal).options(num_cpus=0, scheduling_strategy=outside_pg()).remote()
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={
                 "job": job, "train_rows": ray.put(rows), "eval_rows": ray.put(eval_rows), "teachers": teachers,
-                "run_id": run_id, "tracking_uri": uri, "export_dir": export_dir, "fingerprint": fingerprint(job),
+                "run_id": run_id, "tracking_uri": reachable_from_workers(job, uri), "export_dir": export_dir,
+                "fingerprint": fingerprint(job),
                 "stop_signal": stop_signal, "callbacks": callbacks or [],
             },
             scaling_config=ScalingConfig(num_workers=job.train.num_workers, use_gpu=job.train.use_gpu,
                                          resources_per_worker=job.train.resources_per_worker or None,
                                          accelerator_type=job.train.accelerator_type),
             torch_config=TorchConfig(backend=job.train.backend),
-            run_config=RunConfig(name=ray_name, storage_path=str(run_dir / "ray"), callbacks=train_callbacks,
+            run_config=RunConfig(name=ray_name, storage_path=storage.join(run_path, "ray"), callbacks=train_callbacks,
                                  checkpoint_config=CheckpointConfig(num_to_keep=2),
                                  failure_config=FailureConfig(max_failures=job.train.max_failures)),
         )
@@ -287,8 +288,9 @@ def evaluate_export(job: JobConfig, export_dir: str, eval_rows: list[dict[str, A
         from workers.models import load_tokenizer
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        model = AutoModelForCausalLM.from_pretrained(path).to(device)
-        tok = load_tokenizer(path)
+        with storage.local_copy(path) as local:
+            model = AutoModelForCausalLM.from_pretrained(local).to(device)
+            tok = load_tokenizer(local)
         preds = greedy_answers(model, tok, job.student.template, rows, job.data.max_prompt_length,
                                job.data.max_answer_length, device)
         return score(preds, [gold_answers(r) for r in rows])

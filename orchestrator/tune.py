@@ -21,7 +21,7 @@ from orchestrator.cluster import connect_ray, teacher_request, worker_request
 from orchestrator.config import ConfigError, JobConfig, apply_overrides, dump_config
 from orchestrator.driver import load_data, run_distill, say, start_teachers
 from orchestrator.tracking import experiment_id, redact
-from specs import UserError
+from specs import UserError, storage
 
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "randint", "grid")
 
@@ -110,18 +110,17 @@ def run_tune(job: JobConfig, space_path: str, *, num_samples: int = 1, scheduler
     if search == "optuna" and any(isinstance(v, dict) and "grid_search" in v for v in space.values()):
         raise SpaceError(f"{space_path}: grid entries cannot be combined with --search optuna; use choice")
     sweep = f"{job.name}-sweep"
-    run_dir = job.run_dir.resolve()
-    state_file = run_dir / "sweep.json"
-    if resume and not state_file.exists():
-        raise UserError(f"--resume: no earlier sweep of job {job.name!r} under {run_dir}")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_path = job.run_path
+    state_file = storage.join(run_path, "sweep.json")
+    if resume and not storage.exists(state_file):
+        raise UserError(f"--resume: no earlier sweep of job {job.name!r} under {run_path}")
     t0 = time.time()
 
     rows, _, _ = load_data(job)
     connect_ray(job)
     client = MlflowClient(job.tracking.resolved_uri())
     if resume:
-        parent = json.loads(state_file.read_text())["parent_run_id"]
+        parent = json.loads(storage.read_text(state_file))["parent_run_id"]
         client.update_run(parent, status="RUNNING")
     else:
         exp_id = experiment_id(client, job.tracking.experiment, job.tracking.resolved_uri())
@@ -131,7 +130,7 @@ def run_tune(job: JobConfig, space_path: str, *, num_samples: int = 1, scheduler
         for k, v in {"space": Path(space_path).name, "num_samples": num_samples, "scheduler": scheduler,
                      "search": search, "metric": metric, "mode": mode, "share_teachers": share_teachers}.items():
             client.log_param(parent, k, v)
-        state_file.write_text(json.dumps({"parent_run_id": parent}))
+        storage.write_text(state_file, json.dumps({"parent_run_id": parent}))
 
     teachers = start_teachers(job, rows, cache=True) if share_teachers and job.teachers else None
     trainable = tune.with_resources(
@@ -139,9 +138,9 @@ def run_tune(job: JobConfig, space_path: str, *, num_samples: int = 1, scheduler
         # The trial function only drives a TorchTrainer: a sliver of a CPU, so it never holds one the workers
         # need, and any node of any cluster can host it (Tune refuses a trial that asks for nothing).
         {"cpu": 0.01})
-    storage = str(run_dir / "tune")
+    tune_path = storage.join(run_path, "tune")
     if resume:
-        tuner = tune.Tuner.restore(str(Path(storage) / sweep), trainable=trainable, resume_unfinished=True,
+        tuner = tune.Tuner.restore(storage.join(tune_path, sweep), trainable=trainable, resume_unfinished=True,
                                    resume_errored=True)
     else:
         sched = None
@@ -158,7 +157,7 @@ def run_tune(job: JobConfig, space_path: str, *, num_samples: int = 1, scheduler
         tuner = tune.Tuner(trainable, param_space=space, tune_config=tune.TuneConfig(
             metric=metric, mode=mode, scheduler=sched, search_alg=algo, num_samples=num_samples,
             max_concurrent_trials=max_concurrent or _fitting_trials(job, teachers is not None)),
-            run_config=tune.RunConfig(name=sweep, storage_path=storage))
+            run_config=tune.RunConfig(name=sweep, storage_path=tune_path))
     say(f"sweep {sweep}: {Path(space_path).name}, {num_samples} sample(s), scheduler {scheduler or 'none'}, "
         f"teachers {'shared' if teachers else 'per trial'}")
     results = tuner.fit()
@@ -166,14 +165,14 @@ def run_tune(job: JobConfig, space_path: str, *, num_samples: int = 1, scheduler
     table = results_table(results, metric, mode, _reports_per_trial(job))
     _close_children(client, parent, sweep, table)
     best = table[0] if table else None
-    best_path = run_dir / "best.yaml"
+    best_path = storage.join(run_path, "best.yaml")
     if best is not None:
-        best_path.write_text(dump_config(trial_job(job, best["config"], f"{job.name}-best")))
+        storage.write_text(best_path, dump_config(trial_job(job, best["config"], f"{job.name}-best")))
     forward_rows = sum(ray.get(a.info.remote())["forward_rows"] for hs in teachers.values() for a in hs) \
         if teachers else None
     _log_results(client, parent, table, metric, forward_rows, len(rows))
     client.set_terminated(parent, "FINISHED")
-    return TuneSummary(table, str(best_path), parent, forward_rows, time.time() - t0, job.tracking.resolved_uri())
+    return TuneSummary(table, best_path, parent, forward_rows, time.time() - t0, job.tracking.resolved_uri())
 
 
 def _reports_per_trial(job: JobConfig) -> int:

@@ -109,3 +109,32 @@ class RecordNode(TrainCallback):
         import ray
         with open(self.path, "a") as f:
             f.write(json.dumps({"rank": rank, "node": ray.get_runtime_context().get_node_id()}) + "\n")
+
+
+class RecordCollectives(TrainCallback):
+    """Wraps the worker's torch.distributed collectives (the loop's own and DeepSpeed's) and writes, per call,
+    the collective's name, its tensor's device and the worker's device (where its logits live)."""
+
+    NAMES = ("all_reduce", "broadcast", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "reduce")
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_logits(self, m, rank, logits):
+        import torch.distributed as dist
+        if getattr(dist, "_mlot_recorded", False):
+            return logits
+        device, path = str(logits.device), self.path
+
+        def wrap(name, fn):
+            def call(tensor, *args, **kwargs):
+                t = tensor[0] if isinstance(tensor, (list, tuple)) else tensor
+                with open(path, "a") as f:
+                    f.write(f"{rank} {name} {t.device} {device}\n")
+                return fn(tensor, *args, **kwargs)
+            return call
+        for name in self.NAMES:
+            if hasattr(dist, name):
+                setattr(dist, name, wrap(name, getattr(dist, name)))
+        dist._mlot_recorded = True
+        return logits

@@ -71,7 +71,8 @@ def test_quickstart_loads() -> None:
     assert (cfg.train.checkpoint_every, cfg.train.eval_every, cfg.train.num_workers) == (50, 50, 1)
     assert cfg.student.deepspeed.stage == 2
     assert cfg.tracking.uri is None and cfg.tracking.resolved_uri("/tmp/x") == "sqlite:////tmp/x/mlflow.db"
-    assert cfg.run_dir == Path("runs") / "quickstart"
+    assert cfg.run_path == str(Path("runs", "quickstart").resolve())
+    assert apply_overrides(cfg, ["output_dir=s3://bucket/runs/"]).run_path == "s3://bucket/runs/quickstart"
     assert cfg.loss.payload_config().top_k == 50
 
 

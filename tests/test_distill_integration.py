@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import OptimizerSteps, PoisonLogits
+from helpers import OptimizerSteps, PoisonLogits, RecordCollectives
 from helpers import metric_history as _history
 from helpers import quickstart_job as _job
 
-from specs import UserError
+from specs import UserError, storage
 
 pytestmark = pytest.mark.integration
 
@@ -60,12 +60,23 @@ def _loadable(path: str, vocab: int):
 
 
 def test_zero2_two_workers_reference_mode_end_to_end(tmp_path, ray_cluster, monkeypatch):
+    """Also: the run writes to a storage URI (file://, the code path of s3:// and gs://): checkpoints, the
+    pretrained teacher its replicas load, and the exported student all go through it."""
     from mlflow import MlflowClient
 
     from orchestrator.driver import run_distill
     gets = _record_driver_gets(monkeypatch)
-    job = _job(tmp_path, "z2", "train.num_workers=2", "student.deepspeed.stage=2", "loss.mode=reference")
-    s = run_distill(job)
+    job = _job(tmp_path, "z2", "train.num_workers=2", "student.deepspeed.stage=2", "loss.mode=reference",
+               f"output_dir=file://{tmp_path}", "teachers.0.pretrain.steps=3", "student.gradient_checkpointing=true")
+    calls = tmp_path / "collectives.txt"
+    s = run_distill(job, callbacks=[RecordCollectives(str(calls))])
+    # Every collective (the loop's agreement on skips, the stop signal, eval CE; DeepSpeed's gradient
+    # reduction) took a tensor on the worker's own device: what NCCL requires.
+    records = [line.split() for line in calls.read_text().splitlines()]
+    assert {r[1] for r in records} >= {"all_reduce", "broadcast"} and {r[0] for r in records} == {"0", "1"}
+    assert all(r[2] == r[3] for r in records), [r for r in records if r[2] != r[3]][:5]
+    assert s.export_dir == f"file://{tmp_path}/z2/final"
+    assert (tmp_path / "z2" / "teachers" / "teacher-sp" / "config.json").exists()
 
     steps = [st for st, _ in _history(s, "train/loss")]
     assert steps == [1, 2, 3, 4]
@@ -99,7 +110,8 @@ def test_zero2_two_workers_reference_mode_end_to_end(tmp_path, ray_cluster, monk
     ckpts = sorted(p for p in (tmp_path / "z2" / "ray").glob("*/checkpoint_*") if p.is_dir())
     assert len(ckpts) == 2  # steps 2 and 4
     assert json.loads((ckpts[-1] / "mlot_job.json").read_text())["step"] == 4
-    _loadable(s.export_dir, 30522)
+    with storage.local_copy(s.export_dir) as local:
+        _loadable(local, 30522)
 
 
 TEKKEN = {"name": "teacher-tekken", "tokenizer": "builtin:tekken", "weight": 0.5, "resources": {"num_cpus": 0.25},

@@ -207,3 +207,12 @@ def test_chunked_row_passes_do_not_change_the_result(monkeypatch, params):
     chunked.distill.backward()
     torch.testing.assert_close(chunked.per_sample, whole.per_sample, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(x2.grad, x1.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_dense_chunks_grow_on_a_gpu():
+    """On a GPU a chunk of answer rows is ~64x larger than on the CPU (few large kernels, not thousands of
+    one-row launches); both keep at least one row."""
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")  # a device object needs no GPU
+    assert mlot.softmax._chunk(8, 32000, gpu) == 64 * mlot.softmax._chunk(8, 32000, cpu) + 6  # 262 vs 4 rows
+    assert (mlot.softmax._chunk(16, 151936, cpu), mlot.softmax._chunk(16, 151936, gpu)) == (1, 27)
+    assert mlot.softmax._chunk(10**6, 10**6, gpu) == 1

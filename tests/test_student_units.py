@@ -46,3 +46,18 @@ def test_answer_rows_finite_reads_only_rows_that_predict_an_answer_token():
     assert answer_rows_finite(logits, labels)
     logits[0, 1, 0] = float("inf")  # predicts the first answer token
     assert not answer_rows_finite(logits, labels)
+
+
+def test_storage_uri_round_trip(tmp_path):
+    """The storage helpers on a pyarrow filesystem URI (file://: the code path of s3:// and gs://)."""
+    from specs import storage
+    base = f"file://{tmp_path}/remote"
+    state = storage.join(base, "job", "run.json")
+    assert state == f"file://{tmp_path}/remote/job/run.json" and not storage.exists(state)
+    storage.write_text(state, '{"step": 3}')
+    assert storage.exists(state) and storage.read_text(state) == '{"step": 3}'
+    with storage.local_folder(storage.join(base, "job", "final")) as local:
+        open(f"{local}/config.json", "w").write("{}")
+    assert (tmp_path / "remote" / "job" / "final" / "config.json").read_text() == "{}"
+    with storage.local_copy(storage.join(base, "job", "final")) as local:
+        assert open(f"{local}/config.json").read() == "{}" and not local.startswith(str(tmp_path / "remote"))

@@ -6,12 +6,13 @@ Each of these is a collective: every rank must call it, at the same step.
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from specs import storage
 
 CKPT_TAG = "mlot"
 
@@ -51,7 +52,8 @@ def restore(engine: Any, fingerprint: str) -> int:
 
 
 def export_student(engine: Any, tokenizer: Any, export_dir: str, rank: int) -> None:
-    """Write the trained student as one consolidated HF model (safetensors) + tokenizer.
+    """Write the trained student as one consolidated HF model (safetensors) + tokenizer to ``export_dir``
+    (a local path or a storage URI).
 
     Under ZeRO-3 every rank holds a slice of each parameter, so all ranks gather them (a collective)
     and rank 0 writes. The stage is the engine's, which a DeepSpeed JSON config may have set.
@@ -65,6 +67,6 @@ def export_student(engine: Any, tokenizer: Any, export_dir: str, rank: int) -> N
     else:
         state = {k: v.detach().cpu() for k, v in module.state_dict().items()} if rank == 0 else None
     if rank == 0:
-        os.makedirs(export_dir, exist_ok=True)
-        module.save_pretrained(export_dir, state_dict=state, safe_serialization=True)
-        tokenizer.save_pretrained(export_dir)
+        with storage.local_folder(export_dir) as local:  # a URI: written here, then copied up
+            module.save_pretrained(local, state_dict=state, safe_serialization=True)
+            tokenizer.save_pretrained(local)

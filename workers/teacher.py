@@ -9,12 +9,13 @@ Nothing here imports the driver: the actor class is plain Python that ``ray.remo
 from __future__ import annotations
 
 import time
-from pathlib import Path
+from contextlib import nullcontext
 from typing import Any
 
 import torch
 
 import mlot
+from specs import storage
 from workers.data import encode_batch
 from workers.forward import answer_hidden, answer_logits, to_device
 from workers.models import build_model, check_vocab, load_tokenizer
@@ -28,7 +29,8 @@ class TeacherActor:
         data: the job's ``DataConfig`` (max lengths).
         loss: the job's ``LossConfig`` (which payload to compute).
         seed: seed for random-weight (``model_config``) teachers; replicas agree on it.
-        weights_dir: a saved HF model to load instead (e.g. the pretrained quickstart teacher).
+        weights_dir: a saved HF model to load instead (e.g. the pretrained quickstart teacher), a local path
+            or a storage URI.
         cache: keep each batch's final hidden states (keyed by its rows) and serve later requests
             for it, whatever their loss settings, with only the LM head recomputed. For sweeps, where
             every trial asks for the same batches: one forward pass per example for the whole sweep.
@@ -44,10 +46,10 @@ class TeacherActor:
         # A replica given several GPUs spreads its layers over them (a teacher larger than one GPU).
         spread = self.device.type == "cuda" and teacher.resources.num_gpus > 1
         torch.manual_seed(seed)
-        source = (weights_dir, None, False) if weights_dir is not None else (
-            teacher.model, teacher.hf_config, teacher.trust_remote_code)
-        self.model = build_model(*source[:2], self.dtype, source[2], self.tokenizer, who=f"teacher {self.name}",
-                                 device_map="auto" if spread else None)
+        with storage.local_copy(weights_dir) if weights_dir else nullcontext() as saved:
+            source = (saved, None, False) if saved else (teacher.model, teacher.hf_config, teacher.trust_remote_code)
+            self.model = build_model(*source[:2], self.dtype, source[2], self.tokenizer,
+                                     who=f"teacher {self.name}", device_map="auto" if spread else None)
         self.padded_rows = check_vocab(self.model, self.tokenizer, f"teachers[{self.name}]")
         self.vocab_size = len(self.tokenizer)
         if getattr(self.model, "hf_device_map", None) is None:
@@ -150,10 +152,10 @@ class TeacherActor:
             self.cache.clear()
 
     def save(self, path: str) -> str:
-        """Save model + tokenizer as a HF directory (safetensors)."""
-        Path(path).mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(path, safe_serialization=True)
-        self.tokenizer.save_pretrained(path)
+        """Save model + tokenizer as a HF directory (safetensors) at ``path`` (a local path or a storage URI)."""
+        with storage.local_folder(path) as local:
+            self.model.save_pretrained(local, safe_serialization=True)
+            self.tokenizer.save_pretrained(local)
         return path
 
     def generate(self, rows: list[dict[str, Any]], max_new_tokens: int = 32) -> list[str]:

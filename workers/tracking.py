@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from specs import storage
+
 MLFLOW_BATCH = 1000  # MLflow's per-call metric limit
 
 
@@ -95,7 +97,8 @@ class MetricsBuffer:
                 self.client.log_artifact(self.run_id, loss_curve_png(history, Path(d) / "loss_curve.png"), "plots")
             if plan is not None:
                 self.client.log_artifact(self.run_id, plan_heatmap_png(plan, Path(d) / "transport_plan.png"), "plots")
-        self.client.log_artifacts(self.run_id, export_dir, "student")
+        with storage.local_copy(export_dir) as local:
+            self.client.log_artifacts(self.run_id, local, "student")
 
 
 def open_buffer(tracking_uri: str, run_id: str) -> MetricsBuffer:
