@@ -94,11 +94,15 @@ def test_distill_and_tune_join_an_existing_cluster_with_token_auth(tmp_path, ray
     assert "student model" in distill.stdout
 
     space = tmp_path / "space.yaml"
-    space.write_text("loss.params.top_k: {grid: [5, 20]}\n")
-    tune = _cli(["tune", str(QUICKSTART), "--space", str(space), *_sets(tmp_path, "joined-sweep", addr)], tmp_path)
+    space.write_text("loss.params.top_k: {choice: [5, 20]}\nloss.params.sinkhorn_reg: {loguniform: [0.01, 1.0]}\n")
+    tune = _cli(["tune", str(QUICKSTART), "--space", str(space), "--search", "optuna", "--num-samples", "2",
+                 *_sets(tmp_path, "joined-sweep", addr)], tmp_path)
     assert tune.returncode == 0, tune.stdout[-3000:] + tune.stderr[-3000:]
     table = [line for line in tune.stdout.splitlines() if line.startswith("| ") and "completed" in line]
     assert len(table) == 2, tune.stdout[-3000:]
+    from orchestrator.config import load_config
+    best = load_config(tmp_path / "joined-sweep" / "best.yaml")  # an optuna sample, within the space
+    assert best.loss.params["top_k"] in (5, 20) and 0.01 <= best.loss.params["sinkhorn_reg"] <= 1.0
 
 
 def test_local_default_never_joins_a_foreign_ray(ray_head, monkeypatch):

@@ -99,11 +99,4 @@ def test_small_asha_sweep_shares_teacher_work_and_logs_runs(tmp_path):
     assert (tmp_path / "sw-best" / "final" / "config.json").exists()
 
 
-@pytest.mark.integration
-def test_optuna_search_runs_trials(tmp_path):
-    _, s = _sweep(tmp_path, "opt",
-                  "loss.params.top_k: {choice: [5, 20]}\nloss.params.sinkhorn_reg: {loguniform: [0.01, 1.0]}\n",
-                  steps=2, eval_every=2, limit=100, batch=4, num_samples=2, search="optuna")
-    assert len(s.table) == 2 and all(r["status"] == "completed" for r in s.table)
-    assert all(r["config"]["loss.params.top_k"] in (5, 20) and 0.01 <= r["config"]["loss.params.sinkhorn_reg"] <= 1.0
-               for r in s.table)
+# Optuna search runs on an existing cluster in tests/test_cluster.py (one sweep serves both checks).
