@@ -99,8 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("distill", help="distil teacher(s) into the student described by CONFIG")
     with_config(d)
     d.add_argument("--resume", action="store_true", help="continue this job's last run from its newest checkpoint")
-    d.add_argument("--baseline", choices=["sft", "uld"],
-                   help="also train this baseline with the same budget and compare")
+    d.add_argument("--baseline", metavar="METHOD",
+                   help="also train with this loss method of mlot.METHODS (e.g. sft, uld), same budget; compare")
     d.set_defaults(func=cmd_distill)
 
     t = sub.add_parser("tune", help="sweep OT settings of CONFIG with Ray Tune (teacher work shared across trials)")

@@ -49,7 +49,7 @@ from specs import (
 
 __all__ = [
     "BUILTIN_DATASETS", "BUILTIN_TOKENIZERS", "DATA_FILE_SUFFIXES", "ClusterConfig", "ConfigError",
-    "ConfigIssue", "DataConfig", "DeepSpeedConfig", "JobConfig", "LossConfig", "ModelSpec",
+    "ConfigIssue", "DataConfig", "DeepSpeedConfig", "EvalConfig", "JobConfig", "LossConfig", "ModelSpec",
     "PretrainConfig", "StudentConfig", "TeacherConfig", "TeacherResources", "Template",
     "TrackingConfig", "TrainConfig", "apply_overrides", "config_from_dict", "dump_config",
     "load_config", "parse_override",
@@ -257,7 +257,13 @@ class TeacherConfig(ModelSpec):
     weight: float = Field(1.0, ge=0, description="Weight of this teacher's distillation loss.")
     replicas: int = Field(1, ge=1, description="Number of actor replicas serving this teacher.")
     resources: TeacherResources = Field(default_factory=TeacherResources, description="Ray resources per replica.")
-    pretrain: PretrainConfig = Field(default_factory=PretrainConfig, description="Brief task pre-training (for tiny random teachers).")
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig, description="Brief task pre-training (for tiny random teachers); null: none.")
+
+    @field_validator("pretrain", mode="before")
+    @classmethod
+    def _no_pretrain(cls, v: Any) -> Any:
+        # `--set teachers.0.pretrain=null` switches it off (the section's defaults are "no pre-training").
+        return {} if v is None else v
 
 
 class DataConfig(_Section):
@@ -388,6 +394,13 @@ class TrainConfig(_Section):
         return self
 
 
+class EvalConfig(_Section):
+    """The end-of-job scoring of the exported student (greedy answers: exact match / F1)."""
+
+    max_rows: int | None = Field(200, ge=1, description="Score a seeded sample of at most this many eval rows (null: all); eval CE during training uses the whole eval split.")
+    num_tasks: int = Field(2, ge=1, description="Ray tasks the scored rows are split over (each loads the student once).")
+
+
 class TrackingConfig(_Section):
     """MLflow tracking."""
 
@@ -423,6 +436,7 @@ class JobConfig(_Section):
     data: DataConfig = Field(..., description="Training / evaluation data.")
     loss: LossConfig = Field(default_factory=LossConfig, description="Distillation loss.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Student training.")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="End-of-job scoring of the exported student.")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow tracking.")
     cluster: ClusterConfig = Field(default_factory=ClusterConfig, description="Ray cluster.")
 

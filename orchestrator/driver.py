@@ -33,11 +33,12 @@ def say(msg: str) -> None:
 # ---------------------------------------------------------------------------- data
 
 
-def load_data(job: JobConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]], int]:
-    """Train and eval rows (mapped field names), after checking every row with every tokenizer.
+def load_data(job: JobConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, int]]:
+    """Train and eval rows (mapped field names), each with one answer text every model can hold.
 
-    Returns (train_rows, eval_rows, skipped). Rows the student or a teacher cannot encode raise
-    (``data.on_bad_row: error``) or are dropped and counted (``skip``), before any training starts.
+    Returns (train_rows, eval_rows, counts): ``counts`` has ``skipped`` (rows the student or a teacher
+    cannot encode, dropped under ``data.on_bad_row: skip``; ``error`` raises) and ``truncated`` (answers
+    cut to fit ``data.max_answer_length`` in every model), over both splits.
     """
     from workers.tasks import load_rows
 
@@ -50,34 +51,45 @@ def load_data(job: JobConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]
         random.Random(job.train.seed).shuffle(shuffled)
         n_eval = int(len(rows) * d.eval_fraction)
         eval_rows, rows = shuffled[:n_eval], shuffled[n_eval:]
-    rows, skipped = check_rows(job, rows, "train")
-    eval_rows, skipped_eval = check_rows(job, eval_rows, "eval")
+    rows, skipped, truncated = check_rows(job, rows, "train")
+    eval_rows, skipped_eval, truncated_eval = check_rows(job, eval_rows, "eval")
     if not rows:
         raise UserError(f"data.source {d.source!r}: no usable training rows")
-    return rows, eval_rows, skipped + skipped_eval
+    return rows, eval_rows, {"skipped": skipped + skipped_eval, "truncated": truncated + truncated_eval}
 
 
-def check_rows(job: JobConfig, rows: list[dict[str, Any]], split: str) -> tuple[list[dict[str, Any]], int]:
-    """Encode each row with the student's and every teacher's tokenizer/template; error or skip bad ones."""
-    from workers.data import BadRowError, encode_batch
+def check_rows(job: JobConfig, rows: list[dict[str, Any]], split: str) -> tuple[list[dict[str, Any]], int, int]:
+    """Encode each row with the student's and every teacher's tokenizer/template, cutting a too-long answer
+    once for all of them (``workers.answer_cut``); error on or skip rows some model cannot encode.
+
+    Returns (rows, skipped, truncated).
+    """
+    from workers.answer_cut import cut_answer
+    from workers.data import BadRowError
     from workers.models import load_tokenizer
+    from workers.tasks import RECORD
 
-    bad: set[int] = set()
-    for spec in [job.student, *job.teachers]:
-        tok = load_tokenizer(spec.tokenizer_name, spec.trust_remote_code)
-        for i in range(0, len(rows), 256):
-            chunk = rows[i:i + 256]
-            try:
-                _, skipped = encode_batch(chunk, tok, spec.template, job.data.max_prompt_length,
-                                          job.data.max_answer_length, on_bad_row=job.data.on_bad_row, first_index=i)
-            except BadRowError:
-                if job.data.on_bad_row == "error":
-                    raise
-                skipped = range(i, i + len(chunk))  # skip mode: a chunk with no good row at all
-            bad.update(skipped)
+    models = [(load_tokenizer(s.tokenizer_name, s.trust_remote_code), s.template) for s in [job.student, *job.teachers]]
+    out, bad, truncated = [], [], 0
+    for i, row in enumerate(rows):
+        index = row.get(RECORD, i)  # the row's place in the source file, not after the eval split's shuffle
+        try:
+            row, cut = cut_answer(row, models, job.data.max_answer_length, index=index)
+        except BadRowError as e:
+            if job.data.on_bad_row == "error":
+                raise BadRowError(e.index, e.field, f"{e.reason} (record {e.index} of data.source "
+                                  f"{job.data.source!r}, 0-based in file order; data.on_bad_row: skip leaves "
+                                  "such rows out)") from None
+            bad.append(index)
+            continue
+        out.append(row)
+        truncated += cut
     if bad:
-        say(f"{split}: skipped {len(bad)} bad row(s) (data.on_bad_row=skip), e.g. rows {sorted(bad)[:5]}")
-    return [r for i, r in enumerate(rows) if i not in bad], len(bad)
+        say(f"{split}: skipped {len(bad)} bad row(s) (data.on_bad_row=skip), e.g. rows {bad[:5]}")
+    if truncated:
+        say(f"{split}: {truncated} answer(s) cut to fit data.max_answer_length={job.data.max_answer_length} "
+            "tokens in every model (the same text on every side)")
+    return out, len(bad), truncated
 
 
 def fingerprint(job: JobConfig) -> str:
@@ -178,8 +190,9 @@ def run_distill(job: JobConfig, *, resume: bool = False, teachers: dict[str, lis
         raise UserError(f"--resume: {run_path} was trained with other model/data/loss settings; "
                         "resume with the config it was started with (steps may change)")
 
-    rows, eval_rows, skipped = load_data(job)
-    say(f"data: {len(rows)} train / {len(eval_rows)} eval rows" + (f", {skipped} skipped" if skipped else ""))
+    rows, eval_rows, counts = load_data(job)
+    say(f"data: {len(rows)} train / {len(eval_rows)} eval rows"
+        + "".join(f", {n} {what}" for what, n in counts.items() if n))
     connect_ray(job)
     check_placeable(job, teachers=teachers is None and job.loss.spec.needs_teacher)
     uri, run_id = start_tracking(job, previous["run_id"] if resume else None, parent_run_id)
@@ -188,8 +201,8 @@ def run_distill(job: JobConfig, *, resume: bool = False, teachers: dict[str, lis
     storage.write_text(state_file, json.dumps(state))
     from mlflow import MlflowClient
     client = MlflowClient(uri)
-    if skipped:
-        client.log_metric(run_id, "data/skipped_rows", skipped)
+    client.log_metric(run_id, "data/skipped_rows", counts["skipped"])
+    client.log_metric(run_id, "data/truncated_answers", counts["truncated"])
     try:
         if teachers is None:
             teachers = start_teachers(job, rows) if job.loss.spec.needs_teacher else {}
@@ -273,29 +286,39 @@ def _fit_stoppable(trainer: Any, stop_signal: Any) -> Any:
 
 
 def evaluate_export(job: JobConfig, export_dir: str, eval_rows: list[dict[str, Any]]) -> dict[str, float]:
-    """Greedy exact match / F1 of the exported student on the eval rows (in a Ray task, near the data)."""
+    """Greedy exact match / F1 of the exported student on a seeded sample of at most ``eval.max_rows`` eval
+    rows, split over ``eval.num_tasks`` Ray tasks; ``n`` is the number of rows scored."""
     import ray
+
+    from workers.evaluate import gold_answers, score
 
     if not eval_rows:
         return {}
+    rows = eval_rows
+    if job.eval.max_rows is not None and len(rows) > job.eval.max_rows:
+        rows = random.Random(job.train.seed).sample(rows, job.eval.max_rows)
+    n_tasks = min(job.eval.num_tasks, len(rows))
+    chunks = [rows[i::n_tasks] for i in range(n_tasks)]
 
     @ray.remote(num_cpus=0.5, num_gpus=1 if job.train.use_gpu else 0, scheduling_strategy=outside_pg())
-    def _score(path: str, rows: list[dict[str, Any]]) -> dict[str, float]:
+    def _answers(path: str, chunk: list[dict[str, Any]]) -> list[str]:
         import torch
         from transformers import AutoModelForCausalLM
 
-        from workers.evaluate import gold_answers, greedy_answers, score
+        from workers.evaluate import greedy_answers
         from workers.models import load_tokenizer
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
         with storage.local_copy(path) as local:
             model = AutoModelForCausalLM.from_pretrained(local).to(device)
             tok = load_tokenizer(local)
-        preds = greedy_answers(model, tok, job.student.template, rows, job.data.max_prompt_length,
-                               job.data.max_answer_length, device)
-        return score(preds, [gold_answers(r) for r in rows])
+        return greedy_answers(model, tok, job.student.template, chunk, job.data.max_prompt_length,
+                              job.data.max_answer_length, device)
 
-    return ray.get(_score.remote(export_dir, eval_rows))
+    answers = ray.get([_answers.remote(export_dir, chunk) for chunk in chunks])
+    predictions = [a for chunk_answers in answers for a in chunk_answers]
+    golds = [gold_answers(r) for chunk in chunks for r in chunk]
+    return {**score(predictions, golds), "n": float(len(rows))}
 
 
 def run_with_baseline(job: JobConfig, baseline: str = "sft") -> tuple[DistillSummary, DistillSummary]:
@@ -303,9 +326,8 @@ def run_with_baseline(job: JobConfig, baseline: str = "sft") -> tuple[DistillSum
     none, e.g. sft), for comparison."""
     from mlot.methods import get_method
 
-    main = run_distill(job)
-    overrides = [f"name={job.name}-{baseline}", f"loss.method={baseline}"]
-    base_job = apply_overrides(job, overrides)
+    # The baseline's config is validated first: a typo must not cost the main run.
+    base_job = apply_overrides(job, [f"name={job.name}-{baseline}", f"loss.method={baseline}"])
     if not get_method(baseline).needs_teacher:
         base_job = base_job.model_copy(update={"teachers": []})
-    return main, run_distill(base_job)
+    return run_distill(job), run_distill(base_job)

@@ -184,3 +184,12 @@ def test_teachers_and_students_land_on_their_accelerator_types(tmp_path, hetero_
     with pytest.raises(UserError, match=r"train .*'GPU': 1\.0"):
         run_distill(apply_overrides(job, ["train.num_workers=3"]), teachers=teachers, evaluate=False)
     assert time.time() - t0 < 60
+
+    # A sweep on this cluster: its shared teachers take the A100s, its trial's workers the H100s.
+    from orchestrator.tune import run_tune
+    for actor in teachers["teacher-sp"]:
+        ray.kill(actor)  # free the A100s for the sweep's own shared teachers
+    space = tmp_path / "space.yaml"
+    space.write_text("loss.params.top_k: {grid: [5]}\n")
+    sweep = run_tune(apply_overrides(job, ["name=hetero-sweep", "train.eval_every=2"]), str(space))
+    assert [row["status"] for row in sweep.table] == ["completed"]

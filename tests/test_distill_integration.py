@@ -67,7 +67,8 @@ def test_zero2_two_workers_reference_mode_end_to_end(tmp_path, ray_cluster, monk
     from orchestrator.driver import run_distill
     gets = _record_driver_gets(monkeypatch)
     job = _job(tmp_path, "z2", "train.num_workers=2", "student.deepspeed.stage=2", "loss.mode=reference",
-               f"output_dir=file://{tmp_path}", "teachers.0.pretrain.steps=3", "student.gradient_checkpointing=true")
+               f"output_dir=file://{tmp_path}", "teachers.0.pretrain.steps=3", "student.gradient_checkpointing=true",
+               "eval.max_rows=15", "eval.num_tasks=2")
     calls = tmp_path / "collectives.txt"
     s = run_distill(job, callbacks=[RecordCollectives(str(calls))])
     # Every collective (the loop's agreement on skips, the stop signal, eval CE; DeepSpeed's gradient
@@ -106,6 +107,7 @@ def test_zero2_two_workers_reference_mode_end_to_end(tmp_path, ray_cluster, monk
             | {a.path for a in client.list_artifacts(s.run_id, "plots")})
     assert {"config.yaml", "student", "plots/loss_curve.png"} <= arts
     assert "final/exact_match" in run.data.metrics
+    assert run.data.metrics["final/n"] == 15  # a bounded sample of the 40 eval rows, over 2 Ray tasks
 
     ckpts = sorted(p for p in (tmp_path / "z2" / "ray").glob("*/checkpoint_*") if p.is_dir())
     assert len(ckpts) == 2  # steps 2 and 4

@@ -24,7 +24,7 @@ from workers.models import (
     model_vocab_size,
     trim_padded_vocab,
 )
-from workers.tasks import load_rows, quickstart_dataset
+from workers.tasks import RECORD, load_rows, quickstart_dataset
 
 BUILTINS = {"builtin:wordpiece": 30_522, "builtin:sentencepiece": 32_000, "builtin:tekken": 131_072}
 QED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "qed" / "validation.jsonl"
@@ -325,7 +325,7 @@ def test_load_rows_from_local_files(tmp_path, kind):
     path = _write_rows(tmp_path, kind)
     rows = load_rows(str(path), None, "train", {"prompt": "q", "answer": "a"}, limit=3)
     assert len(rows) == 3
-    assert rows[1] == {"prompt": "question 1", "answer": "answer 1", "answer_all": ["answer 1", "alt"]}
+    assert rows[1] == {RECORD: 1, "prompt": "question 1", "answer": "answer 1", "answer_all": ["answer 1", "alt"]}
     with pytest.raises(UserError, match=r"no column 'question'.*'prompt'.*\['q', 'a', 'id'\]") as info:
         load_rows(str(path), None, "train", {"prompt": "question", "answer": "a"}, None)
     assert str(path) in str(info.value)
@@ -335,9 +335,26 @@ def test_load_rows_missing_file_and_builtin(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         load_rows(str(tmp_path / "nope.jsonl"), None, "train", {"prompt": "q"}, None)
     rows = load_rows("builtin:quickstart", None, "train", {"prompt": "prompt", "answer": "answer"}, limit=10)
-    assert rows == quickstart_dataset()[:10]
+    assert [{k: v for k, v in r.items() if k != RECORD} for r in rows] == quickstart_dataset()[:10]
+    assert [r[RECORD] for r in rows] == list(range(10))
     with pytest.raises(UserError, match="no column 'question'"):
         load_rows("builtin:quickstart", None, "train", {"prompt": "question"}, None)
+
+
+def test_save_to_disk_datasets_load_and_a_malformed_line_names_its_line(tmp_path):
+    import datasets
+    records = {"q": ["q0", "q1", "q2"], "a": ["a0", "a1", "a2"]}
+    datasets.Dataset.from_dict(records).save_to_disk(str(tmp_path / "flat"))
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict(records)}).save_to_disk(str(tmp_path / "splits"))
+    for saved in ("flat", "splits"):
+        rows = load_rows(str(tmp_path / saved), None, "train", {"prompt": "q", "answer": "a"}, None)
+        assert [(r["prompt"], r["answer"], r[RECORD]) for r in rows] == [(f"q{i}", f"a{i}", i) for i in range(3)]
+    with pytest.raises(UserError, match=r"has splits \['train'\], not 'validation'"):
+        load_rows(str(tmp_path / "splits"), None, "validation", {"prompt": "q", "answer": "a"}, None)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"q": "x", "a": "y"}\n{"q": "x", "a": "y"}\n{"q": "broken, "a": 1}\n')
+    with pytest.raises(UserError, match=r"bad.jsonl.*line 3: not valid JSON"):
+        load_rows(str(bad), None, "train", {"prompt": "q", "answer": "a"}, None)
 
 
 def test_empty_list_answer_becomes_a_bad_row(tmp_path):

@@ -18,6 +18,9 @@ from specs import Template, UserError
 
 logger = logging.getLogger(__name__)
 
+#: Marks a row whose answer was cut to fit every model (``workers.answer_cut``): no EOS is appended to it.
+ANSWER_CUT = "__answer_cut__"
+
 class BadRowError(UserError, ValueError):
     """A row that cannot be encoded: names the row index and the field.
 
@@ -128,7 +131,8 @@ def encode_example(
     * Prompt ids start with the tokenizer's BOS/[CLS] when it adds one, and carry no trailing
       special token (BERT's [SEP] is dropped). Too long: cut from the left, keeping the BOS.
     * Answer ids are the answer text encoded without special tokens, then eos if
-      ``template.eos``. Too long: cut from the right to ``max_answer_length`` (so the eos goes).
+      ``template.eos`` (not for a row whose answer was cut to fit every model, marked ``ANSWER_CUT``:
+      ``workers.answer_cut``). Still too long: cut from the right to ``max_answer_length`` (so the eos goes).
     * ``template.chat``: the conversation ``[user: prompt, assistant: answer]`` is rendered with the
       tokenizer's chat template; the answer is the suffix beyond the rendering of
       ``[user: prompt]`` with the generation prompt (that rendering must be a prefix).
@@ -162,18 +166,19 @@ def encode_example(
     eos_id = tokenizer.eos_token_id
     if template.eos and eos_id is None:
         raise ValueError("template.eos is set but the tokenizer has no eos token (use workers.models.load_tokenizer)")
+    eos = template.eos and not row.get(ANSWER_CUT)  # a cut answer does not end where it stops
 
     if template.chat:
-        prefix, body, answer_ids = _encode_chat(tokenizer, prompt_text, answer_text.strip(), template.eos, eos_id)
+        prefix, body, answer_ids = _encode_chat(tokenizer, prompt_text, answer_text.strip(), eos, eos_id)
     else:
         body = _ids(tokenizer, prompt_text, False)
         prefix = _special_prefix(tokenizer, prompt_text, body)
         answer_ids = _ids(tokenizer, answer_text, False)
-        if template.eos:
+        if eos:
             answer_ids = answer_ids + [eos_id]
     if not body:
         raise BadRowError(index, (template.prompt_fields() or ["prompt"])[0], "prompt has no tokens after tokenisation")
-    if not answer_ids or (template.eos and answer_ids == [eos_id]):
+    if not answer_ids or (eos and answer_ids == [eos_id]):
         raise BadRowError(index, a_fields[0] if a_fields else "answer", "answer has no tokens after tokenisation")
 
     prompt_ids = _truncate_prompt(prefix, body, max_prompt_length)

@@ -12,6 +12,9 @@ from typing import Any, Sequence
 
 from specs import DATA_FILE_FORMATS, UserError
 
+#: Each row's position in its source (file order, 0-based), kept through shuffles for error messages.
+RECORD = "__record__"
+
 # --- the quickstart task ------------------------------------------------------------------------
 #
 # Facts about everyday things, asked in varied words and by varied people. Every row is a distinct
@@ -159,8 +162,14 @@ def load_records(
 
     path = Path(source)
     suffix = path.suffix.lower()
-    if suffix in DATA_FILE_FORMATS and path.is_file():
-        ds = datasets.load_dataset(DATA_FILE_FORMATS[suffix], data_files={"train": str(path)}, split="train")
+    if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
+        ds = _from_disk(path, split)  # written by datasets' save_to_disk
+        label = f"{source!r} split {split!r}"
+    elif suffix in DATA_FILE_FORMATS and path.is_file():
+        try:
+            ds = datasets.load_dataset(DATA_FILE_FORMATS[suffix], data_files={"train": str(path)}, split="train")
+        except datasets.exceptions.DatasetGenerationError as e:
+            raise UserError(f"data.source {source!r}: {_first_bad_line(path) or e}") from e
         label = repr(source)
     elif suffix in DATA_FILE_FORMATS and not path.exists():
         # Hub dataset ids never end in a file extension: this was meant as a local file.
@@ -171,6 +180,38 @@ def load_records(
     if limit is not None:
         ds = ds.select(range(min(limit, len(ds))))
     return ds, list(ds.column_names), label
+
+
+def _from_disk(path: Path, split: str) -> Any:
+    """A dataset saved with ``save_to_disk``: a Dataset, or a DatasetDict's ``split``."""
+    import datasets
+
+    ds = datasets.load_from_disk(str(path))
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise UserError(f"data.source {str(path)!r} (save_to_disk) has splits {list(ds)}, not {split!r}: "
+                            "set data.train_split / data.eval_split")
+        ds = ds[split]
+    return ds
+
+
+def _first_bad_line(path: Path) -> str | None:
+    """'line N: what is wrong' for the first line of a JSON-lines file that is not a JSON object."""
+    import json
+
+    if path.suffix.lower() != ".jsonl":
+        return None
+    with path.open(encoding="utf-8", errors="replace") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                return f"line {n}: not valid JSON ({e.msg} at column {e.colno}); fix or remove the line"
+            if not isinstance(obj, dict):
+                return f"line {n}: a JSON {type(obj).__name__}, not an object of columns"
+    return None
 
 
 def load_rows(
@@ -213,7 +254,7 @@ def load_rows(
             )
     rows: list[dict[str, Any]] = []
     for i, record in enumerate(records):
-        row: dict[str, Any] = {}
+        row: dict[str, Any] = {RECORD: i}
         for field, column in columns.items():
             found, value = _lookup(record, column)
             if not found:
