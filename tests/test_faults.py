@@ -65,7 +65,7 @@ def test_teacher_death_is_survived_without_stale_payloads(tmp_path, fresh_ray):
     import ray
 
     from orchestrator.driver import connect_ray, load_data, run_distill, start_teachers
-    job = quickstart_job(tmp_path, "teacher-dies", "train.steps=30", "train.checkpoint_every=30",
+    job = quickstart_job(tmp_path, "teacher-dies", "train.steps=20", "train.checkpoint_every=20",
                          "train.eval_every=null")
     rows, _, _ = load_data(job)
     connect_ray(job)
@@ -81,9 +81,9 @@ def test_teacher_death_is_survived_without_stale_payloads(tmp_path, fresh_ray):
     s = run_distill(job, teachers=teachers)
     killer.join(timeout=5)
     # Every step trained, each on the payload of its own batch (the worker checks every batch id).
-    assert [st for st, _ in metric_history(s, "train/loss")] == list(range(1, 31))
+    assert [st for st, _ in metric_history(s, "train/loss")] == list(range(1, 21))
     # The replacement actor started from scratch and served the rest of the run.
-    assert ray.get(actor.info.remote())["forward_rows"] < 30 * 16
+    assert ray.get(actor.info.remote())["forward_rows"] < 20 * 16
     assert max(v for _, v in metric_history(s, "train/teacher_wait_s")) > 0.5  # the wait was logged
 
 
@@ -127,7 +127,7 @@ def test_tracking_server_outage_loses_no_metrics(tmp_path, fresh_ray):
     port, db = _free_port(), tmp_path / "server.db"
     servers = [_mlflow_server(db, port)]
     uri = f"http://127.0.0.1:{port}"
-    job = quickstart_job(tmp_path, "outage", "train.steps=150", "train.checkpoint_every=150",
+    job = quickstart_job(tmp_path, "outage", "train.steps=80", "train.checkpoint_every=80",
                          "train.eval_every=null", f"tracking.uri={uri}")
     phase = {"now": "waiting for 10 logged steps"}
 
@@ -155,7 +155,7 @@ def test_tracking_server_outage_loses_no_metrics(tmp_path, fresh_ray):
         t.join(timeout=300)
         assert phase["now"] == "server back", f"the outage thread did not finish; last phase: {phase['now']}"
         steps = [st for st, _ in metric_history(s, "train/loss")]
-        assert sorted(steps) == list(range(1, 151))  # metrics logged during the outage arrived afterwards
+        assert sorted(steps) == list(range(1, 81))  # metrics logged during the outage arrived afterwards
         assert metric_history(s, "tracking/gap_steps")[0][1] > 0  # and the gap is reported
     finally:
         for proc in servers:

@@ -55,8 +55,8 @@ def _sweep(tmp_path, name: str, space_text: str, *, steps: int, eval_every: int,
         ray.shutdown()
 
 
-# One good learning rate and two hopeless ones: ASHA must stop the hopeless trials early.
-ASHA_SPACE = "train.lr: {grid: [3.0e-3, 1.0e-9, 2.0e-9]}\nloss.params.teacher_temperature: {choice: [1.0, 1.5]}\n"
+# One good learning rate and a hopeless one: ASHA must stop the hopeless trial early.
+ASHA_SPACE = "train.lr: {grid: [3.0e-3, 1.0e-9]}\nloss.params.teacher_temperature: {choice: [1.0, 1.5]}\n"
 
 
 @pytest.mark.integration
@@ -68,7 +68,7 @@ def test_small_asha_sweep_shares_teacher_work_and_logs_runs(tmp_path):
 
     small = {"steps": 6, "eval_every": 2, "limit": 300, "batch": 8, "num_samples": 1, "scheduler": "asha"}
     job, s = _sweep(tmp_path, "sw", ASHA_SPACE, **small)  # 2 cores: one trial at a time
-    assert len(s.table) == 3
+    assert len(s.table) == 2
     assert s.table[0]["config"]["train.lr"] == 3.0e-3 and s.table[0]["status"] == "completed"
     assert any(row["status"] == "stopped early" for row in s.table)
     # Shared teachers: every trial asked for the same 6 batches (+ prefetch), one forward pass each.
@@ -77,7 +77,7 @@ def test_small_asha_sweep_shares_teacher_work_and_logs_runs(tmp_path):
     client = MlflowClient(job.tracking.resolved_uri())
     parent = client.get_run(s.parent_run_id)
     children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{s.parent_run_id}'")
-    assert len(children) == 3 and all(c.info.status in ("FINISHED", "KILLED") for c in children)
+    assert len(children) == 2 and all(c.info.status in ("FINISHED", "KILLED") for c in children)
     assert {a.path for a in client.list_artifacts(s.parent_run_id)} >= {"results.md", "space.yaml", "plots"}
     assert json.loads((tmp_path / "sw" / "sweep.json").read_text())["parent_run_id"] == s.parent_run_id
 
@@ -85,7 +85,7 @@ def test_small_asha_sweep_shares_teacher_work_and_logs_runs(tmp_path):
     _, again = _sweep(tmp_path, "sw", ASHA_SPACE, **small, resume=True)
     assert again.parent_run_id == s.parent_run_id
     assert [(r["config"], r["status"]) for r in again.table] == [(r["config"], r["status"]) for r in s.table]
-    assert len(client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{s.parent_run_id}'")) == 3
+    assert len(client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{s.parent_run_id}'")) == 2
 
     # The best config is a complete job config: `mlot distill` runs it.
     from orchestrator.cli import main

@@ -54,7 +54,7 @@ class StopSignal:
 class StepStats:
     """What one optimizer step's micro-batches add up to."""
 
-    sums: dict[str, float] = field(default_factory=dict)  # loss terms, summed over counted micro-batches
+    sums: dict[str, Any] = field(default_factory=dict)  # loss terms (tensors: no device sync per micro-batch)
     counted: int = 0
     tokens: int = 0
     wait_s: dict[str, float] = field(default_factory=dict)
@@ -71,10 +71,10 @@ class StepStats:
     def add_terms(self, parts: dict[str, torch.Tensor]) -> None:
         self.counted += 1
         for k, v in parts.items():
-            self.sums[k] = self.sums.get(k, 0.0) + float(v)
+            self.sums[k] = self.sums.get(k, 0.0) + v
 
     def metrics(self, elapsed: float, world: int) -> dict[str, float]:
-        out = {f"train/{k}": v / self.counted for k, v in self.sums.items()}
+        out = {f"train/{k}": float(v) / self.counted for k, v in self.sums.items()}
         wait = sum(self.wait_s.values())
         out.update({"train/tokens_per_s": self.tokens * world / elapsed, "train/step_s": elapsed,
                     "train/teacher_wait_s": wait, "train/teacher_wait_frac": wait / elapsed})
