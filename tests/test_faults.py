@@ -28,27 +28,24 @@ def fresh_ray():
     ray.shutdown()
 
 
-def _last_per_step(history):
-    """The value each step ended with (a step re-run after a restart is logged twice)."""
-    return dict(history)
-
-
-def test_worker_death_restarts_from_checkpoint_and_matches_undisturbed_run(tmp_path, fresh_ray):
+def test_worker_death_restarts_from_checkpoint_and_replays_the_same_steps(tmp_path, fresh_ray):
+    """Rank 0 dies after step 6 of 8; the group restarts from the step-4 checkpoint and steps 5-6, trained
+    again, give the losses they gave before the crash (restore is exact: weights, optimizer, schedule, RNG,
+    data position). That a resumed run equals an uninterrupted one is checked under ZeRO-3 in
+    test_distill_integration."""
     from orchestrator.driver import run_distill
     common = ("train.steps=8", "train.checkpoint_every=4", "train.eval_every=null", "train.max_failures=1")
     exit_at_6 = ExitAtStep(6, str(tmp_path / "crash" / "fault_injected"))  # rank 0 os._exit(1)s after step 6, once
     crashed = run_distill(quickstart_job(tmp_path, "crash", *common), callbacks=[exit_at_6])
-    clean = run_distill(quickstart_job(tmp_path, "clean", *common))
 
     assert (tmp_path / "crash" / "fault_injected").read_text() == "6"
     hist = metric_history(crashed, "train/loss")
     steps = [s for s, _ in hist]
     assert steps.count(5) == 2 and steps.count(6) == 2  # steps 5-6 were trained again after the restart
     assert sorted(set(steps)) == list(range(1, 9))
-    got, want = _last_per_step(hist), _last_per_step(metric_history(clean, "train/loss"))
-    assert got.keys() == want.keys()
-    for step in want:
-        assert got[step] == pytest.approx(want[step], rel=1e-5, abs=1e-6), step
+    for step in (5, 6):
+        before, after = [v for s, v in hist if s == step]
+        assert after == pytest.approx(before, rel=1e-5, abs=1e-6), step
 
 
 def test_consecutive_nonfinite_micro_batches_stop_the_run(tmp_path, fresh_ray):
