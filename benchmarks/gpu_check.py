@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 from common import PeakMemory, timeit
+from loss import make_inputs  # the benchmarks folder is on the path: this is a script beside them
 
 import mlot
 from mlot.ot import sinkhorn_log, uniform_log_marginal
@@ -72,8 +73,6 @@ def plain_paper(s, ls, t, lt, k=50, tau_sd=2.0, reg=0.1, iters=20, beta=0.1, gam
 
 
 def inputs(B, L, T, vs, vt, device, seed=0):
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    from loss import make_inputs
     return make_inputs(B, L, T, vs, vt, device, torch.float32, seed)
 
 
