@@ -20,8 +20,9 @@ from mlflow import MlflowClient
 import mlot
 from orchestrator.cli import QUICKSTART, bundled_config
 from orchestrator.config import load_config
-from orchestrator.driver import connect_ray, load_data, run_distill, start_teachers
+from orchestrator.driver import connect_ray, prepare_data, run_distill, start_teachers
 from workers.payload_stream import BatchOrder
+from workers.prepared import Rows
 
 
 def metric(summary, key: str, skip: int = 2) -> list[float]:
@@ -44,9 +45,9 @@ def main() -> None:
             "train.warmup_steps=0", f"train.checkpoint_every={args.steps}", "train.eval_every=null",
             "teachers.0.pretrain.steps=0", f"train.num_workers={args.workers}", *args.set]
     job = load_config(bundled_config(QUICKSTART), [*base, "name=live"])
-    rows, _, _ = load_data(job)
+    data = prepare_data(job)
     connect_ray(job)
-    teachers = start_teachers(job, rows)
+    teachers = start_teachers(job, data)
     live = run_distill(job, teachers=teachers)
 
     # The same teacher behind a cache, warmed with exactly the batches the workers will ask for.
@@ -55,10 +56,11 @@ def main() -> None:
     world, ga = job.train.num_workers, job.train.grad_accum
     warm = []
     for rank in range(world):
-        order = BatchOrder(rows, rank, world, job.train.batch_size, job.train.seed)
+        order = BatchOrder(data.sizes["train"], rank, world, job.train.batch_size, job.train.seed)
         for m in range(args.steps * ga + job.train.prefetch + 1):
+            rows = Rows(data, "train", tuple(order(m)))
             for hs in cached.values():
-                warm.append(hs[(m * world + rank) % len(hs)].payload.remote(order(m), loss=job.loss))
+                warm.append(hs[(m * world + rank) % len(hs)].payload.remote(rows, loss=job.loss))
     ray.wait(warm, num_returns=len(warm))
     job2 = load_config(bundled_config(QUICKSTART), [*base, "name=precomputed"])
     pre = run_distill(job2, teachers=cached)

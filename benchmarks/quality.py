@@ -139,7 +139,7 @@ def main() -> int:
 
     from orchestrator.cli import bundled_config
     from orchestrator.config import load_config
-    from orchestrator.driver import connect_ray, load_data, run_distill, start_teachers
+    from orchestrator.driver import connect_ray, prepare_data, run_distill, start_teachers
     from orchestrator.evaluation import run_eval, score_predictions
     from orchestrator.generate import run_generate
     from specs import storage
@@ -164,10 +164,11 @@ def main() -> int:
         return run_eval(model_dir, str(test_file), COLUMNS, template=spec.template,
                         max_prompt_length=d.max_prompt_length, max_new_tokens=d.max_answer_length, metric="qa")
 
-    train_rows = load_data(teacher_job)[0]
-    print(f"[quality] QED: {len(train_rows)} train / {len(test_rows)} held-out rows; working folder {out}", flush=True)
+    data = prepare_data(teacher_job)
+    print(f"[quality] QED: {data.sizes['train']} train / {len(test_rows)} held-out rows; working folder {out}",
+          flush=True)
     connect_ray(teacher_job)
-    teachers = start_teachers(teacher_job, train_rows)
+    teachers = start_teachers(teacher_job, data)
     teacher_scores = evaluate(storage.join(teacher_job.run_path, "teachers", TEACHER), teacher_job.teachers[0])
     llama = load_rows(str(test_file), None, "validation", {"answer": "teacher_answer"})
     reference = score_predictions([r["answer"] for r in llama], [gold_answers(r) for r in test_rows], "qa")

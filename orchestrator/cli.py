@@ -1,4 +1,4 @@
-"""The ``mlot`` command line: distill, validate, quickstart, tune, generate, eval.
+"""The ``mlot`` command line: distill, validate, quickstart, tune, teach, generate, eval.
 
 Exit codes: 0 done, 2 bad input (a ``specs.UserError``: the message names what to fix), 130 interrupted;
 any other exception is a bug and keeps its traceback."""
@@ -78,6 +78,18 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_teach(args: argparse.Namespace) -> int:
+    from orchestrator.teach import run_teach
+
+    job = _load(args)
+    paths = run_teach(job, args.out, fmt=args.format, compress=args.compress, hidden_dtype=args.hidden_dtype,
+                      batch_size=args.batch_size, shard_rows=args.shard_rows)
+    for i, t in enumerate(job.teachers):
+        if t.name in paths:
+            print(f"  teacher {t.name}: {paths[t.name]}   (distil from it: --set teachers.{i}.store={paths[t.name]})")
+    return 0
+
+
 def cmd_quickstart(args: argparse.Namespace) -> int:
     args.config = str(bundled_config(QUICKSTART))
     args.baseline = "sft"
@@ -116,6 +128,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="each trial starts its own teachers (for comparison)")
     t.add_argument("--resume", action="store_true", help="continue an interrupted sweep of this job")
     t.set_defaults(func=cmd_tune)
+
+    te = sub.add_parser("teach", help="run every teacher over the job's rows once and write a store per teacher "
+                        "that distill / tune read instead of live teachers (teachers.N.store)")
+    with_config(te)
+    te.add_argument("--out", help="where the stores go (default: <output_dir>/<name>/store); one folder per teacher")
+    te.add_argument("--format", choices=["payload", "hidden"], default="payload",
+                    help="payload: top-k payloads, exact for this loss's settings; hidden: final hidden states + "
+                    "LM head, exact for any temperature / top-k / mode (default: payload)")
+    te.add_argument("--compress", choices=["fp16"], help="payload format: probabilities in fp16 (rel. error <= 2^-11)")
+    te.add_argument("--hidden-dtype", choices=["bfloat16", "float32"], default="bfloat16",
+                    help="hidden format: bfloat16 (half the bytes) or float32 (payloads identical to live teachers)")
+    te.add_argument("--batch-size", type=int, default=64, help="rows per teacher forward (sorted by length)")
+    te.add_argument("--shard-rows", type=int, default=1024, help="rows per store shard (the unit of resumption)")
+    te.set_defaults(func=cmd_teach)
 
     from orchestrator.evaluation import add_eval_parser
     from orchestrator.generate import add_generate_parser

@@ -154,7 +154,7 @@ def check_placeable(job: Any, *, teachers: bool = True, workers: bool = True) ->
         return
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
     wants = [(f"teachers.{i}.resources ({t.name}, {t.replicas} replica(s))", teacher_request(t), t.replicas)
-             for i, t in enumerate(job.teachers) if teachers]
+             for i, t in enumerate(job.teachers) if teachers and not t.store]
     if workers:
         wants.append(("train (one worker: train.use_gpu / accelerator_type / resources_per_worker)",
                       worker_request(job.train), job.train.num_workers))

@@ -258,6 +258,7 @@ class TeacherConfig(ModelSpec):
     replicas: int = Field(1, ge=1, description="Number of actor replicas serving this teacher.")
     resources: TeacherResources = Field(default_factory=TeacherResources, description="Ray resources per replica.")
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig, description="Brief task pre-training (for tiny random teachers); null: none.")
+    store: str | None = Field(None, min_length=1, description="A teacher store made by `mlot teach` (a folder or URI): read this teacher's outputs from it instead of running it (no teacher resources); refused if it does not match the job.")
 
     @field_validator("pretrain", mode="before")
     @classmethod
@@ -280,6 +281,8 @@ class DataConfig(_Section):
     max_answer_length: int = Field(64, ge=1, description="Answer tokens kept (per model's tokenizer).")
     on_bad_row: Literal["error", "skip"] = Field("error", description="What to do with a row that cannot be templated/tokenized.")
     limit: int | None = Field(None, ge=1, description="Use only the first N rows.")
+    num_proc: int | None = Field(None, ge=1, description="Processes that tokenise the rows (one pass for every model, cached); null: 1 below 10,000 rows, else one per CPU up to 8.")
+    cache_dir: str | None = Field(None, min_length=1, description="Where tokenised data is cached by fingerprint (a rerun or a sweep's trials tokenise nothing); a folder every node shares, or a URI. null: <output_dir>/.cache/data.")
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
@@ -482,6 +485,13 @@ class JobConfig(_Section):
         path, or a URI such as ``s3://bucket/runs/<name>``; see ``specs.storage``)."""
         from specs.storage import join
         return join(self.output_dir, self.name)
+
+    @property
+    def data_cache(self) -> str:
+        """Where tokenised data is cached: ``data.cache_dir``, else ``<output_dir>/.cache/data`` (shared by the
+        jobs and sweeps that write there)."""
+        from specs.storage import join
+        return join(self.data.cache_dir or self.output_dir, *([] if self.data.cache_dir else [".cache", "data"]))
 
     def to_flat_dict(self) -> dict[str, Any]:
         """Dotted keys -> leaf values (``{"train.lr": 1e-4, "teachers.0.name": ...}``), for MLflow params.

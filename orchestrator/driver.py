@@ -33,63 +33,16 @@ def say(msg: str) -> None:
 # ---------------------------------------------------------------------------- data
 
 
-def load_data(job: JobConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, int]]:
-    """Train and eval rows (mapped field names), each with one answer text every model can hold.
+def prepare_data(job: JobConfig) -> Any:
+    """The job's rows, tokenised for the student and every teacher in one cached pass (``workers.prepared``);
+    returns its ``DataRef`` (where it is, rows per split, skipped/truncated counts, whether it was a cache hit)."""
+    from workers.prepared import prepare
 
-    Returns (train_rows, eval_rows, counts): ``counts`` has ``skipped`` (rows the student or a teacher
-    cannot encode, dropped under ``data.on_bad_row: skip``; ``error`` raises) and ``truncated`` (answers
-    cut to fit ``data.max_answer_length`` in every model), over both splits.
-    """
-    from workers.tasks import load_rows
-
-    d = job.data
-    rows = load_rows(d.source, d.name, d.train_split, d.columns, d.limit)
-    if d.eval_split:
-        eval_rows = load_rows(d.source, d.name, d.eval_split, d.columns, d.limit)
-    else:
-        shuffled = rows[:]
-        random.Random(job.train.seed).shuffle(shuffled)
-        n_eval = int(len(rows) * d.eval_fraction)
-        eval_rows, rows = shuffled[:n_eval], shuffled[n_eval:]
-    rows, skipped, truncated = check_rows(job, rows, "train")
-    eval_rows, skipped_eval, truncated_eval = check_rows(job, eval_rows, "eval")
-    if not rows:
-        raise UserError(f"data.source {d.source!r}: no usable training rows")
-    return rows, eval_rows, {"skipped": skipped + skipped_eval, "truncated": truncated + truncated_eval}
-
-
-def check_rows(job: JobConfig, rows: list[dict[str, Any]], split: str) -> tuple[list[dict[str, Any]], int, int]:
-    """Encode each row with the student's and every teacher's tokenizer/template, cutting a too-long answer
-    once for all of them (``workers.answer_cut``); error on or skip rows some model cannot encode.
-
-    Returns (rows, skipped, truncated).
-    """
-    from workers.answer_cut import cut_answer
-    from workers.data import BadRowError
-    from workers.models import load_tokenizer
-    from workers.tasks import RECORD
-
-    models = [(load_tokenizer(s.tokenizer_name, s.trust_remote_code), s.template) for s in [job.student, *job.teachers]]
-    out, bad, truncated = [], [], 0
-    for i, row in enumerate(rows):
-        index = row.get(RECORD, i)  # the row's place in the source file, not after the eval split's shuffle
-        try:
-            row, cut = cut_answer(row, models, job.data.max_answer_length, index=index)
-        except BadRowError as e:
-            if job.data.on_bad_row == "error":
-                raise BadRowError(e.index, e.field, f"{e.reason} (record {e.index} of data.source "
-                                  f"{job.data.source!r}, 0-based in file order; data.on_bad_row: skip leaves "
-                                  "such rows out)") from None
-            bad.append(index)
-            continue
-        out.append(row)
-        truncated += cut
-    if bad:
-        say(f"{split}: skipped {len(bad)} bad row(s) (data.on_bad_row=skip), e.g. rows {bad[:5]}")
-    if truncated:
-        say(f"{split}: {truncated} answer(s) cut to fit data.max_answer_length={job.data.max_answer_length} "
-            "tokens in every model (the same text on every side)")
-    return out, len(bad), truncated
+    data = prepare(job, job.data_cache, job.data.num_proc, say=say)
+    say(f"data: {data.sizes['train']} train / {data.sizes.get('eval', 0)} eval rows"
+        + "".join(f", {n} {what}" for what, n in data.counts.items() if n)
+        + (" (tokenisation cache hit" if data.cache_hit else " (tokenised") + f" in {data.seconds:.1f}s)")
+    return data
 
 
 def fingerprint(job: JobConfig) -> str:
@@ -101,7 +54,7 @@ def fingerprint(job: JobConfig) -> str:
         "student": job.student.model_dump(mode="json", exclude={"deepspeed"}),
         "teachers": [t.model_dump(mode="json", include={"name", "model", "hf_config", "tokenizer", "template"})
                      for t in job.teachers],
-        "data": job.data.model_dump(mode="json"),
+        "data": job.data.model_dump(mode="json", exclude={"num_proc", "cache_dir"}),
         "loss": job.loss.model_dump(mode="json"),
         "train": job.train.model_dump(mode="json", include={"batch_size", "grad_accum", "seed", "num_workers"}),
     }
@@ -111,8 +64,9 @@ def fingerprint(job: JobConfig) -> str:
 # ---------------------------------------------------------------------------- Ray, teachers, tracking
 
 
-def start_teachers(job: JobConfig, train_rows: list[dict[str, Any]], cache: bool = False) -> dict[str, list[Any]]:
-    """Start every teacher's replicas on its own resources; pretrain tiny teachers first if asked.
+def start_teachers(job: JobConfig, data: Any, cache: bool = False) -> dict[str, list[Any]]:
+    """Start every teacher's replicas on its own resources; pretrain tiny teachers first (on ``data``'s training
+    rows, a ``workers.prepared.DataRef``) if asked.
 
     ``cache``: keep hidden states so later requests for a batch (a sweep's other trials) skip the forward.
     """
@@ -123,13 +77,16 @@ def start_teachers(job: JobConfig, train_rows: list[dict[str, Any]], cache: bool
     check_placeable(job, workers=False)
     teachers: dict[str, list[Any]] = {}
     for t in job.teachers:
+        if t.store:
+            teachers[t.name] = start_store_teacher(job, t)
+            continue
         actor = ray.remote(TeacherActor).options(**teacher_options(t))
         saved = storage.join(job.run_path, "teachers", t.name)
         if t.pretrain.steps and not storage.exists(storage.join(saved, "config.json")):
             say(f"teacher {t.name}: pretraining {t.pretrain.steps} steps on the task")
             t0 = time.time()
             trainer = actor.remote(t, job.data, job.loss, job.train.seed)
-            ray.get(trainer.pretrain.remote(train_rows, t.pretrain.steps, t.pretrain.lr, t.pretrain.batch_size,
+            ray.get(trainer.pretrain.remote(data, t.pretrain.steps, t.pretrain.lr, t.pretrain.batch_size,
                                             job.train.seed))
             ray.get(trainer.save.remote(saved))
             ray.kill(trainer)
@@ -144,6 +101,24 @@ def start_teachers(job: JobConfig, train_rows: list[dict[str, Any]], cache: bool
             + (f" ({infos[0]['padded_rows']} padded logit rows ignored)" if infos[0]["padded_rows"] else ""))
         teachers[t.name] = replicas
     return teachers
+
+
+def start_store_teacher(job: JobConfig, teacher: Any) -> list[Any]:
+    """Readers of a teacher's store (``mlot teach``), after checking that it matches the job: they serve payloads
+    like the teacher's actors would, with no model and no GPU."""
+    import ray
+
+    from orchestrator.teach import check_store
+    from workers.store import StoreTeacher
+
+    meta = check_store(job, teacher)
+    readers = [ray.remote(StoreTeacher).options(num_cpus=0, max_restarts=2, max_task_retries=2,
+                                                scheduling_strategy=outside_pg()).remote(teacher, job.loss)
+               for _ in range(teacher.replicas)]
+    ray.get([r.info.remote() for r in readers])
+    say(f"teacher {teacher.name}: served from its store {teacher.store} ({meta['format']}, {meta['rows']} rows), "
+        f"{len(readers)} reader(s)")
+    return readers
 
 
 # ---------------------------------------------------------------------------- the job
@@ -190,9 +165,7 @@ def run_distill(job: JobConfig, *, resume: bool = False, teachers: dict[str, lis
         raise UserError(f"--resume: {run_path} was trained with other model/data/loss settings; "
                         "resume with the config it was started with (steps may change)")
 
-    rows, eval_rows, counts = load_data(job)
-    say(f"data: {len(rows)} train / {len(eval_rows)} eval rows"
-        + "".join(f", {n} {what}" for what, n in counts.items() if n))
+    data = prepare_data(job)
     connect_ray(job)
     check_placeable(job, teachers=teachers is None and job.loss.spec.needs_teacher)
     uri, run_id = start_tracking(job, previous["run_id"] if resume else None, parent_run_id)
@@ -201,17 +174,16 @@ def run_distill(job: JobConfig, *, resume: bool = False, teachers: dict[str, lis
     storage.write_text(state_file, json.dumps(state))
     from mlflow import MlflowClient
     client = MlflowClient(uri)
-    client.log_metric(run_id, "data/skipped_rows", counts["skipped"])
-    client.log_metric(run_id, "data/truncated_answers", counts["truncated"])
+    _log_data(client, run_id, data)
     try:
         if teachers is None:
-            teachers = start_teachers(job, rows) if job.loss.spec.needs_teacher else {}
+            teachers = start_teachers(job, data) if job.loss.spec.needs_teacher else {}
         export_dir = storage.join(run_path, "final")
         stop_signal = ray.remote(StopSignal).options(num_cpus=0, scheduling_strategy=outside_pg()).remote()
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={
-                "job": job, "train_rows": ray.put(rows), "eval_rows": ray.put(eval_rows), "teachers": teachers,
+                "job": job, "data": data, "teachers": teachers,
                 "run_id": run_id, "tracking_uri": reachable_from_workers(job, uri), "export_dir": export_dir,
                 "fingerprint": fingerprint(job),
                 "stop_signal": stop_signal, "callbacks": callbacks or [],
@@ -235,7 +207,7 @@ def run_distill(job: JobConfig, *, resume: bool = False, teachers: dict[str, lis
             say(f"stopped at step {stopped}; continue with: mlot distill <config> --resume")
             client.set_terminated(run_id, "KILLED")
             return DistillSummary(job.name, export_dir, run_id, uri, dict(result.metrics), {}, int(stopped))
-        scores = evaluate_export(job, export_dir, eval_rows) if evaluate else {}
+        scores = evaluate_export(job, export_dir, data) if evaluate else {}
         if scores:
             from mlflow.entities import Metric
             now = int(time.time() * 1000)
@@ -248,6 +220,18 @@ def run_distill(job: JobConfig, *, resume: bool = False, teachers: dict[str, lis
             client.set_terminated(run_id, "FAILED")
         raise
     return DistillSummary(job.name, export_dir, run_id, uri, dict(result.metrics or {}), scores)
+
+
+def _log_data(client: Any, run_id: str, data: Any) -> None:
+    """What the data pass produced, and whether it was read from the cache (``data/cache_hit``)."""
+    from mlflow.entities import Metric, RunTag
+
+    now = int(time.time() * 1000)
+    values = {"data/skipped_rows": data.counts["skipped"], "data/truncated_answers": data.counts["truncated"],
+              "data/train_rows": data.sizes["train"], "data/eval_rows": data.sizes.get("eval", 0),
+              "data/cache_hit": float(data.cache_hit), "data/prepare_s": data.seconds}
+    client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in values.items()],
+                     tags=[RunTag("mlot.data_fingerprint", data.fingerprint)])
 
 
 def _fit_stoppable(trainer: Any, stop_signal: Any) -> Any:
@@ -285,23 +269,26 @@ def _fit_stoppable(trainer: Any, stop_signal: Any) -> Any:
     return box["result"]
 
 
-def evaluate_export(job: JobConfig, export_dir: str, eval_rows: list[dict[str, Any]]) -> dict[str, float]:
-    """Greedy exact match / F1 of the exported student on a seeded sample of at most ``eval.max_rows`` eval
-    rows, split over ``eval.num_tasks`` Ray tasks; ``n`` is the number of rows scored."""
+def evaluate_export(job: JobConfig, export_dir: str, data: Any) -> dict[str, float]:
+    """Greedy exact match / F1 of the exported student on a seeded sample of at most ``eval.max_rows`` rows of
+    ``data``'s eval split, split over ``eval.num_tasks`` Ray tasks (each reads its rows itself); ``n`` is the
+    number of rows scored."""
     import ray
 
     from workers.evaluate import gold_answers, score
+    from workers.prepared import open_data
 
-    if not eval_rows:
+    n_eval = data.sizes.get("eval", 0)
+    if not n_eval:
         return {}
-    rows = eval_rows
-    if job.eval.max_rows is not None and len(rows) > job.eval.max_rows:
-        rows = random.Random(job.train.seed).sample(rows, job.eval.max_rows)
-    n_tasks = min(job.eval.num_tasks, len(rows))
-    chunks = [rows[i::n_tasks] for i in range(n_tasks)]
+    picks = list(range(n_eval))
+    if job.eval.max_rows is not None and n_eval > job.eval.max_rows:
+        picks = random.Random(job.train.seed).sample(picks, job.eval.max_rows)
+    n_tasks = min(job.eval.num_tasks, len(picks))
+    chunks = [picks[i::n_tasks] for i in range(n_tasks)]
 
     @ray.remote(num_cpus=0.5, num_gpus=1 if job.train.use_gpu else 0, scheduling_strategy=outside_pg())
-    def _answers(path: str, chunk: list[dict[str, Any]]) -> list[str]:
+    def _answers(path: str, chunk: list[int]) -> tuple[list[str], list[list[str]]]:
         import torch
         from transformers import AutoModelForCausalLM
 
@@ -309,16 +296,18 @@ def evaluate_export(job: JobConfig, export_dir: str, eval_rows: list[dict[str, A
         from workers.models import load_tokenizer
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
+        rows = open_data(data).rows("eval", chunk)
         with storage.local_copy(path) as local:
             model = AutoModelForCausalLM.from_pretrained(local).to(device)
             tok = load_tokenizer(local)
-        return greedy_answers(model, tok, job.student.template, chunk, job.data.max_prompt_length,
-                              job.data.max_answer_length, device)
+        answers = greedy_answers(model, tok, job.student.template, rows, job.data.max_prompt_length,
+                                 job.data.max_answer_length, device)
+        return answers, [gold_answers(r) for r in rows]
 
-    answers = ray.get([_answers.remote(export_dir, chunk) for chunk in chunks])
-    predictions = [a for chunk_answers in answers for a in chunk_answers]
-    golds = [gold_answers(r) for chunk in chunks for r in chunk]
-    return {**score(predictions, golds), "n": float(len(rows))}
+    replies = ray.get([_answers.remote(export_dir, chunk) for chunk in chunks])
+    predictions = [a for answers, _ in replies for a in answers]
+    golds = [g for _, chunk_golds in replies for g in chunk_golds]
+    return {**score(predictions, golds), "n": float(len(picks))}
 
 
 def run_with_baseline(job: JobConfig, baseline: str = "sft") -> tuple[DistillSummary, DistillSummary]:

@@ -22,7 +22,7 @@ from typing import Any
 
 from orchestrator.cluster import connect_ray
 from orchestrator.config import JobConfig, load_config
-from orchestrator.driver import load_data, say, start_teachers
+from orchestrator.driver import prepare_data, say, start_teachers
 from specs import UserError
 
 #: Rows per ``generate`` call: big enough to batch the decoding, small enough to spread over replicas.
@@ -102,8 +102,7 @@ def run_generate(job: JobConfig, output: str, field: str = "teacher_answer", tea
         connect_ray(job)
         # Only the named teacher is started; it pretrains on the labeled training rows like in distill.
         solo = job.model_copy(update={"teachers": [t for t in job.teachers if t.name == name]})
-        train_rows = load_data(solo)[0] if solo.teachers[0].pretrain.steps else []
-        teachers = start_teachers(solo, train_rows)
+        teachers = start_teachers(solo, prepare_data(solo) if solo.teachers[0].pretrain.steps else None)
     replicas = teachers[name]
     n_tokens = d.max_answer_length if max_new_tokens is None else max_new_tokens
 

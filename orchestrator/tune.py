@@ -19,7 +19,7 @@ import yaml
 
 from orchestrator.cluster import connect_ray, teacher_request, worker_request
 from orchestrator.config import ConfigError, JobConfig, apply_overrides, dump_config
-from orchestrator.driver import load_data, run_distill, say, start_teachers
+from orchestrator.driver import prepare_data, run_distill, say, start_teachers
 from orchestrator.tracking import experiment_id, redact
 from specs import UserError, storage
 
@@ -116,7 +116,7 @@ def run_tune(job: JobConfig, space_path: str, *, num_samples: int = 1, scheduler
         raise UserError(f"--resume: no earlier sweep of job {job.name!r} under {run_path}")
     t0 = time.time()
 
-    rows, _, _ = load_data(job)
+    data = prepare_data(job)  # the trials find it in the cache
     connect_ray(job)
     client = MlflowClient(job.tracking.resolved_uri())
     if resume:
@@ -132,7 +132,7 @@ def run_tune(job: JobConfig, space_path: str, *, num_samples: int = 1, scheduler
             client.log_param(parent, k, v)
         storage.write_text(state_file, json.dumps({"parent_run_id": parent}))
 
-    teachers = start_teachers(job, rows, cache=True) if share_teachers and job.teachers else None
+    teachers = start_teachers(job, data, cache=True) if share_teachers and job.teachers else None
     trainable = tune.with_resources(
         tune.with_parameters(_trial, base=job, teachers=teachers, parent_run_id=parent, sweep=sweep),
         # The trial function only drives a TorchTrainer: a sliver of a CPU, so it never holds one the workers
@@ -170,7 +170,7 @@ def run_tune(job: JobConfig, space_path: str, *, num_samples: int = 1, scheduler
         storage.write_text(best_path, dump_config(trial_job(job, best["config"], f"{job.name}-best")))
     forward_rows = sum(ray.get(a.info.remote())["forward_rows"] for hs in teachers.values() for a in hs) \
         if teachers else None
-    _log_results(client, parent, table, metric, forward_rows, len(rows))
+    _log_results(client, parent, table, metric, forward_rows, data.sizes["train"])
     client.set_terminated(parent, "FINISHED")
     return TuneSummary(table, best_path, parent, forward_rows, time.time() - t0, job.tracking.resolved_uri())
 
@@ -195,7 +195,7 @@ def _fitting_trials(job: JobConfig, shared_teachers: bool) -> int:
     total = ray.cluster_resources()
     per_trial = {k: v * job.train.num_workers for k, v in worker_request(job.train).items()}
     reserved: dict[str, float] = {}
-    for t in job.teachers:
+    for t in (t for t in job.teachers if not t.store):  # a store needs no resources
         side = reserved if shared_teachers else per_trial
         for k, v in teacher_request(t).items():
             side[k] = side.get(k, 0.0) + v * t.replicas

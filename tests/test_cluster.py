@@ -157,16 +157,16 @@ def test_teachers_and_students_land_on_their_accelerator_types(tmp_path, hetero_
     import ray
 
     from orchestrator.config import apply_overrides
-    from orchestrator.driver import load_data, run_distill, start_teachers
+    from orchestrator.driver import prepare_data, run_distill, start_teachers
     address, teacher_node, student_node = hetero_cluster
     job = quickstart_job(tmp_path, "hetero", f"cluster.address={address}", "teachers.0.replicas=2",
                          "teachers.0.resources.num_gpus=1", "teachers.0.resources.accelerator_type=A100",
                          "train.use_gpu=true", "train.accelerator_type=H100", "train.backend=gloo",
                          "train.num_workers=2", "student.dtype=bfloat16", "train.steps=2", "train.eval_every=null")
-    rows, _, _ = load_data(job)
+    data = prepare_data(job)
     from orchestrator.cluster import connect_ray
     connect_ray(job)
-    teachers = start_teachers(job, rows)
+    teachers = start_teachers(job, data)
     infos = ray.get([a.info.remote() for a in teachers["teacher-sp"]])
     assert [i["node_id"] for i in infos] == [teacher_node, teacher_node]
     assert {i["dtype"] for i in infos} == {"float32"}  # no CUDA here: a teacher defaults to fp32 on the CPU
@@ -180,7 +180,7 @@ def test_teachers_and_students_land_on_their_accelerator_types(tmp_path, hetero_
     # A request no node can ever satisfy fails at once, naming the resource, instead of a silent PENDING.
     t0 = time.time()
     with pytest.raises(UserError, match="accelerator_type:B200"):
-        start_teachers(apply_overrides(job, ["teachers.0.resources.accelerator_type=B200"]), rows)
+        start_teachers(apply_overrides(job, ["teachers.0.resources.accelerator_type=B200"]), data)
     with pytest.raises(UserError, match=r"train .*'GPU': 1\.0"):
         run_distill(apply_overrides(job, ["train.num_workers=3"]), teachers=teachers, evaluate=False)
     assert time.time() - t0 < 60

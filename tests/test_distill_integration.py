@@ -115,6 +115,16 @@ def test_zero2_two_workers_reference_mode_end_to_end(tmp_path, ray_cluster, monk
     with storage.local_copy(s.export_dir) as local:
         _loadable(local, 30522)
 
+    # The same job from a teacher store (mlot teach; final hidden states in fp32 + the LM head: exact in
+    # reference mode too, whose ranking couples each micro-batch): the same loss at every step.
+    from orchestrator.config import apply_overrides
+    from orchestrator.teach import run_teach
+    store = run_teach(job, fmt="hidden", hidden_dtype="float32")["teacher-sp"]
+    assert store == f"file://{tmp_path}/z2/store/teacher-sp"
+    served = run_distill(apply_overrides(job, ["name=z2-store", f"teachers.0.store={store}"]), evaluate=False)
+    want, got = dict(_history(s, "train/loss")), dict(_history(served, "train/loss"))
+    assert sorted(got) == [1, 2, 3, 4] and all(abs(got[k] - want[k]) <= 1e-6 for k in want), (want, got)
+
 
 TEKKEN = {"name": "teacher-tekken", "tokenizer": "builtin:tekken", "weight": 0.5, "resources": {"num_cpus": 0.25},
           "model_config": {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
@@ -178,6 +188,9 @@ def test_zero3_accumulation_with_a_nan_micro_batch_uneven_eval_and_resume(tmp_pa
     resumed = run_distill(apply_overrides(half, ["train.steps=4"]), resume=True, callbacks=[poison])
     got = dict(_history(resumed, "train/loss"))
     assert sorted(got) == [1, 2, 3, 4]
+    # One tokenisation pass for the three runs: the second job and its resumption read it from the cache.
+    assert [v for _, v in _history(s, "data/cache_hit")] == [0.0]
+    assert [v for _, v in _history(resumed, "data/cache_hit")] == [1.0, 1.0]
     for step in (1, 2, 3, 4):
         assert got[step] == pytest.approx(total[step], rel=1e-5, abs=1e-6), step
     with pytest.raises(UserError, match="other model/data/loss settings"):

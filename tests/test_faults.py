@@ -61,12 +61,12 @@ def test_consecutive_nonfinite_micro_batches_stop_the_run(tmp_path, fresh_ray):
 def test_teacher_death_is_survived_without_stale_payloads(tmp_path, fresh_ray):
     import ray
 
-    from orchestrator.driver import connect_ray, load_data, run_distill, start_teachers
+    from orchestrator.driver import connect_ray, prepare_data, run_distill, start_teachers
     job = quickstart_job(tmp_path, "teacher-dies", "train.steps=20", "train.checkpoint_every=20",
                          "train.eval_every=null")
-    rows, _, _ = load_data(job)
+    data = prepare_data(job)
     connect_ray(job)
-    teachers = start_teachers(job, rows)
+    teachers = start_teachers(job, data)
     [actor] = teachers["teacher-sp"]
 
     def kill_when_busy() -> None:

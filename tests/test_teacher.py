@@ -5,7 +5,7 @@ import torch
 
 import mlot
 from orchestrator.config import apply_overrides, load_config
-from workers.tasks import quickstart_dataset
+from workers.prepared import Rows, prepare
 from workers.teacher import TeacherActor
 
 QUICKSTART = "orchestrator/configs/quickstart.yaml"
@@ -17,12 +17,18 @@ def job():
     return load_config(Path(__file__).resolve().parents[1] / QUICKSTART)
 
 
+@pytest.fixture(scope="module")
+def data(job, tmp_path_factory):
+    """The quickstart rows tokenised for the student and the teacher (no Ray: the teacher is plain Python)."""
+    return prepare(job, str(tmp_path_factory.mktemp("data")))
+
+
 def _payload(reply) -> mlot.TeacherPayload:
     return mlot.TeacherPayload.from_numpy(reply["payload"])
 
 
-def test_cached_hidden_states_give_identical_payloads_for_any_settings(job):
-    rows = quickstart_dataset(40, seed=3)[:8]
+def test_cached_hidden_states_give_identical_payloads_for_any_settings(job, data):
+    rows = Rows(data, "train", tuple(range(8)))
     t = job.teachers[0]
     plain = TeacherActor(t, job.data, job.loss, seed=1)
     cached = TeacherActor(t, job.data, job.loss, seed=1, cache=True)
@@ -38,19 +44,19 @@ def test_cached_hidden_states_give_identical_payloads_for_any_settings(job):
     assert cached.info()["cached_batches"] == 1
 
 
-def test_payload_echoes_batch_id_and_matches_in_process_loss(job):
-    rows = quickstart_dataset(40, seed=4)[:4]
+def test_payload_echoes_batch_id_and_matches_in_process_loss(job, data):
+    rows = Rows(data, "eval", (3, 1, 4, 0))
     t = TeacherActor(job.teachers[0], job.data, job.loss, seed=0)
     reply = t.payload(rows, batch_id=[0, 7])
     assert reply["batch_id"] == [0, 7] and reply["answer_tokens"] > 0
     assert _payload(reply).settings == job.loss.payload_config().teacher_settings()
 
 
-def test_pretraining_clears_the_cache(job):
-    rows = quickstart_dataset(64, seed=5)
+def test_pretraining_clears_the_cache(job, data):
+    rows = Rows(data, "train", (5, 6, 7, 8))
     t = TeacherActor(job.teachers[0], job.data, job.loss, seed=0, cache=True)
-    before = _payload(t.payload(rows[:4]))
-    out = t.pretrain(rows, steps=3, lr=1e-2, batch_size=8, seed=0)
+    before = _payload(t.payload(rows))
+    out = t.pretrain(data, steps=3, lr=1e-2, batch_size=8, seed=0)
     assert len(out["losses"]) == 3 and t.info()["cached_batches"] == 0
-    after = _payload(t.payload(rows[:4]))
+    after = _payload(t.payload(rows))
     assert not torch.allclose(before.probs, after.probs)

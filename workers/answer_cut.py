@@ -24,7 +24,31 @@ FIELD = "answer"  # data.columns must map it (the config checks): the field that
 def answer_tokens(row: dict[str, Any], tokenizer: Any, template: Any, index: int | None = None) -> int:
     """How many answer tokens (EOS included when the template adds one) ``row`` has in this model."""
     _, labels = encode_example(row, tokenizer, template, 1, 1 << 30, index=index)
+    return _answer_length(labels)
+
+
+def _answer_length(labels: list[int]) -> int:
     return sum(label != IGNORE_INDEX for label in labels)
+
+
+def encode_for_all(row: dict[str, Any], models: Sequence[tuple[Any, Any]], max_prompt_length: int,
+                   max_answer_length: int, index: int | None = None
+                   ) -> tuple[dict[str, Any], bool, list[tuple[list[int], list[int]]]]:
+    """``(row, cut, [(input_ids, labels) per model])``: the row encoded by every model, its answer cut once
+    for all of them when some model's answer is longer than ``max_answer_length`` (:func:`cut_answer`).
+
+    The common case (every answer fits) encodes each model once.
+
+    Raises:
+        BadRowError: as :func:`cut_answer`.
+    """
+    encoded = [encode_example(row, tok, tpl, max_prompt_length, 1 << 30, index=index) for tok, tpl in models]
+    if all(_answer_length(labels) <= max_answer_length for _, labels in encoded):
+        return row, False, encoded
+    row, _ = cut_answer(row, models, max_answer_length, index=index)
+    encoded = [encode_example(row, tok, tpl, max_prompt_length, max_answer_length, index=index)
+               for tok, tpl in models]
+    return row, True, encoded
 
 
 def cut_answer(row: dict[str, Any], models: Sequence[tuple[Any, Any]], max_answer_length: int,

@@ -1,9 +1,10 @@
 """Which rows a worker trains on, and the teachers' payloads for them, requested ahead of time.
 
 :class:`BatchOrder` is a pure function of (seed, rank, micro-batch): a resumed or restarted run sees
-exactly the batches it would have seen. :class:`PayloadStream` keeps ``depth`` micro-batches of
-payload requests in flight per teacher, so teacher inference overlaps the student step, and retries on
-another replica when a teacher dies. Payloads go teacher actor -> object store -> this worker.
+exactly the batches it would have seen. :class:`PayloadStream` keeps ``depth`` micro-batches of payload
+requests in flight per teacher, so teacher inference overlaps the student step, and retries on another
+replica when a teacher dies. A request names rows by index (each teacher reads its own tokens of them from
+the prepared data); payloads go teacher actor -> object store -> this worker.
 """
 
 from __future__ import annotations
@@ -16,19 +17,21 @@ from typing import Any
 import torch
 
 import mlot
+from workers.prepared import DataRef, Rows
 
 
 class BatchOrder:
-    """Which rows form micro-batch m on this rank: a seeded shuffle per epoch of this rank's shard."""
+    """Which training rows (indices into the prepared train split) form micro-batch m on this rank: a seeded
+    shuffle per epoch of this rank's shard."""
 
-    def __init__(self, rows: list[dict[str, Any]], rank: int, world: int, batch_size: int, seed: int) -> None:
-        shard = len(rows) // world  # every rank the same count: DeepSpeed steps are collective
-        self.rows = rows[rank::world][:shard]
+    def __init__(self, n_rows: int, rank: int, world: int, batch_size: int, seed: int) -> None:
+        shard = n_rows // world  # every rank the same count: DeepSpeed steps are collective
+        self.rows = range(rank, n_rows, world)[:shard]
         self.batch_size, self.seed, self.rank = batch_size, seed, rank
         self.per_epoch = max(1, shard // batch_size)
         self._perm: tuple[int, list[int]] | None = None
 
-    def __call__(self, m: int) -> list[dict[str, Any]]:
+    def __call__(self, m: int) -> list[int]:
         epoch, i = divmod(m, self.per_epoch)
         if self._perm is None or self._perm[0] != epoch:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
@@ -55,9 +58,10 @@ class PayloadStream:
     ``loss`` (a LossConfig) is sent along: long-lived teachers serve trials with different settings.
     """
 
-    def __init__(self, teachers: dict[str, list[Any]], order: BatchOrder, rank: int, world: int, depth: int,
-                 loss: Any, attempts: int = 5) -> None:
-        self.teachers, self.order, self.rank, self.world, self.depth = teachers, order, rank, world, depth
+    def __init__(self, teachers: dict[str, list[Any]], data: DataRef, order: BatchOrder, rank: int, world: int,
+                 depth: int, loss: Any, attempts: int = 5) -> None:
+        self.teachers, self.data, self.order = teachers, data, order
+        self.rank, self.world, self.depth = rank, world, depth
         self.loss, self.attempts = loss, attempts
         self.inflight: deque[tuple[int, dict[str, Any]]] = deque()
         self.next_m = 0
@@ -65,7 +69,8 @@ class PayloadStream:
     def _request(self, name: str, m: int, attempt: int = 0) -> Any:
         replicas = self.teachers[name]
         actor = replicas[(m * self.world + self.rank + attempt) % len(replicas)]
-        return actor.payload.remote(self.order(m), batch_id=[self.rank, m], loss=self.loss)
+        return actor.payload.remote(Rows(self.data, "train", tuple(self.order(m))), batch_id=[self.rank, m],
+                                    loss=self.loss)
 
     def _fetch(self, name: str, ref: Any, m: int) -> dict[str, Any]:
         """ray.get with retries on other replicas: a teacher that died (and is restarting) costs time, not the run."""

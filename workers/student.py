@@ -20,7 +20,6 @@ import torch
 
 import mlot
 from workers import checkpoint
-from workers.data import encode_batch
 from workers.engine import (
     any_rank,
     build_engine,
@@ -33,6 +32,7 @@ from workers.engine import (
 from workers.forward import answer_logits, to_device
 from workers.models import build_model, check_vocab, load_tokenizer
 from workers.payload_stream import BatchOrder, Fetched, PayloadStream
+from workers.prepared import STUDENT, open_data
 from workers.student_eval import eval_plan, evaluate_ce
 from workers.tracking import open_buffer, say
 
@@ -90,7 +90,7 @@ def answer_rows_finite(logits: torch.Tensor, labels: torch.Tensor) -> bool:
 
 
 class StudentRecipe:
-    """One training worker. ``config``: job (JobConfig), train_rows/eval_rows (lists or ObjectRefs),
+    """One training worker. ``config``: job (JobConfig), data (the prepared rows' ``DataRef``),
     teachers ({name: [actor handles]}), run_id/tracking_uri (MLflow), export_dir, fingerprint,
     stop_signal (a StopSignal actor), callbacks (``workers.callbacks.TrainCallback``s; tests only)."""
 
@@ -106,7 +106,7 @@ class StudentRecipe:
         job, config = self.job, self.config
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
-        self.rows, self.eval_rows = _resolve(config["train_rows"]), _resolve(config["eval_rows"])
+        self.data = open_data(config["data"])
         self.device = worker_device(job.train.use_gpu)
         torch.manual_seed(job.train.seed)
         self.tokenizer = load_tokenizer(job.student.tokenizer_name, job.student.trust_remote_code)
@@ -119,12 +119,12 @@ class StudentRecipe:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.vocab = len(self.tokenizer)
         self.n_params = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them away
-        self.steps = total_steps(job, len(self.rows), self.world)
+        self.steps = total_steps(job, self.data.size("train"), self.world)
         self.engine, self.scheduler = build_engine(job, model, self.steps)
         self.start = checkpoint.restore(self.engine, config["fingerprint"])
-        self.order = BatchOrder(self.rows, self.rank, self.world, job.train.batch_size, job.train.seed)
-        self.stream = PayloadStream(config["teachers"], self.order, self.rank, self.world, job.train.prefetch,
-                                    job.loss) if self.method.needs_teacher else None
+        self.order = BatchOrder(self.data.size("train"), self.rank, self.world, job.train.batch_size, job.train.seed)
+        self.stream = PayloadStream(config["teachers"], config["data"], self.order, self.rank, self.world,
+                                    job.train.prefetch, job.loss) if self.method.needs_teacher else None
         self.tracker = open_buffer(config["tracking_uri"], config["run_id"]) \
             if self.rank == 0 and config["run_id"] else None
         if self.tracker and self.start == 0:  # params are write-once in MLflow: not again on resumption
@@ -140,8 +140,7 @@ class StudentRecipe:
             done = step + 1
             if self._eval_due(done):
                 metrics["eval/loss"] = self.last_eval = evaluate_ce(
-                    self.engine, self.eval_rows, self.tokenizer, self.job, self.rank, self.world, self.device,
-                    self.vocab)
+                    self.engine, self.data, self.tokenizer, self.job, self.rank, self.world, self.device, self.vocab)
             self._log(metrics, done)
             stop = from_rank_zero(self._stop_requested(), self.device) and done < self.steps
             self._report(metrics, done, stop)
@@ -166,9 +165,7 @@ class StudentRecipe:
 
     def _micro_step(self, m: int, stats: StepStats) -> None:
         """Forward, loss, backward and engine step of micro-batch ``m`` (a skip is a zero backward)."""
-        job = self.job
-        batch, _ = encode_batch(self.order(m), self.tokenizer, job.student.template, job.data.max_prompt_length,
-                                job.data.max_answer_length, on_bad_row="error")
+        batch = self.data.batch("train", self.order(m), STUDENT, self.tokenizer.pad_token_id)
         fetched = self.stream.get(m) if self.stream else Fetched()
         logits, labels = answer_logits(self.engine, to_device(batch, self.device), self.vocab)
         for cb in self.callbacks:
@@ -213,7 +210,7 @@ class StudentRecipe:
 
     def _eval_due(self, done: int) -> bool:
         every = self.job.train.eval_every
-        return bool(every and self.eval_rows and (done % every == 0 or done == self.steps))
+        return bool(every and self.data.size("eval") and (done % every == 0 or done == self.steps))
 
     def _log(self, metrics: dict[str, float], done: int) -> None:
         self.history.append({"step": done, **metrics})
@@ -250,8 +247,8 @@ class StudentRecipe:
 
         export_dir, teachers = self.config["export_dir"], self.config["teachers"]
         checkpoint.export_student(self.engine, self.tokenizer, export_dir, self.rank)
-        plan = eval_plan(self.engine, self.tokenizer, self.job, self.eval_rows, teachers, self.rank, self.device,
-                         self.vocab)
+        plan = eval_plan(self.engine, self.config["data"], self.tokenizer, self.job, teachers, self.rank,
+                         self.device, self.vocab)
         if self.tracker:
             forward_rows = {name: sum(i["forward_rows"] for i in ray.get([a.info.remote() for a in replicas]))
                             for name, replicas in teachers.items()}
@@ -265,7 +262,3 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if recipe.train():
         recipe.cleanup()
 
-
-def _resolve(x: Any) -> Any:
-    import ray
-    return ray.get(x) if isinstance(x, ray.ObjectRef) else x

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from specs import DATA_FILE_FORMATS, UserError
 
@@ -140,14 +140,14 @@ def _lookup(record: dict[str, Any], column: str) -> tuple[bool, Any]:
 
 def load_records(
     source: str, name: str | None = None, split: str = "train", limit: int | None = None
-) -> tuple[Sequence[dict[str, Any]], list[str], str]:
+) -> tuple[Any, list[str], str]:
     """The records of a source as stored, before any column mapping.
 
     Args: as :func:`load_rows`.
 
     Returns:
-        ``(records, columns, label)``: the records (dicts with every original column; a list or a
-        ``datasets.Dataset``), the column names, and how to name the source in messages.
+        ``(records, columns, label)``: the records (a ``datasets.Dataset`` with every original column),
+        the column names, and how to name the source in messages.
 
     Raises:
         FileNotFoundError: ``source`` names a local data file that does not exist.
@@ -155,10 +155,12 @@ def load_records(
     """
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be >= 0, got {limit}")
+    import datasets
+
     if source == "builtin:quickstart":
         records = quickstart_dataset()
-        return (records[:limit] if limit is not None else records), ["prompt", "answer"], repr(source)
-    import datasets
+        ds = datasets.Dataset.from_list(records[:limit] if limit is not None else records)
+        return ds, ["prompt", "answer"], repr(source)
 
     path = Path(source)
     suffix = path.suffix.lower()
@@ -240,11 +242,17 @@ def load_rows(
         ``<field>_all`` (for exact match against any reference).
 
     Raises:
-        ValueError: a mapped column is missing (naming the column, the dataset and the columns it
-            has), or a bad ``limit``.
+        UserError: a mapped column is missing (naming the column, the dataset and the columns it has).
+        ValueError: a bad ``limit``.
     """
     columns = dict(columns) if columns else {"prompt": "prompt", "answer": "answer"}
     records, available, label = load_records(source, name, split, limit)
+    check_columns(columns, available, label)
+    return [map_columns(record, columns, i) for i, record in enumerate(records)]
+
+
+def check_columns(columns: dict[str, str], available: list[str], label: str) -> None:
+    """Every mapped column (or the top of its dotted path) exists in the source, or a UserError naming it."""
     for field, column in columns.items():
         top = column.split(".", 1)[0]
         if column not in available and top not in available:
@@ -252,16 +260,17 @@ def load_rows(
                 f"dataset {label} has no column {column!r} (mapped to template field {field!r}); "
                 f"its columns are {available}. Fix the `columns` mapping."
             )
-    rows: list[dict[str, Any]] = []
-    for i, record in enumerate(records):
-        row: dict[str, Any] = {RECORD: i}
-        for field, column in columns.items():
-            found, value = _lookup(record, column)
-            if not found:
-                raise UserError(f"dataset {source!r} row {i} has no value at column path {column!r}")
-            if isinstance(value, (list, tuple)):
-                row[f"{field}_all"] = list(value)
-                value = value[0] if value else None
-            row[field] = value
-        rows.append(row)
-    return rows
+
+
+def map_columns(record: dict[str, Any], columns: dict[str, str], index: int) -> dict[str, Any]:
+    """A record with template field names (``columns``: field -> column path), its ``RECORD`` number, and for a
+    list-valued column its first element under the field and the whole list under ``<field>_all``. A value
+    that is absent is None (which :func:`workers.data.encode_example` rejects as a bad row)."""
+    row: dict[str, Any] = {RECORD: index}
+    for field, column in columns.items():
+        _, value = _lookup(record, column)
+        if isinstance(value, (list, tuple)):
+            row[f"{field}_all"] = list(value)
+            value = value[0] if value else None
+        row[field] = value
+    return row

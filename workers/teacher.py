@@ -1,7 +1,8 @@
 """A teacher model hosted in a Ray actor, serving compact payloads to the student workers.
 
-The actor owns one HF causal LM and its own tokenizer and template. Given text rows it tokenises
-them its own way, runs the forward in inference mode on its own device, and returns only what the
+The actor owns one HF causal LM and its own tokenizer and template. A request names rows of the job's
+prepared data by index (``workers.prepared.Rows``); the actor reads its own tokens of them (tokenised
+once, before training), runs the forward in inference mode on its own device, and returns only what the
 loss needs (``mlot.compress_teacher``): ranked top-k probabilities, never full-vocabulary logits.
 Nothing here imports the driver: the actor class is plain Python that ``ray.remote`` wraps.
 """
@@ -10,15 +11,18 @@ from __future__ import annotations
 
 import time
 from contextlib import nullcontext
+from pathlib import Path
 from typing import Any
 
 import torch
 
 import mlot
 from specs import storage
-from workers.data import encode_batch
+from workers.data import collate
 from workers.forward import answer_hidden, answer_logits, to_device
 from workers.models import build_model, check_vocab, load_tokenizer
+from workers.prepared import DataRef, Rows, open_data, teacher_key
+from workers.store import HEAD, hidden_columns, payload_columns, row_hash, write_shard
 
 
 class TeacherActor:
@@ -38,7 +42,7 @@ class TeacherActor:
 
     def __init__(self, teacher: Any, data: Any, loss: Any, seed: int = 0, weights_dir: str | None = None,
                  cache: bool = False) -> None:
-        self.name = teacher.name
+        self.name, self.key = teacher.name, teacher_key(teacher.name)
         self.data = data
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.tokenizer = load_tokenizer(teacher.tokenizer_name, teacher.trust_remote_code)
@@ -69,8 +73,8 @@ class TeacherActor:
                 "padded_rows": self.padded_rows, "forward_rows": self.forward_rows,
                 "cached_batches": None if self.cache is None else len(self.cache)}
 
-    def payload(self, rows: list[dict[str, Any]], batch_id: Any = None, loss: Any = None) -> dict[str, Any]:
-        """Tokenise ``rows`` with this teacher's template, run it, and compress.
+    def payload(self, rows: Rows, batch_id: Any = None, loss: Any = None) -> dict[str, Any]:
+        """Run this teacher on its own tokens of ``rows`` and compress.
 
         Args:
             loss: a ``LossConfig`` whose payload to compute (a sweep's trial); default the actor's own.
@@ -94,15 +98,14 @@ class TeacherActor:
             self._configs[key] = loss.payload_config()
         return self._configs[key]
 
-    def _answer_logits(self, rows: list[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _answer_logits(self, rows: Rows) -> tuple[torch.Tensor, torch.Tensor]:
         """Answer-window logits [B, K, V] and labels [B, K]; from the hidden-state cache when enabled."""
-        key = _rows_key(rows) if self.cache is not None else None
+        key = rows.key() if self.cache is not None else None
         if key is not None and key in self.cache:
             hidden, labels = self.cache[key]
             return self._head(hidden.to(self.device)), labels.to(self.device)
-        batch = to_device(encode_batch(rows, self.tokenizer, self.template, self.data.max_prompt_length,
-                                       self.data.max_answer_length, on_bad_row="error")[0], self.device)
-        self.forward_rows += len(rows)
+        batch = to_device(self._batch(rows.data, rows.split, rows.indices), self.device)
+        self.forward_rows += len(rows.indices)
         if key is None:
             return answer_logits(self.model, batch, self.vocab_size)
         hidden, labels = answer_hidden(self.model, batch)
@@ -117,13 +120,72 @@ class TeacherActor:
         self.cache[key] = (hidden.cpu(), labels.cpu())
         return logits, labels
 
+    def teach(self, rows: Rows, path: str, fmt: str, loss: Any, batch_size: int, compress: str | None = None,
+              hidden_dtype: str = "bfloat16") -> dict[str, Any]:
+        """Run this teacher over ``rows`` (one shard of a store) and write the shard to ``path``.
+
+        Rows are batched ``batch_size`` at a time in order of length (little padding, whatever the students'
+        micro-batches); each keeps its key (origin, record) and the hash of its tokens (``workers.store``).
+
+        Returns: rows, answer tokens, bytes written, seconds.
+        """
+        t0 = time.perf_counter()
+        data = open_data(rows.data)
+        examples = data.examples(rows.split, rows.indices, self.key)
+        records = data.records(rows.split, rows.indices)
+        order = sorted(range(len(examples)), key=lambda i: len(examples[i][0]))
+        columns: dict[str, list[Any]] = {"origin": [], "record": [], "row_hash": []}
+        for start in range(0, len(order), batch_size):
+            pick = order[start:start + batch_size]
+            batch = to_device(collate([examples[i] for i in pick], self.tokenizer.pad_token_id), self.device)
+            with torch.inference_mode():
+                if fmt == "payload":
+                    logits, labels = answer_logits(self.model, batch, self.vocab_size)
+                    part = payload_columns(mlot.compress_teacher(logits, labels, config=self._config_for(loss)),
+                                           compress)
+                else:
+                    part = hidden_columns(*answer_hidden(self.model, batch), hidden_dtype)
+            for name, values in part.items():
+                columns.setdefault(name, []).extend(values)
+            columns["origin"] += [rows.data.origins[rows.split]] * len(pick)
+            columns["record"] += [records[i] for i in pick]
+            columns["row_hash"] += [row_hash(examples[i][0], examples[i][1].count(-100)) for i in pick]
+        self.forward_rows += len(order)
+        nbytes = write_shard(path, columns)
+        return {"rows": len(order), "answer_tokens": sum(columns["length"]), "bytes": nbytes,
+                "seconds": time.perf_counter() - t0}
+
+    def write_head(self, store: str, data: DataRef) -> int:
+        """Save the LM head (``head.safetensors``, fp32) for a ``hidden`` store; refuse a model whose logits are
+        not ``head(final hidden)`` (soft-capping, scaling). Returns the bytes of the head."""
+        from safetensors.torch import save_file
+
+        from specs import UserError
+
+        batch = to_device(self._batch(data, "train", range(min(4, data.sizes["train"]))), self.device)
+        with torch.inference_mode():
+            direct, _ = answer_logits(self.model, batch, self.vocab_size)
+            hidden, _ = answer_hidden(self.model, batch)
+            head = self.model.get_output_embeddings()
+            if head.bias is not None or not torch.allclose(head(hidden)[..., :self.vocab_size], direct,
+                                                            rtol=1e-5, atol=1e-5):
+                raise UserError(f"teacher {self.name}: its logits are not a plain projection of its final hidden "
+                                "states; make its store with --format payload")
+        with storage.local_folder(store) as local:
+            save_file({"weight": head.weight.detach().float().cpu().contiguous()}, str(Path(local, HEAD)))
+            return Path(local, HEAD).stat().st_size
+
+    def _batch(self, data: DataRef, split: str, indices: Any) -> dict[str, torch.Tensor]:
+        return open_data(data).batch(split, indices, self.key, self.tokenizer.pad_token_id)
+
     def _head(self, hidden: torch.Tensor) -> torch.Tensor:
         if self._head_is_exact is False:
             return hidden  # the cache holds logits
         return self.model.get_output_embeddings()(hidden)[..., :self.vocab_size]
 
-    def pretrain(self, rows: list[dict[str, Any]], steps: int, lr: float, batch_size: int, seed: int) -> dict[str, Any]:
-        """Briefly train this (tiny, random) teacher on the task with CE, so distillation has signal.
+    def pretrain(self, data: DataRef, steps: int, lr: float, batch_size: int, seed: int) -> dict[str, Any]:
+        """Briefly train this (tiny, random) teacher on the task's training rows with CE, so distillation has
+        signal.
 
         Returns the loss curve; ``save`` then writes the weights the replicas load.
         """
@@ -132,10 +194,8 @@ class TeacherActor:
         self.model.train()
         losses = []
         for _ in range(steps):
-            pick = torch.randint(0, len(rows), (batch_size,), generator=g).tolist()
-            batch, _ = encode_batch([rows[i] for i in pick], self.tokenizer, self.template,
-                                    self.data.max_prompt_length, self.data.max_answer_length, on_bad_row="error")
-            batch = to_device(batch, self.device)
+            pick = torch.randint(0, data.sizes["train"], (batch_size,), generator=g).tolist()
+            batch = to_device(self._batch(data, "train", pick), self.device)
             logits, labels = answer_logits(self.model, batch, self.vocab_size)
             loss = mlot.causal_lm_loss(logits, labels)
             opt.zero_grad(set_to_none=True)
@@ -165,19 +225,11 @@ class TeacherActor:
                               max_new_tokens, self.device)
 
 
-def _rows_key(rows: list[dict[str, Any]]) -> str:
-    """Content key of a batch of rows (their text, in order)."""
-    import hashlib
-    import json
-
-    return hashlib.sha256(json.dumps(rows, sort_keys=True, default=str).encode()).hexdigest()
-
-
 class PayloadCache:
     """Serves the payload of a batch it has seen before; asks its teacher for the others.
 
-    Exact by construction: the key is the batch's rows (their text) and the teacher's payload
-    settings are fixed per actor. Same interface as :class:`TeacherActor` for the workers.
+    Exact by construction: the key is the batch's rows (prepared data, split and indices) and the
+    request's payload settings. Same interface as :class:`TeacherActor` for the workers.
     """
 
     def __init__(self, teacher: Any) -> None:
@@ -185,10 +237,10 @@ class PayloadCache:
         self.store: dict[str, dict[str, Any]] = {}
         self.hits = self.misses = 0
 
-    def payload(self, rows: list[dict[str, Any]], batch_id: Any = None, loss: Any = None) -> dict[str, Any]:
+    def payload(self, rows: Rows, batch_id: Any = None, loss: Any = None) -> dict[str, Any]:
         import ray
 
-        key = _rows_key(rows) + ("" if loss is None else loss.model_dump_json())
+        key = rows.key() + ("" if loss is None else loss.model_dump_json())
         if key in self.store:
             self.hits += 1
         else:
