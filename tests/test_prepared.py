@@ -131,3 +131,10 @@ def test_a_cache_on_a_storage_uri_is_built_once_and_read_back_by_another_process
     # A worker on another node: it copies the folder down once and reads the same rows.
     assert PreparedData(data).examples("train", [0, 5], STUDENT) == PreparedData(local).examples("train", [0, 5],
                                                                                                   STUDENT)
+
+
+def test_no_eval_split_prepares_only_training_rows(tmp_path):
+    data = prepare(quickstart_job(tmp_path, "no-eval", "data.eval_fraction=0", "data.limit=50",
+                                   "train.eval_every=null"), str(tmp_path))
+    opened = open_data(data)
+    assert data.sizes == {"train": 50, "eval": 0} and opened.size("eval") == 0 and opened.size("train") == 50

@@ -32,13 +32,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
+
 from mlot.spans import IGNORE_INDEX
 from specs import UserError, storage
 from workers.answer_cut import encode_for_all
 from workers.data import ANSWER_CUT, BadRowError, collate
 from workers.tasks import RECORD, check_columns, load_records, map_columns
 
-FORMAT = 1  # bump when what is stored (or how it is computed) changes: old caches then miss
+FORMAT = 2  # bump when what is stored (or how it is computed) changes: old caches then miss
 STUDENT = "student"
 META = "mlot.json"  # written last: a folder without it is an interrupted build
 
@@ -50,6 +52,13 @@ def teacher_key(name: str) -> str:
 
 def _col(key: str, what: str) -> str:
     return f"{what}@{key}"
+
+
+def row_hash(ids: Sequence[int], prompt_len: int) -> int:
+    """Identity of a row in one model's tokens (its ids and where its answer starts), as an int64: what a
+    teacher store checks a job's rows against (``workers.store``)."""
+    digest = hashlib.blake2b(np.asarray([prompt_len, *ids], dtype=np.int64).tobytes(), digest_size=8).digest()
+    return int.from_bytes(digest, "little", signed=True)
 
 
 @dataclass(frozen=True)
@@ -204,7 +213,8 @@ def _build(job: Any, models: list[Model], splits: dict[str, Any], out: Path, num
         kept[name] = ds.select(good).remove_columns(["bad", "bad_field"])
     if not len(kept["train"]):
         raise UserError(f"data.source {d.source!r}: no usable training rows")
-    datasets.DatasetDict(kept).save_to_disk(str(out / "splits"))
+    # An empty split (eval_fraction: 0) has no Arrow file to save: it is left out (``PreparedData.size`` is 0).
+    datasets.DatasetDict({name: ds for name, ds in kept.items() if len(ds)}).save_to_disk(str(out / "splits"))
     for name in encoded:
         for f in out.glob(f"{name}.encoded*.arrow"):
             f.unlink()
@@ -230,6 +240,7 @@ def _encode(ds: Any, job: Any, models: list[Model], cache_file: Path, num_proc: 
         **{f"{f}_all": datasets.List(datasets.Value("string")) for f in {*list_fields, "answer"}},
         **{_col(m.key, "ids"): datasets.List(datasets.Value("int32")) for m in models},
         **{_col(m.key, "prompt_len"): datasets.Value("int32") for m in models},
+        **{_col(m.key, "hash"): datasets.Value("int64") for m in models},
     })
     spec = {"columns": d.columns, "list_fields": list_fields, "models": models,
             "max_prompt": d.max_prompt_length, "max_answer": d.max_answer_length}
@@ -265,11 +276,13 @@ def _encode_row(record: dict[str, Any], index: int, spec: dict[str, Any]) -> dic
         row, cut, encoded = encode_for_all(row, tokenizers, spec["max_prompt"], spec["max_answer"], index=index)
     except BadRowError as e:
         return {**out, "bad": e.reason, "bad_field": e.field,
-                **{_col(m.key, "ids"): [] for m in models}, **{_col(m.key, "prompt_len"): 0 for m in models}}
+                **{_col(m.key, what): empty for m in models for what, empty in (("ids", []), ("prompt_len", 0),
+                                                                                 ("hash", 0))}}
     out.update({ANSWER_CUT: cut, "answer": row["answer"]})
     for m, (ids, labels) in zip(models, encoded):
         out[_col(m.key, "ids")] = ids
-        out[_col(m.key, "prompt_len")] = sum(label == IGNORE_INDEX for label in labels)
+        out[_col(m.key, "prompt_len")] = n_prompt = sum(label == IGNORE_INDEX for label in labels)
+        out[_col(m.key, "hash")] = row_hash(ids, n_prompt)
     return out
 
 
@@ -366,6 +379,14 @@ class PreparedData:
     def batch(self, split: str, indices: Sequence[int], key: str, pad_id: int) -> dict[str, Any]:
         """A left-padded batch (:func:`workers.data.collate`) of rows ``indices`` for model ``key``."""
         return collate(self.examples(split, indices, key), pad_id)
+
+    def column(self, split: str, name: str) -> np.ndarray:
+        """A whole scalar column of a split as a (memory-mapped) array: ``RECORD``, or ``hash@<model key>``."""
+        return self.splits[split].data.column(name).to_numpy()
+
+    def hashes(self, split: str, key: str) -> np.ndarray:
+        """[n] int64: :func:`row_hash` of every row of ``split`` in model ``key``'s tokens."""
+        return self.column(split, _col(key, "hash"))
 
     def records(self, split: str, indices: Sequence[int]) -> list[int]:
         """The rows' places in their source split (file order, 0-based)."""

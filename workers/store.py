@@ -38,18 +38,12 @@ import torch
 import mlot
 from mlot.spans import IGNORE_INDEX
 from specs import UserError, storage
-from workers.prepared import Rows, open_data
+from workers.prepared import DataRef, Rows, open_data
 
 STORE_VERSION = 1
 META = "meta.json"
 HEAD = "head.safetensors"
 _HIDDEN_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-def row_hash(ids: list[int], prompt_len: int) -> int:
-    """Identity of a row in a teacher's tokens (its ids and where the answer starts), as an int64."""
-    digest = hashlib.blake2b(np.asarray([prompt_len, *ids], dtype=np.int64).tobytes(), digest_size=8).digest()
-    return int.from_bytes(digest, "little", signed=True)
 
 
 def shard_path(store: str, split: str, shard: int) -> str:
@@ -119,9 +113,46 @@ def _upload_file(local: Path, uri: str) -> None:
 # ---------------------------------------------------------------------------- reading
 
 
+class _Shard:
+    """One shard's columns as numpy views of the memory-mapped file (no per-row Arrow objects on the read path)."""
+
+    def __init__(self, path: Path) -> None:
+        import pyarrow as pa
+
+        table = pa.ipc.open_file(pa.memory_map(str(path))).read_all()
+        self.rows = table.num_rows
+        self.keys = list(zip(table.column("origin").to_pylist(), table.column("record").to_pylist()))
+        self.hash = table.column("row_hash").to_numpy()
+        self.length = table.column("length").to_numpy()
+        self.lists: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        for name in ("probs", "sd_log_shift", "columns", "labels", "hidden"):
+            if name in table.column_names:
+                arr = table.column(name).combine_chunks()
+                if arr.null_count < len(arr):  # an all-null column: SD off
+                    self.lists[name] = _offsets_values(arr)
+
+    def get(self, name: str, row: int) -> np.ndarray | None:
+        if name not in self.lists:
+            return None
+        offsets, values = self.lists[name]
+        return values[offsets[row]:offsets[row + 1]]
+
+
+def _offsets_values(arr: Any) -> tuple[np.ndarray, np.ndarray]:
+    import pyarrow as pa
+
+    if pa.types.is_binary(arr.type):  # buffers: validity, int32 offsets, bytes
+        offsets = np.frombuffer(arr.buffers()[1], dtype=np.int32)[arr.offset:arr.offset + len(arr) + 1]
+        return offsets, np.frombuffer(arr.buffers()[2], dtype=np.uint8)
+    return arr.offsets.to_numpy(), arr.values.to_numpy(zero_copy_only=False)
+
+
 class StoreTeacher:
     """Serves a teacher's payloads from its store, with the interface of ``workers.teacher.TeacherActor``
     (``payload``, ``info``): the students cannot tell it from a live teacher. Needs no GPU.
+
+    A job's rows are matched to the store once per (prepared data, split): by key, and by the hash of the
+    teacher's tokens (refused where they differ); a request then only gathers rows.
 
     Args:
         teacher: the job's ``TeacherConfig`` (``store`` set); its key in the prepared data is its name.
@@ -129,25 +160,22 @@ class StoreTeacher:
     """
 
     def __init__(self, teacher: Any, loss: Any) -> None:
-        import pyarrow as pa
-
         from workers.prepared import teacher_key
 
         self.name, self.key, self.loss = teacher.name, teacher_key(teacher.name), loss
         self.root = _local_root(teacher.store)
         self.meta = json.loads(Path(self.root, META).read_text())
-        self.tables: list[Any] = []
-        self.index: dict[tuple[str, int], tuple[int, int]] = {}
-        for shard in sorted(Path(self.root).glob("*/shard-*.arrow")):
-            table = pa.ipc.open_file(pa.memory_map(str(shard))).read_all()
-            for row, key in enumerate(zip(table.column("origin").to_pylist(), table.column("record").to_pylist())):
-                self.index[key] = (len(self.tables), row)
-            self.tables.append(table)
+        self.shards = [_Shard(p) for p in sorted(Path(self.root).glob("*/shard-*.arrow"))]
+        self.starts = np.cumsum([0] + [s.rows for s in self.shards])
+        self.index = {key: int(start) + i for shard, start in zip(self.shards, self.starts)
+                      for i, key in enumerate(shard.keys)}
+        self.hashes = np.concatenate([s.hash for s in self.shards]) if self.shards else np.zeros(0, np.int64)
         self.head: torch.Tensor | None = None
         if self.meta["format"] == "hidden":
             from safetensors.torch import load_file
             self.head = load_file(str(Path(self.root, HEAD)))["weight"]
         self._configs: dict[str, Any] = {}
+        self._located: dict[tuple[str, str, str], np.ndarray] = {}
         self.served_rows = 0
 
     def info(self) -> dict[str, Any]:
@@ -160,7 +188,7 @@ class StoreTeacher:
     def payload(self, rows: Rows, batch_id: Any = None, loss: Any = None) -> dict[str, Any]:
         """The payload of ``rows`` for ``loss`` (default the job's), as a live teacher computes it."""
         loss = loss or self.loss
-        found = self._rows(rows)
+        found = [self._row(int(g)) for g in self._locate(rows.data, rows.split)[list(rows.indices)]]
         if self.meta["format"] == "payload":
             payload = self._stored_payload(found, loss)
         else:
@@ -169,27 +197,32 @@ class StoreTeacher:
         return {"payload": payload.to_numpy(), "batch_id": batch_id, "seconds": 0.0,
                 "answer_tokens": int(payload.lengths.sum())}
 
-    def _rows(self, rows: Rows) -> list[tuple[Any, int]]:
-        """(table, row) of each requested row; refuses rows the store lacks or holds in other tokens."""
-        data = open_data(rows.data)
-        origin = rows.data.origins[rows.split]
-        records = data.records(rows.split, rows.indices)
-        examples = data.examples(rows.split, rows.indices, self.key)
-        found = []
-        for record, (ids, labels) in zip(records, examples):
-            at = self.index.get((origin, record))
-            if at is None:
+    def _row(self, g: int) -> tuple[_Shard, int]:
+        s = int(np.searchsorted(self.starts, g, side="right")) - 1
+        return self.shards[s], g - int(self.starts[s])
+
+    def _locate(self, data: DataRef, split: str) -> np.ndarray:
+        """[n] store row of every row of ``split`` in ``data``; refuses rows the store lacks or holds in other
+        tokens (checked once for the whole split)."""
+        key = (data.path, data.fingerprint, split)
+        if key not in self._located:
+            opened, origin = open_data(data), data.origins[split]
+            records = opened.column(split, "__record__")
+            where = np.array([self.index.get((origin, int(r)), -1) for r in records], dtype=np.int64)
+            if (where < 0).any():
+                record = int(records[np.flatnonzero(where < 0)[0]])
                 raise UserError(f"teacher {self.name}: its store has no row {record} of split {origin!r} "
-                                f"(made from {self.meta['data']['source']!r}); run mlot teach for this job's data")
-            table, row = self.tables[at[0]], at[1]
-            n_prompt = sum(label == IGNORE_INDEX for label in labels)
-            if table.column("row_hash")[row].as_py() != row_hash(ids, n_prompt):
-                raise UserError(f"teacher {self.name}: row {record} of split {origin!r} has other teacher tokens "
-                                "in this job than in the store (another template, length limit or answer cut, "
-                                "e.g. from a student tokenizer that cuts answers elsewhere): run mlot teach "
-                                "for this job, or raise data.max_answer_length so no answer is cut")
-            found.append((table, row))
-        return found
+                                f"(made from {self.meta['identity']['data']['source']!r}); run mlot teach for this "
+                                "job's data")
+            differ = np.flatnonzero(self.hashes[where] != opened.hashes(split, self.key))
+            if len(differ):
+                raise UserError(f"teacher {self.name}: {len(differ)} row(s), e.g. row {int(records[differ[0]])} of "
+                                f"split {origin!r}, have other teacher tokens in this job than in the store (another "
+                                "template, length limit or answer cut, e.g. from a student tokenizer that cuts "
+                                "answers elsewhere): run mlot teach for this job, or raise data.max_answer_length "
+                                "so no answer is cut")
+            self._located[key] = where
+        return self._located[key]
 
     def _settings(self, loss: Any) -> Any:
         key = loss.model_dump_json()
@@ -197,35 +230,31 @@ class StoreTeacher:
             self._configs[key] = loss.payload_config()
         return self._configs[key]
 
-    def _stored_payload(self, found: list[tuple[Any, int]], loss: Any) -> mlot.TeacherPayload:
+    def _stored_payload(self, found: list[tuple[_Shard, int]], loss: Any) -> mlot.TeacherPayload:
         cfg = self._settings(loss)
         if cfg.teacher_settings() != self.meta["payload_settings"]:
             raise UserError(payload_mismatch(self.name, self.meta["payload_settings"], cfg.teacher_settings()))
-        lengths = [table.column("length")[row].as_py() for table, row in found]
-        first, row0 = found[0]
-        k, width = len(first.column("probs")[row0].values) // lengths[0], max(lengths)
-        probs = torch.zeros(len(found), width, k)
-        sd = torch.zeros(len(found), width) if first.column("sd_log_shift")[row0].is_valid else None
+        lengths = [int(shard.length[row]) for shard, row in found]
+        k, width = len(found[0][0].get("probs", found[0][1])) // lengths[0], max(lengths)
         token_cols = self.meta["payload_settings"].get("ranking") == "token"
-        columns = torch.zeros((len(found), width, k) if token_cols else (len(found), k), dtype=torch.int32)
-        for b, ((table, row), n) in enumerate(zip(found, lengths)):
-            probs[b, :n] = _array(table, "probs", row).reshape(n, k)
+        probs = np.zeros((len(found), width, k), np.float32)
+        sd = np.zeros((len(found), width), np.float32) if "sd_log_shift" in found[0][0].lists else None
+        columns = np.zeros((len(found), width, k) if token_cols else (len(found), k), np.int32)
+        for b, ((shard, row), n) in enumerate(zip(found, lengths)):
+            probs[b, :n] = shard.get("probs", row).reshape(n, k)
             if sd is not None:
-                sd[b, :n] = _array(table, "sd_log_shift", row)
-            cols = _array(table, "columns", row)
-            if token_cols:
-                columns[b, :n] = cols.reshape(n, k)
-            else:
-                columns[b] = cols
-        return mlot.TeacherPayload("paper", probs, sd, columns, torch.tensor(lengths),
+                sd[b, :n] = shard.get("sd_log_shift", row)
+            columns[b] = _pad_rows(shard.get("columns", row), n, k, width) if token_cols else shard.get("columns", row)
+        return mlot.TeacherPayload("paper", torch.from_numpy(probs), None if sd is None else torch.from_numpy(sd),
+                                   torch.from_numpy(columns), torch.tensor(lengths),
                                    dict(self.meta["payload_settings"]))
 
-    def _from_hidden(self, found: list[tuple[Any, int]], loss: Any) -> mlot.TeacherPayload:
+    def _from_hidden(self, found: list[tuple[_Shard, int]], loss: Any) -> mlot.TeacherPayload:
         """Pad each row's hidden rows on the left to the batch's answer window, as a live left-padded batch."""
         dtype = _HIDDEN_DTYPES[self.meta["hidden_dtype"]]
         h = self.head.shape[1]
-        rows = [(torch.frombuffer(bytearray(table.column("hidden")[row].as_py()), dtype=dtype).reshape(-1, h),
-                 torch.from_numpy(_array(table, "labels", row).numpy().astype(np.int64))) for table, row in found]
+        rows = [(torch.frombuffer(bytearray(shard.get("hidden", row)), dtype=dtype).reshape(-1, h),
+                 torch.from_numpy(shard.get("labels", row).astype(np.int64))) for shard, row in found]
         window = max(r.shape[0] for r, _ in rows)
         hidden = torch.zeros(len(rows), window, h, dtype=self.head.dtype)
         labels = torch.full((len(rows), window), IGNORE_INDEX, dtype=torch.long)
@@ -235,6 +264,12 @@ class StoreTeacher:
         with torch.no_grad():
             logits = torch.nn.functional.linear(hidden, self.head)[..., :self.meta["vocab_size"]]
             return mlot.compress_teacher(logits, labels, config=self._settings(loss))
+
+
+def _pad_rows(values: np.ndarray, n: int, k: int, width: int) -> np.ndarray:
+    out = np.zeros((width, k), np.int32)
+    out[:n] = values.reshape(n, k)
+    return out
 
 
 def payload_mismatch(name: str, stored: dict[str, Any], wanted: dict[str, Any]) -> str:

@@ -22,7 +22,7 @@ from workers.data import collate
 from workers.forward import answer_hidden, answer_logits, to_device
 from workers.models import build_model, check_vocab, load_tokenizer
 from workers.prepared import DataRef, Rows, open_data, teacher_key
-from workers.store import HEAD, hidden_columns, payload_columns, row_hash, write_shard
+from workers.store import HEAD, hidden_columns, payload_columns, write_shard
 
 
 class TeacherActor:
@@ -133,6 +133,7 @@ class TeacherActor:
         data = open_data(rows.data)
         examples = data.examples(rows.split, rows.indices, self.key)
         records = data.records(rows.split, rows.indices)
+        hashes = data.hashes(rows.split, self.key)[list(rows.indices)]
         order = sorted(range(len(examples)), key=lambda i: len(examples[i][0]))
         columns: dict[str, list[Any]] = {"origin": [], "record": [], "row_hash": []}
         for start in range(0, len(order), batch_size):
@@ -149,7 +150,7 @@ class TeacherActor:
                 columns.setdefault(name, []).extend(values)
             columns["origin"] += [rows.data.origins[rows.split]] * len(pick)
             columns["record"] += [records[i] for i in pick]
-            columns["row_hash"] += [row_hash(examples[i][0], examples[i][1].count(-100)) for i in pick]
+            columns["row_hash"] += [int(hashes[i]) for i in pick]
         self.forward_rows += len(order)
         nbytes = write_shard(path, columns)
         return {"rows": len(order), "answer_tokens": sum(columns["length"]), "bytes": nbytes,
