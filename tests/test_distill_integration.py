@@ -121,7 +121,8 @@ def test_zero2_two_workers_reference_mode_end_to_end(tmp_path, ray_cluster, monk
     from orchestrator.teach import run_teach
     store = run_teach(job, fmt="hidden", hidden_dtype="float32")["teacher-sp"]
     assert store == f"file://{tmp_path}/z2/store/teacher-sp"
-    served = run_distill(apply_overrides(job, ["name=z2-store", f"teachers.0.store={store}"]), evaluate=False)
+    served = run_distill(apply_overrides(job, ["name=z2-store", f"teachers.0.store={store}", "train.eval_every=null",
+                                               "train.checkpoint_every=4"]), evaluate=False)
     want, got = dict(_history(s, "train/loss")), dict(_history(served, "train/loss"))
     assert sorted(got) == [1, 2, 3, 4] and all(abs(got[k] - want[k]) <= 1e-6 for k in want), (want, got)
 

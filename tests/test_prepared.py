@@ -71,7 +71,7 @@ def test_the_pass_is_cached_by_fingerprint_and_parallel_processes_change_nothing
     assert parallel.fingerprint == first.fingerprint and not parallel.cache_hit
     a, b = PreparedData(first), PreparedData(parallel)
     for split in ("train", "eval"):
-        assert a.splits[split].to_dict() == b.splits[split].to_dict()
+        assert a.tables[split].to_pydict() == b.tables[split].to_pydict()
     # What the data depends on changes the fingerprint: a length limit, a template, the split seed.
     for change in ("data.max_answer_length=8", "teachers.0.template.prompt=Q: {prompt}", "train.seed=1"):
         other = prepare(qed_job(tmp_path, change), str(tmp_path / "a"))

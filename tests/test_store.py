@@ -99,9 +99,8 @@ def test_an_interrupted_teach_resumes_without_recomputing_finished_shards(taught
     from mlflow import MlflowClient
 
     from orchestrator.teach import run_teach
-    job, _, tmp = taught
-    out = tmp / "resumed"
-    store = Path(run_teach(job, out=str(out), shard_rows=64, batch_size=32)["teacher-sp"])
+    job, taught_store, _ = taught
+    store = Path(taught_store)  # left complete again at the end: the other tests may run after this one
     shards = sorted(store.glob("*/shard-*.arrow"))
     before = {p: p.stat().st_mtime_ns for p in shards}
     # As if stopped after three of the four shards: train's last (rows 128-179) missing, the store unfinished.
@@ -109,14 +108,14 @@ def test_an_interrupted_teach_resumes_without_recomputing_finished_shards(taught
     shards[-1].unlink()
     meta = json.loads((store / "meta.json").read_text())
     (store / "meta.json").write_text(json.dumps({**meta, "complete": False}))
-    run_teach(job, out=str(out), shard_rows=64, batch_size=32)
+    run_teach(job, out=str(store.parent), shard_rows=64, batch_size=32)
     assert {p: p.stat().st_mtime_ns for p in shards[:-1]} == {p: before[p] for p in shards[:-1]}
     assert shards[-1].exists() and json.loads((store / "meta.json").read_text())["complete"]
     client = MlflowClient(job.tracking.resolved_uri())
     runs = client.search_runs([client.get_experiment_by_name(job.tracking.experiment).experiment_id],
                               "tags.`mlot.teach` = 'st'", order_by=["start_time ASC"])
     rows = [r.data.metrics["teach/teacher-sp/rows"] for r in runs]
-    assert rows[-1] == 52 and rows[-2] == 200  # the resumed run taught only the missing shard
+    assert rows[-1] == 52 and 200 in rows[:-1]  # the resumed run taught only the missing shard
 
 
 def test_a_hidden_store_is_exact_for_any_settings_and_fp16_payloads_are_within_their_rounding(taught):

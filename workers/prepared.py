@@ -345,11 +345,12 @@ def open_data(ref: DataRef) -> PreparedData:
 
 
 class PreparedData:
-    """Prepared data opened for reading by index (memory-mapped: opening costs no copy)."""
+    """Prepared data opened for reading by index: the splits' Arrow files, memory-mapped (opening copies nothing).
+
+    Read with pyarrow alone: training workers and teacher actors need not import ``datasets``.
+    """
 
     def __init__(self, ref: DataRef) -> None:
-        import datasets
-
         self.ref = ref
         local = _local_dir(ref.path, ref.fingerprint)
         if not Path(local, META).exists():
@@ -360,19 +361,19 @@ class PreparedData:
                 tmp = tempfile.mkdtemp(prefix=f"{ref.fingerprint}.", dir=Path(local).parent)
                 shutil.copytree(copy, tmp, dirs_exist_ok=True)
                 os.replace(tmp, local) if not Path(local, META).exists() else shutil.rmtree(tmp)
-        self.splits = datasets.load_from_disk(str(Path(local, "splits")))
-        self._views: dict[tuple[str, str], Any] = {}
+        self.tables = {split: _read_split(folder) for split in ("train", "eval")
+                       if (folder := Path(local, "splits", split)).is_dir()}
 
     def size(self, split: str) -> int:
-        return len(self.splits[split]) if split in self.splits else 0
+        return self.tables[split].num_rows if split in self.tables else 0
+
+    def _take(self, split: str, indices: Sequence[int], columns: list[str]) -> dict[str, list[Any]]:
+        import pyarrow as pa
+        return self.tables[split].select(columns).take(pa.array(list(indices), pa.int64())).to_pydict()
 
     def examples(self, split: str, indices: Sequence[int], key: str) -> list[tuple[list[int], list[int]]]:
         """``(input_ids, labels)`` of rows ``indices`` in model ``key``'s tokens (labels -100 on the prompt)."""
-        view = self._views.get((split, key))
-        if view is None:
-            view = self._views[split, key] = self.splits[split].select_columns([_col(key, "ids"),
-                                                                                 _col(key, "prompt_len")])
-        got = view[list(indices)]
+        got = self._take(split, indices, [_col(key, "ids"), _col(key, "prompt_len")])
         return [(ids, [IGNORE_INDEX] * n + ids[n:]) for ids, n in zip(got[_col(key, "ids")],
                                                                       got[_col(key, "prompt_len")])]
 
@@ -381,8 +382,8 @@ class PreparedData:
         return collate(self.examples(split, indices, key), pad_id)
 
     def column(self, split: str, name: str) -> np.ndarray:
-        """A whole scalar column of a split as a (memory-mapped) array: ``RECORD``, or ``hash@<model key>``."""
-        return self.splits[split].data.column(name).to_numpy()
+        """A whole scalar column of a split as an array: ``RECORD``, or ``hash@<model key>``."""
+        return self.tables[split].column(name).to_numpy()
 
     def hashes(self, split: str, key: str) -> np.ndarray:
         """[n] int64: :func:`row_hash` of every row of ``split`` in model ``key``'s tokens."""
@@ -390,11 +391,17 @@ class PreparedData:
 
     def records(self, split: str, indices: Sequence[int]) -> list[int]:
         """The rows' places in their source split (file order, 0-based)."""
-        return self.splits[split].select_columns([RECORD])[list(indices)][RECORD]
+        return self._take(split, indices, [RECORD])[RECORD]
 
     def rows(self, split: str, indices: Sequence[int]) -> list[dict[str, Any]]:
         """The rows' text fields (template fields, ``answer_all``, the cut mark, the record number)."""
-        ds = self.splits[split]
-        text = ds.select_columns([c for c in ds.column_names if "@" not in c])
-        got = text[list(indices)]
+        got = self._take(split, indices, [c for c in self.tables[split].column_names if "@" not in c])
         return [dict(zip(got, values)) for values in zip(*got.values())]
+
+
+def _read_split(folder: Path) -> Any:
+    """One split written by ``datasets.save_to_disk``: Arrow stream files, memory-mapped and concatenated."""
+    import pyarrow as pa
+
+    files = sorted(folder.glob("*.arrow"))
+    return pa.concat_tables([pa.ipc.open_stream(pa.memory_map(str(f))).read_all() for f in files])
