@@ -45,7 +45,7 @@ BUILTIN_TOKENIZERS: dict[str, tuple[str, str]] = {
 }
 
 #: Generated datasets addressable as ``data.source``.
-BUILTIN_DATASETS: tuple[str, ...] = ("builtin:quickstart",)
+BUILTIN_DATASETS: tuple[str, ...] = ("builtin:quickstart", "builtin:known_truth")
 
 #: Local data-file suffix -> the ``datasets`` builder that reads it.
 DATA_FILE_FORMATS: dict[str, str] = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".arrow": "arrow",

@@ -61,9 +61,8 @@ def test_every_model_spans_the_same_answer_text_and_matches_per_row_encoding(tmp
             assert row["__answer_cut__"] == (row["answer"] not in row["answer_all"])
 
 
-@pytest.mark.skipif(not QED.exists(), reason="shared QED sample not present")
 def test_the_pass_is_cached_by_fingerprint_and_parallel_processes_change_nothing(tmp_path):
-    job = qed_job(tmp_path)
+    job = quickstart_job(tmp_path, "cached")
     first = prepare(job, str(tmp_path / "a"), num_proc=1)
     again = prepare(job, str(tmp_path / "a"), num_proc=2)  # num_proc is not part of the result
     assert not first.cache_hit and again.cache_hit and again.fingerprint == first.fingerprint
@@ -74,10 +73,10 @@ def test_the_pass_is_cached_by_fingerprint_and_parallel_processes_change_nothing
         assert a.tables[split].to_pydict() == b.tables[split].to_pydict()
     # What the data depends on changes the fingerprint: a length limit, a template, the split seed.
     for change in ("data.max_answer_length=8", "teachers.0.template.prompt=Q: {prompt}", "train.seed=1"):
-        other = prepare(qed_job(tmp_path, change), str(tmp_path / "a"))
+        other = prepare(quickstart_job(tmp_path, "cached", change), str(tmp_path / "a"))
         assert other.fingerprint != first.fingerprint and not other.cache_hit, change
     # ...and neither the job's name, nor its steps, nor where it writes.
-    same = prepare(qed_job(tmp_path / "elsewhere", "train.steps=9", "name=other"), str(tmp_path / "a"))
+    same = prepare(quickstart_job(tmp_path / "elsewhere", "other", "train.steps=9"), str(tmp_path / "a"))
     assert same.cache_hit and same.fingerprint == first.fingerprint
 
 

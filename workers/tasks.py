@@ -157,10 +157,12 @@ def load_records(
         raise ValueError(f"limit must be >= 0, got {limit}")
     import datasets
 
-    if source == "builtin:quickstart":
-        records = quickstart_dataset()
+    if source.startswith("builtin:"):
+        from workers.known_truth import builtin_rows
+
+        records = quickstart_dataset() if source == "builtin:quickstart" else builtin_rows(split)
         ds = datasets.Dataset.from_list(records[:limit] if limit is not None else records)
-        return ds, ["prompt", "answer"], repr(source)
+        return ds, list(ds.column_names), repr(source) + ("" if source == "builtin:quickstart" else f" split {split!r}")
 
     path = Path(source)
     suffix = path.suffix.lower()
@@ -226,7 +228,8 @@ def load_rows(
     """Load rows and rename their columns to template fields.
 
     Args:
-        source: ``builtin:quickstart`` (:func:`quickstart_dataset`, 2,000 rows, seed 0); a local
+        source: ``builtin:quickstart`` (:func:`quickstart_dataset`, 2,000 rows, seed 0);
+            ``builtin:known_truth`` (:mod:`workers.known_truth`: splits train, teacher, validation, test); a local
             ``.json``/``.jsonl``/``.parquet``/``.arrow``/``.csv`` file (one split: ``split`` is
             ignored); otherwise a dataset for ``datasets.load_dataset(source, name, split=split)``.
         name: the dataset's configuration name (hub datasets only).
