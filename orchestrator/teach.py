@@ -43,13 +43,16 @@ def identity(job: JobConfig, teacher: Any) -> dict[str, Any]:
 
 def check_store(job: JobConfig, teacher: Any) -> dict[str, Any]:
     """The store's metadata, after refusing a store this job cannot read, naming what differs."""
-    from workers.store import META, payload_mismatch
+    from workers.store import META, STORE_VERSION, payload_mismatch
 
     path = storage.join(teacher.store, META)
     if not storage.exists(path):
         raise UserError(f"teachers[{teacher.name}].store: {teacher.store!r} is not a teacher store (no {META}); "
                         "make it with: mlot teach CONFIG --out DIR")
     meta = json.loads(storage.read_text(path))
+    if meta.get("version") != STORE_VERSION:
+        raise UserError(f"teachers[{teacher.name}].store: {teacher.store!r} has store format version "
+                        f"{meta.get('version')!r}, this mlot reads {STORE_VERSION}; teach it again")
     if not meta.get("complete"):
         raise UserError(f"teachers[{teacher.name}].store: {teacher.store!r} is unfinished; run mlot teach again "
                         "with the same config and --out to finish it")
@@ -120,9 +123,10 @@ def _teach_one(job: JobConfig, teacher: Any, replicas: list[Any], data: Any, pat
     from tqdm import tqdm
 
     from workers.prepared import Rows
-    from workers.store import META, shard_path
+    from workers.store import META, STORE_VERSION, shard_path
 
-    meta = {"version": 1, "teacher": teacher.name, "identity": identity(job, teacher), "format": opts["format"],
+    meta = {"version": STORE_VERSION, "teacher": teacher.name, "identity": identity(job, teacher),
+            "format": opts["format"],
             "compress": opts["compress"] if opts["format"] == "payload" else None,
             "hidden_dtype": opts["hidden_dtype"] if opts["format"] == "hidden" else None,
             "payload_settings": job.loss.payload_config().teacher_settings() if opts["format"] == "payload" else None,

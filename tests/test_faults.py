@@ -52,7 +52,7 @@ def test_consecutive_nonfinite_micro_batches_stop_the_run(tmp_path, fresh_ray):
     """NaN student logits in more than ``train.max_nonfinite_steps`` micro-batches in a row stop the run
     with a clear error (one such micro-batch is a counted skip: see the ZeRO-3 integration test)."""
     from orchestrator.driver import run_distill
-    common = ("train.steps=6", "train.checkpoint_every=6", "train.eval_every=null", "train.max_nonfinite_steps=1")
+    common = ("train.steps=4", "train.checkpoint_every=4", "train.eval_every=null", "train.max_nonfinite_steps=1")
     poison = PoisonLogits({2, 3})  # the micro-batches of steps 3 and 4
     with pytest.raises(Exception, match=r"2 consecutive non-finite micro-batches \(train.max_nonfinite_steps=1\)"):
         run_distill(quickstart_job(tmp_path, "nan-stop", *common), callbacks=[poison])

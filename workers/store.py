@@ -90,24 +90,19 @@ def write_shard(path: str, columns: dict[str, list[Any]]) -> int:
         writer.write_table(table)
     data = sink.getvalue()
     if storage.is_uri(path):
-        with tempfile.TemporaryDirectory(prefix="mlot-shard-") as d:
-            Path(d, "shard.arrow").write_bytes(data)
-            _upload_file(Path(d, "shard.arrow"), path)
+        import pyarrow.fs
+
+        fs, p = pyarrow.fs.FileSystem.from_uri(path)
+        fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
+        with fs.open_output_stream(f"{p}.{os.getpid()}.tmp") as f:
+            f.write(data)
+        fs.move(f"{p}.{os.getpid()}.tmp", p)  # only a whole shard ever has the shard's name
     else:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         tmp = f"{path}.{os.getpid()}.tmp"
         Path(tmp).write_bytes(data)
         os.replace(tmp, path)
     return len(data)
-
-
-def _upload_file(local: Path, uri: str) -> None:
-    import pyarrow.fs
-
-    fs, p = pyarrow.fs.FileSystem.from_uri(uri)
-    fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
-    with fs.open_output_stream(p) as f:  # object stores publish a file only when it is closed: atomic
-        f.write(local.read_bytes())
 
 
 # ---------------------------------------------------------------------------- reading
