@@ -11,6 +11,7 @@ plain path every function here is the ordinary local operation.
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -96,3 +97,24 @@ def local_folder(dest: str) -> Iterator[str]:
     with tempfile.TemporaryDirectory(prefix="mlot-") as d:
         yield d
         upload(d, dest)
+
+
+def node_cache(kind: str, key: str) -> Path:
+    """Where this node keeps its copy of a ``kind`` folder (``data``, ``store``) identified by ``key``."""
+    return Path(tempfile.gettempdir(), f"mlot-{kind}", key)
+
+
+def node_copy(uri: str, kind: str, key: str) -> str:
+    """This node's copy of the folder at ``uri``, made once per ``key``: copied under a temporary name, then
+    renamed, so a copy that exists is whole (and processes racing to make it all end up with one)."""
+    target = node_cache(kind, key)
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f"{key}.", dir=target.parent)
+        with local_copy(uri) as local:
+            shutil.copytree(local, tmp, dirs_exist_ok=True)
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process made it first
+            shutil.rmtree(tmp, ignore_errors=True)
+    return str(target)

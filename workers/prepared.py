@@ -331,9 +331,9 @@ def _local_dir(path: str, fp: str) -> str:
     if not storage.is_uri(path):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         return path
-    root = Path(tempfile.gettempdir(), "mlot-data")
-    root.mkdir(parents=True, exist_ok=True)
-    return str(root / fp)
+    local = storage.node_cache("data", fp)
+    local.parent.mkdir(parents=True, exist_ok=True)
+    return str(local)
 
 
 def open_data(ref: DataRef) -> PreparedData:
@@ -352,15 +352,13 @@ class PreparedData:
 
     def __init__(self, ref: DataRef) -> None:
         self.ref = ref
-        local = _local_dir(ref.path, ref.fingerprint)
-        if not Path(local, META).exists():
-            if not storage.is_uri(ref.path):
-                raise UserError(f"prepared data {ref.path} is not on this node: set data.cache_dir to a folder "
-                                "every node shares, or a URI (s3://, gs://, ...)")
-            with storage.local_copy(ref.path) as copy:  # this node's copy, made once
-                tmp = tempfile.mkdtemp(prefix=f"{ref.fingerprint}.", dir=Path(local).parent)
-                shutil.copytree(copy, tmp, dirs_exist_ok=True)
-                os.replace(tmp, local) if not Path(local, META).exists() else shutil.rmtree(tmp)
+        if storage.is_uri(ref.path):
+            local = storage.node_copy(ref.path, "data", ref.fingerprint)
+        elif Path(ref.path, META).exists():
+            local = ref.path
+        else:
+            raise UserError(f"prepared data {ref.path} is not on this node: set data.cache_dir to a folder "
+                            "every node shares, or a URI (s3://, gs://, ...)")
         self.tables = {split: _read_split(folder) for split in ("train", "eval")
                        if (folder := Path(local, "splits", split)).is_dir()}
 

@@ -28,7 +28,6 @@ import hashlib
 import io
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -274,27 +273,13 @@ def payload_mismatch(name: str, stored: dict[str, Any], wanted: dict[str, Any]) 
             + "; teach again with these settings, or make the store with --format hidden (exact for any settings)")
 
 
-def _array(table: Any, column: str, row: int) -> torch.Tensor:
-    values = table.column(column)[row].values.to_numpy(zero_copy_only=False)
-    return torch.from_numpy(np.asarray(values, dtype=np.float32 if values.dtype == np.float16 else values.dtype))
-
-
 def _local_root(store: str) -> str:
     """A local folder holding ``store``: itself, or for a URI this node's copy (made once per store content)."""
     if not storage.is_uri(store):
         if not Path(store, META).exists():
             raise UserError(f"teacher store {store!r} does not exist (no {META}); make it with mlot teach")
         return store
-    import shutil
-
     if not storage.exists(storage.join(store, META)):
         raise UserError(f"teacher store {store!r} does not exist (no {META}); make it with mlot teach")
     digest = hashlib.sha256((store + storage.read_text(storage.join(store, META))).encode()).hexdigest()[:16]
-    target = Path(tempfile.gettempdir(), "mlot-store", digest)
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=f"{digest}.", dir=target.parent)
-        with storage.local_copy(store) as local:
-            shutil.copytree(local, tmp, dirs_exist_ok=True)
-        os.replace(tmp, target)
-    return str(target)
+    return storage.node_copy(store, "store", digest)  # per store content: a store taught again is copied again
