@@ -297,6 +297,8 @@ class DataConfig(_Section):
         bad = [k for k in self.columns if not k.isidentifier()]
         if bad:
             problems.append(("columns", self.columns, f"keys {bad} are not usable as template field names (letters, digits, _)"))
+        if self.source == "builtin:known_truth" and "prompt" not in self.columns.values():
+            problems.append(("columns", self.columns, "builtin:known_truth's eval scores each prompt against its true answer distribution: map its 'prompt' column to a template field, e.g. {prompt: prompt}"))
         if problems:
             raise FieldProblem(*problems)
         return self

@@ -67,19 +67,53 @@ def test_answer_log_probs_is_the_models_own_sequence_log_probability():
         assert got[0, j] == pytest.approx(want, abs=1e-4)
 
 
-def test_builtin_known_truth_splits_load_and_prepare_for_a_job(tmp_path):
+def test_builtin_known_truth_splits_load_prepare_and_score_a_student_against_p_star(tmp_path):
+    """The builtin's splits load and prepare for a job, and the student's in-training truth eval
+    (``eval/truth_*``, what ``mlot tune`` ranks trials on) equals the metrics recomputed from the
+    validation prompts and p*."""
     from helpers import quickstart_job
 
     from workers.known_truth import BUILTIN_SAMPLES
-    from workers.prepared import prepare
+    from workers.models import build_model
+    from workers.prepared import open_data, prepare
+    from workers.student_eval import evaluate_truth
     from workers.tasks import load_rows
     task = KnownTruth(seed=0)
     for split, per_prompt in BUILTIN_SAMPLES.items():
         prompts = task.prompts["train" if split == "teacher" else split]
         rows = load_rows("builtin:known_truth", split=split)
         assert len(rows) == per_prompt * len(prompts) and rows[0]["answer"] in ANSWERS
-    job = quickstart_job(tmp_path, "kt", "data.source=builtin:known_truth", "data.eval_split=test", "data.limit=null")
+    job = quickstart_job(tmp_path, "kt", "data.source=builtin:known_truth", "data.eval_split=validation",
+                         "data.limit=null")
     data = prepare(job, str(tmp_path / "cache"))
-    assert data.sizes == {"train": 3 * len(task.prompts["train"]), "eval": len(task.prompts["test"])}
+    assert data.sizes == {"train": 3 * len(task.prompts["train"]), "eval": len(task.prompts["validation"])}
     with pytest.raises(UserError, match="builtin:known_truth has splits"):
         load_rows("builtin:known_truth", split="validaton")
+
+    tok = load_tokenizer(job.student.tokenizer_name)
+    torch.manual_seed(0)
+    model = build_model(None, job.student.hf_config, "float32", False, tok)
+    got = evaluate_truth(model, open_data(data), tok, job, torch.device("cpu"))
+    prompts = task.prompts["validation"]
+    log_q = answer_log_probs(model, tok, job.student.template, [p.text for p in prompts], ANSWERS,
+                             job.data.max_prompt_length)
+    want = truth_metrics(log_q, np.stack([task.truth(p) for p in prompts]))
+    assert got == pytest.approx({f"eval/truth_{k}": v for k, v in want.items()}, rel=1e-6)  # fp32, other batches
+    assert got["eval/truth_kl"] > 0.1  # an untrained student is far from p*
+
+
+def test_truth_needs_the_builtins_own_prompts():
+    from orchestrator.config import ConfigError, config_from_dict
+    from workers.known_truth import builtin_truth
+    task = KnownTruth(seed=0)
+    prompt = task.prompts["test"][0]
+    assert builtin_truth([prompt.text]) == pytest.approx(task.truth(prompt)[None])
+    with pytest.raises(UserError, match="not a prompt of builtin:known_truth"):
+        builtin_truth(["What does a fox eat?"])
+    import yaml
+    from helpers import QUICKSTART
+    data = yaml.safe_load(QUICKSTART.read_text())
+    data["data"] = {**data["data"], "source": "builtin:known_truth",
+                    "columns": {"prompt": "question", "answer": "answer"}}
+    with pytest.raises(ConfigError, match="data.columns.*map its 'prompt' column"):
+        config_from_dict(data)

@@ -37,7 +37,8 @@ def test_bad_space_files_name_the_key(tmp_path, job, text, needle):
         load_space(p, job)
 
 
-def _sweep(tmp_path, name: str, space_text: str, *, steps: int, eval_every: int, limit: int, batch: int, **kwargs):
+def _sweep(tmp_path, name: str, space_text: str, *, steps: int, eval_every: int, limit: int, batch: int,
+           extra: tuple[str, ...] = (), **kwargs):
     """Write a space file, build a small quickstart job, run the sweep on a fresh local Ray; (job, summary)."""
     import ray
 
@@ -48,7 +49,7 @@ def _sweep(tmp_path, name: str, space_text: str, *, steps: int, eval_every: int,
     job = load_config(QUICKSTART, [f"name={name}", f"output_dir={tmp_path}", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
                                    f"train.steps={steps}", "train.warmup_steps=0", f"train.eval_every={eval_every}",
                                    f"train.checkpoint_every={steps}", "teachers.0.pretrain.steps=0",
-                                   f"data.limit={limit}", f"train.batch_size={batch}"])
+                                   f"data.limit={limit}", f"train.batch_size={batch}", *extra])
     try:
         return job, run_tune(job, str(space), **kwargs)
     finally:
@@ -66,7 +67,9 @@ def test_small_asha_sweep_shares_teacher_work_and_logs_runs(tmp_path):
 
     from orchestrator.config import load_config as load
 
-    small = {"steps": 6, "eval_every": 2, "limit": 300, "batch": 8, "num_samples": 1, "scheduler": "asha"}
+    # On the known-truth task, ranked by what each trial learnt of p* (its workers' eval/truth_kl).
+    small = {"steps": 6, "eval_every": 2, "limit": 300, "batch": 8, "num_samples": 1, "scheduler": "asha",
+             "extra": ("data.source=builtin:known_truth",), "metric": "eval/truth_kl"}
     job, s = _sweep(tmp_path, "sw", ASHA_SPACE, **small)  # 2 cores: one trial at a time
     assert len(s.table) == 2
     assert s.table[0]["config"]["train.lr"] == 3.0e-3 and s.table[0]["status"] == "completed"
@@ -78,6 +81,9 @@ def test_small_asha_sweep_shares_teacher_work_and_logs_runs(tmp_path):
     parent = client.get_run(s.parent_run_id)
     children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{s.parent_run_id}'")
     assert len(children) == 2 and all(c.info.status in ("FINISHED", "KILLED") for c in children)
+    # the completed trial's metric in the table is the truth KL its workers logged last, and a real one
+    logged = [h[-1].value for c in children if (h := client.get_metric_history(c.info.run_id, "eval/truth_kl"))]
+    assert s.table[0]["eval/truth_kl"] == pytest.approx(min(logged)) and 0 < s.table[0]["eval/truth_kl"] < 20
     assert {a.path for a in client.list_artifacts(s.parent_run_id)} >= {"results.md", "space.yaml", "plots"}
     assert json.loads((tmp_path / "sw" / "sweep.json").read_text())["parent_run_id"] == s.parent_run_id
 

@@ -394,3 +394,13 @@ def test_build_model_from_pretrained_path(tmp_path):
     assert check_vocab(model, t, "teacher") == 6
     with pytest.raises(UserError, match="teacher: "):
         build_model(str(tmp_path), None, tokenizer=load_tokenizer("builtin:sentencepiece"), who="teacher")
+
+
+def test_bad_row_error_crosses_process_boundaries_with_its_fields():
+    """Raised inside Ray tasks and process pools: it must unpickle (its __init__ takes three arguments)."""
+    import pickle
+
+    from workers.data import BadRowError
+    err = pickle.loads(pickle.dumps(BadRowError(7, "answer", "empty or whitespace-only answer")))
+    assert (err.index, err.field, err.reason, str(err)) == (
+        7, "answer", "empty or whitespace-only answer", "row 7, field 'answer': empty or whitespace-only answer")

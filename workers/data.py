@@ -37,6 +37,10 @@ class BadRowError(UserError, ValueError):
         where = f"row {index}" if index is not None else "row"
         super().__init__(f"{where}, field {field!r}: {reason}")
 
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        # Crosses process boundaries (Ray tasks, process pools) with its attributes, not only its message.
+        return type(self), (self.index, self.field, self.reason)
+
 
 def _check_text(value: Any, index: int | None, field: str) -> str:
     """A field must be a str of valid Unicode that encodes to UTF-8 and holds no U+FFFD.

@@ -21,6 +21,7 @@ import itertools
 import math
 import random
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, Sequence
 
 import numpy as np
@@ -99,6 +100,24 @@ def builtin_rows(split: str) -> list[dict[str, Any]]:
     return KnownTruth(seed=0).rows(prompts, BUILTIN_SAMPLES[split], seed=list(BUILTIN_SAMPLES).index(split))
 
 
+@lru_cache(maxsize=1)
+def _builtin_truth() -> dict[str, np.ndarray]:
+    task = KnownTruth(seed=0)
+    return {p.text: task.truth(p) for prompts in task.prompts.values() for p in prompts}
+
+
+def builtin_truth(prompts: Sequence[str]) -> np.ndarray:
+    """[P, N] p* of prompts of ``builtin:known_truth`` (task seed 0), by their text."""
+    from specs import UserError
+
+    table = _builtin_truth()
+    unknown = [p for p in prompts if p not in table]
+    if unknown:
+        raise UserError(f"not a prompt of builtin:known_truth: {unknown[0]!r} (truth metrics need the builtin's "
+                        "own prompt text: map its 'prompt' column to the template's prompt field unchanged)")
+    return np.stack([table[p] for p in prompts])
+
+
 def entropy(p: np.ndarray) -> float:
     return float(-(p * np.log(np.clip(p, 1e-300, None))).sum())
 
@@ -130,17 +149,20 @@ def truth_metrics(log_q: Any, p_star: Any, bins: int = 10) -> dict[str, float]:
             "top1": float((log_q.argmax(1) == p.argmax(1)).mean()), "ece": float(ece)}
 
 
-def answer_log_probs(model: Any, tokenizer: Any, template: Any, prompts: Sequence[str], answers: Sequence[str],
-                     max_prompt_length: int, device: Any = "cpu", batch_size: int = 64) -> np.ndarray:
+def answer_log_probs(model: Any, tokenizer: Any, template: Any, prompts: Sequence[str | dict[str, Any]],
+                     answers: Sequence[str], max_prompt_length: int, device: Any = "cpu",
+                     batch_size: int = 64) -> np.ndarray:
     """[P, N] log q(answer | prompt) under ``model``: the sum of its log-probabilities of the answer's tokens
-    in its own tokenizer and template (EOS included where the template ends answers with it)."""
+    in its own tokenizer and template (EOS included where the template ends answers with it). A prompt is
+    its text (the ``prompt`` field) or a row of template fields."""
     import torch
 
     from workers.data import collate, encode_example
     from workers.forward import answer_logits, to_device
 
-    examples = [encode_example({"prompt": p, "answer": a}, tokenizer, template, max_prompt_length, 1 << 20)
-                for p in prompts for a in answers]
+    rows = [p if isinstance(p, dict) else {"prompt": p} for p in prompts]
+    examples = [encode_example({**row, "answer": a}, tokenizer, template, max_prompt_length, 1 << 20)
+                for row in rows for a in answers]
     out = []
     was_training = model.training
     model.eval()

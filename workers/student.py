@@ -33,7 +33,7 @@ from workers.forward import answer_logits, to_device
 from workers.models import build_model, check_vocab, load_tokenizer
 from workers.payload_stream import BatchOrder, Fetched, PayloadStream
 from workers.prepared import STUDENT, open_data
-from workers.student_eval import eval_plan, evaluate_ce
+from workers.student_eval import eval_plan, evaluate_ce, evaluate_truth
 from workers.tracking import open_buffer, say
 
 
@@ -131,7 +131,7 @@ class StudentRecipe:
             self.tracker.log_params({"student.params": self.n_params, "student.world": self.world})
         self.bad_in_a_row = self.skipped = 0
         self.history: list[dict[str, float]] = []
-        self.last_eval: float | None = None
+        self.last_eval: dict[str, float] = {}  # the latest eval metrics, carried by every report
 
     def train(self) -> bool:
         """Train from the restored step to ``self.steps``; False when stopped early on request."""
@@ -139,8 +139,8 @@ class StudentRecipe:
             metrics = self._train_step(step)
             done = step + 1
             if self._eval_due(done):
-                metrics["eval/loss"] = self.last_eval = evaluate_ce(
-                    self.engine, self.data, self.tokenizer, self.job, self.rank, self.world, self.device, self.vocab)
+                self.last_eval = self._evaluate()
+                metrics.update(self.last_eval)
             self._log(metrics, done)
             stop = from_rank_zero(self._stop_requested(), self.device) and done < self.steps
             self._report(metrics, done, stop)
@@ -208,6 +208,14 @@ class StudentRecipe:
             raise FloatingPointError(f"{self.bad_in_a_row} consecutive non-finite micro-batches "
                                      f"(train.max_nonfinite_steps={limit}): stopping")
 
+    def _evaluate(self) -> dict[str, float]:
+        """Eval CE on the held-out rows; for ``builtin:known_truth`` also the metrics against p*."""
+        out = {"eval/loss": evaluate_ce(self.engine, self.data, self.tokenizer, self.job, self.rank, self.world,
+                                        self.device, self.vocab)}
+        if self.job.data.source == "builtin:known_truth":
+            out.update(evaluate_truth(self.engine, self.data, self.tokenizer, self.job, self.device))
+        return out
+
     def _eval_due(self, done: int) -> bool:
         every = self.job.train.eval_every
         return bool(every and self.data.size("eval") and (done % every == 0 or done == self.steps))
@@ -218,7 +226,7 @@ class StudentRecipe:
             self.tracker.log(metrics, done)
         if self.rank == 0 and "train/loss" in metrics and (done % max(1, self.steps // 20) == 0 or done == self.steps):
             say(f"step {done}/{self.steps}  loss {metrics['train/loss']:.4f}  ce {metrics['train/ce']:.4f}"
-                + (f"  eval {self.last_eval:.4f}" if self.last_eval is not None else "")
+                + (f"  eval {self.last_eval['eval/loss']:.4f}" if self.last_eval else "")
                 + f"  {metrics['train/tokens_per_s']:.0f} tok/s"
                 + f"  teacher wait {100 * metrics['train/teacher_wait_frac']:.0f}%")
 
@@ -233,7 +241,7 @@ class StudentRecipe:
         Every report carries the latest eval metric: a sweep's scheduler compares trials on it."""
         import ray.train
 
-        report = {**metrics, "step": done, **({"eval/loss": self.last_eval} if self.last_eval is not None else {})}
+        report = {**metrics, "step": done, **self.last_eval}
         if stop:
             report["train/stopped_at_step"] = done
         if done % self.job.train.checkpoint_every == 0 or done == self.steps or stop:

@@ -52,6 +52,21 @@ def evaluate_ce(engine: Any, data: PreparedData, tokenizer: Any, job: Any, rank:
 
 
 @torch.no_grad()
+def evaluate_truth(engine: Any, data: PreparedData, tokenizer: Any, job: Any, device: torch.device) -> dict[str, float]:
+    """``builtin:known_truth`` jobs: the student's answer distribution on the eval split's prompts against the
+    true one (``workers.known_truth``: KL, NLL per answer, top-1, ECE as ``eval/truth_*``): a sweep can pick
+    the configuration that learns the truth best, not the one that fits one sampled label per prompt.
+    Every rank scores every prompt (the same forwards on every rank, as ZeRO-3 needs)."""
+    from workers.known_truth import ANSWERS, answer_log_probs, builtin_truth, truth_metrics
+
+    field = next(f for f, column in job.data.columns.items() if column == "prompt")
+    rows = {r[field]: r for r in data.rows("eval", range(data.size("eval")))}  # one per distinct prompt
+    log_q = answer_log_probs(engine, tokenizer, job.student.template, list(rows.values()), ANSWERS,
+                             job.data.max_prompt_length, device, job.train.batch_size)
+    return {f"eval/truth_{k}": v for k, v in truth_metrics(log_q, builtin_truth(list(rows))).items()}
+
+
+@torch.no_grad()
 def eval_plan(engine: Any, data: DataRef, tokenizer: Any, job: Any, teachers: dict[str, list[Any]],
               rank: int, device: torch.device, vocab: int) -> Any:
     """The sequence-level transport plan [T_t, T_s] between the first teacher and the student on eval row 0,

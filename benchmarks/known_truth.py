@@ -1,0 +1,439 @@
+"""Does distillation help a student? A study against a known answer distribution (``builtin:known_truth``).
+
+    python benchmarks/known_truth.py [--out DIR] [--seeds 5] [--steps 300] [--tune-samples 8] [--quick]
+
+The task (``workers/known_truth.py``, task seed 0) has an explicit p*(answer | prompt) over 8 multi-word
+answers, so what a student learnt is measured against the truth on held-out prompts, whatever its
+tokenizer: KL(p* || q) over the answer set, NLL per answer, top-1 agreement with argmax p*, ECE.
+
+1. **Teachers** (tiny Llama, SentencePiece and Tekken tokenizers) learn the task from 48 sampled answers
+   per training prompt (the ``teacher`` split); their own held-out KL is reported.
+2. **Students** (tiny Llama, WordPiece) see 3 sampled answers per training prompt (drawn per seed) and, per
+   arm, a teacher's signal: :data:`ARMS`. Every arm of a seed has the same student initialisation, label
+   draws, batch order, steps and learning-rate schedule (the product's ``lr_lambda``), so arms are compared
+   per seed (paired). The loss is the product's own: ``ce_weight * CE + sum_t weight_t * method(payload)``
+   with the method from ``mlot.METHODS`` and the payload from ``mlot.compress_teacher`` with the method's
+   payload settings, exactly as ``workers/student.py`` and ``workers/teacher.py`` compute them; the loop
+   runs in-process (no Ray, no DeepSpeed) so that 8 arms x 5 seeds fit a 2-core machine.
+3. **The product's sweep**: ``mlot tune`` (Ray Tune trials of real DeepSpeed jobs, teachers as Ray actors)
+   over MultiLevelOT's knobs (``tune_spaces/multilevel_ot.yaml``) with the metric ``eval/truth_kl`` on the
+   *validation* prompts; its best configuration is then run here on fresh seeds next to SFT and ULD.
+
+Results: ``results.json``, ``table.md`` and ``kl_over_steps.png`` in ``--out``, and one MLflow run (experiment
+``mlot-known-truth``) with the table, the plot and each arm's mean held-out KL per step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import subprocess
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field, replace
+from functools import lru_cache
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import mlot  # noqa: E402
+from mlot.identity import char_bounds, chunk_likelihood, compress_identity, pad_bounds, shared_vocab_kl, vocab_map  # noqa: E402,E501
+from orchestrator.config import TrainConfig  # noqa: E402
+from specs import Template  # noqa: E402
+from workers.data import BadRowError, collate, encode_example  # noqa: E402
+from workers.engine import lr_lambda  # noqa: E402
+from workers.evaluate import prompt_ids  # noqa: E402
+from workers.forward import answer_logits  # noqa: E402
+from workers.known_truth import ANSWERS, KnownTruth, answer_log_probs, builtin_rows, truth_metrics  # noqa: E402
+from workers.models import build_model, load_tokenizer  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+WORDPIECE, SENTENCEPIECE, TEKKEN = "builtin:wordpiece", "builtin:sentencepiece", "builtin:tekken"
+#: teacher name -> (tokenizer, share of ``--teacher-steps``); both learn the task from the ``teacher`` split.
+#: Tekken's 131k-token head makes its steps about 2.6x dearer than SentencePiece's on this CPU: half the steps.
+TEACHERS = {"sp": (SENTENCEPIECE, 1.0), "tekken": (TEKKEN, 0.5)}
+TINY = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 128,
+        "tie_word_embeddings": True}
+TEMPLATE = Template()
+MAX_PROMPT, MAX_ANSWER = 64, 16
+LABELS_PER_PROMPT = 3
+METRICS = ("kl", "nll", "top1", "ece")
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One way to train the student. ``targets``: what it does CE on: the sampled labels, or (SeqKD) answers
+    the first teacher generates for the same prompts, ``sampled`` (3 per prompt) or ``greedy``."""
+
+    method: str = "sft"
+    mode: str = "paper"
+    params: dict[str, Any] = field(default_factory=dict)
+    teachers: tuple[str, ...] = ()
+    targets: str = "labels"
+    tokenizer: str = WORDPIECE
+    ce_weight: float = 1.0
+    identity: dict[str, float] = field(default_factory=dict)  # mlot.identity term -> weight (first teacher)
+
+
+ARMS: dict[str, Arm] = {
+    "SFT": Arm(),
+    "SeqKD (sampled)": Arm(teachers=("sp",), targets="sampled"),
+    "SeqKD (greedy)": Arm(teachers=("sp",), targets="greedy"),
+    "ULD": Arm("uld", teachers=("sp",)),
+    "MultiLevelOT (paper)": Arm("multilevel_ot", teachers=("sp",)),
+    "MultiLevelOT (reference)": Arm("multilevel_ot", "reference", teachers=("sp",)),
+    "MultiLevelOT, two teachers": Arm("multilevel_ot", teachers=("sp", "tekken")),
+    # the teacher's top 100 of 32,000 tokens per position (ULD's distributed default): all but ~0 of its mass
+    "same-tokenizer KL (ceiling)": Arm("kl", params={"top_k": 100}, teachers=("sp",), tokenizer=SENTENCEPIECE),
+}
+
+
+#: Identity-aware terms (issue 15: ``mlot.identity``), weight 1 each: measured against the same seeds and budget
+#: with ``--identity`` (next to SFT and the same-tokenizer ceiling, which give the gap they close).
+IDENTITY_ARMS: dict[str, Arm] = {
+    "exact match (shared-vocab KL)": Arm(teachers=("sp",), identity={"shared_vocab_kl": 1.0}),
+    "aligned-chunk likelihood": Arm(teachers=("sp",), identity={"chunk_likelihood": 1.0}),
+    "MultiLevelOT + exact match + chunks": Arm("multilevel_ot", teachers=("sp",),
+                                               identity={"shared_vocab_kl": 1.0, "chunk_likelihood": 1.0}),
+}
+IDENTITY_TOP_K = 20  # shared classes per teacher position in the identity payload
+
+
+@dataclass(frozen=True)
+class Budget:
+    steps: int = 200
+    batch_size: int = 32
+    lr: float = 3e-3
+    warmup_steps: int = 10
+    curve_points: int = 5  # held-out evaluations over the run (the last at the final step)
+    teacher_steps: int = 600
+    teacher_batch_size: int = 64
+
+
+# ---------------------------------------------------------------------------- models, data, one training loop
+
+
+def tiny_model(tokenizer: Any, seed: int) -> Any:
+    torch.manual_seed(seed)
+    return build_model(None, TINY, "float32", False, tokenizer, who="model")
+
+
+def held_out_truth() -> tuple[list[str], np.ndarray]:
+    task = KnownTruth(seed=0)
+    prompts = task.prompts["test"]
+    return [p.text for p in prompts], np.stack([task.truth(p) for p in prompts])
+
+
+def held_out(model: Any, tokenizer: Any) -> dict[str, float]:
+    """Truth metrics of ``model`` on the test prompts (held-out (creature, place, season) triples)."""
+    prompts, p_star = held_out_truth()
+    log_q = answer_log_probs(model, tokenizer, TEMPLATE, prompts, ANSWERS, MAX_PROMPT, batch_size=256)
+    return truth_metrics(log_q, p_star)
+
+
+def fit(model: Any, tokenizer: Any, rows: list[dict[str, Any]], budget: Budget, seed: int, steps: int,
+        batch_size: int, loss_fn: Any = None, curve: bool = False) -> dict[str, Any]:
+    """AdamW with the product's warm-up + linear schedule over epoch-shuffled batches of ``rows``.
+
+    ``loss_fn(logits, labels, indices) -> (loss, parts)`` (default CE). Returns the held-out curve (when
+    asked) and the mean of each loss part over the last 10 steps."""
+    examples = [encode_example(r, tokenizer, TEMPLATE, MAX_PROMPT, MAX_ANSWER) for r in rows]
+    train = TrainConfig(steps=steps, lr=budget.lr, warmup_steps=budget.warmup_steps, schedule="linear")
+    opt = torch.optim.AdamW(model.parameters(), lr=train.lr, weight_decay=train.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(train, steps))
+    order, g = [], random.Random(seed)
+    every = max(1, steps // budget.curve_points)
+    points, last = [], []
+    model.train()
+    for step in range(1, steps + 1):
+        if len(order) < batch_size:
+            perm = list(range(len(examples)))
+            g.shuffle(perm)
+            order += perm
+        idx, order = order[:batch_size], order[batch_size:]
+        logits, labels = answer_logits(model, collate([examples[i] for i in idx], tokenizer.pad_token_id),
+                                       len(tokenizer))
+        loss, parts = loss_fn(logits, labels, idx) if loss_fn else (mlot.causal_lm_loss(logits, labels), {})
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        last = (last + [{"loss": loss.item(), **{k: float(v) for k, v in parts.items()}}])[-10:]
+        if curve and (step % every == 0 or step == steps):
+            points.append({"step": step, **held_out(model, tokenizer)})
+    return {"curve": points, "final_terms": {k: float(np.mean([p[k] for p in last])) for k in last[-1]}}
+
+
+# ---------------------------------------------------------------------------- teachers
+
+
+def train_teacher(out: str, name: str, budget: Budget) -> dict[str, float]:
+    """Train (or reuse, when ``out/teachers/<name>`` holds one of this recipe) one teacher on the ``teacher``
+    split; returns its held-out metrics."""
+    torch.set_num_threads(1)  # the teachers train side by side, one core each
+    spec, share = TEACHERS[name]
+    folder = Path(out) / "teachers" / name
+    done = folder / "known_truth.json"
+    steps = max(1, round(budget.teacher_steps * share))
+    recipe = {"tokenizer": spec, "steps": steps, "batch_size": budget.teacher_batch_size, "lr": budget.lr,
+              "config": TINY}
+    if done.exists() and json.loads(done.read_text())["recipe"] == recipe:
+        return json.loads(done.read_text())["held_out"]
+    t0 = time.time()
+    tok = load_tokenizer(spec)
+    model = tiny_model(tok, seed=1000)
+    fit(model, tok, builtin_rows("teacher"), budget, seed=1000, steps=steps, batch_size=budget.teacher_batch_size)
+    model.eval()
+    model.save_pretrained(folder)
+    metrics = {**held_out(model, tok), "steps": steps, "train_s": time.time() - t0}
+    done.write_text(json.dumps({"recipe": recipe, "held_out": metrics}))
+    return metrics
+
+
+def train_teachers(pool: ProcessPoolExecutor, out: Path, budget: Budget) -> dict[str, dict[str, float]]:
+    futures = {name: pool.submit(train_teacher, str(out), name, budget) for name in TEACHERS}
+    report = {name: f.result() for name, f in futures.items()}
+    for name, metrics in report.items():
+        print(f"teacher {name} ({TEACHERS[name][0]}): held-out {fmt_metrics(metrics)}", flush=True)
+    return report
+
+
+@lru_cache(maxsize=None)
+def load_teacher(out: str, name: str) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(Path(out) / "teachers" / name)
+    return model.eval()
+
+
+@torch.no_grad()
+def teacher_answers(out: Path, name: str, prompts: list[str], how: str, seed: int) -> list[str]:
+    """SeqKD targets: the teacher's own answers to ``prompts``, sampled from its full distribution
+    (temperature 1, no top-k / top-p) or greedy; text, first line, stripped."""
+    tok, model = load_tokenizer(TEACHERS[name][0]), load_teacher(str(out), name)
+    torch.manual_seed(seed)
+    answers = []
+    for i in range(0, len(prompts), 256):
+        chunk = [prompt_ids({"prompt": p}, tok, TEMPLATE, MAX_PROMPT) for p in prompts[i:i + 256]]
+        batch = collate([(ids, ids) for ids in chunk], tok.pad_token_id)
+        sampling = {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0} if how == "sampled" \
+            else {"do_sample": False}
+        gen = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                             max_new_tokens=MAX_ANSWER, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                             **sampling)
+        answers += [tok.decode(s, skip_special_tokens=True).strip().split("\n")[0].strip()
+                    for s in gen[:, batch["input_ids"].shape[1]:]]
+    return answers
+
+
+# ---------------------------------------------------------------------------- one arm, one seed
+
+
+def usable(row: dict[str, Any], tokenizer: Any) -> bool:
+    """Can a generated answer be a CE target (not empty, valid text)? Others are dropped and counted."""
+    try:
+        encode_example(row, tokenizer, TEMPLATE, MAX_PROMPT, MAX_ANSWER)
+        return True
+    except BadRowError:
+        return False
+
+
+def student_rows(seed: int) -> list[dict[str, Any]]:
+    """The labels of a seed: 3 answers per training prompt drawn from p* (the same for every arm)."""
+    return KnownTruth(seed=0).rows("train", LABELS_PER_PROMPT, seed=10_000 + seed)
+
+
+def arm_rows(out: str, name: str, arm: Arm, seed: int, tok: Any) -> tuple[list[dict[str, Any]], int]:
+    """The rows the student does CE on (the seed's labels, or the first teacher's answers to the same prompts)
+    and how many generated answers were unusable."""
+    rows = student_rows(seed)
+    if arm.targets == "labels":
+        return rows, 0
+    draws = teacher_answers(Path(out), arm.teachers[0], [r["prompt"] for r in rows], arm.targets, seed)
+    rows = [{**r, "answer": a} for r, a in zip(rows, draws) if usable({**r, "answer": a}, tok)]
+    if not rows:
+        raise RuntimeError(f"{name}: teacher {arm.teachers[0]} generated no usable answer for {len(draws)} prompts "
+                           "(empty or invalid text): train it longer (--teacher-steps)")
+    return rows, len(draws) - len(rows)
+
+
+def answer_bounds(tok: Any, example: tuple[list[int], list[int]]) -> list[int]:
+    return char_bounds(tok, [t for t in example[1] if t != -100])
+
+
+class TeacherSide:
+    """One teacher over an arm's rows: its tokens of them, and its answer logits for a batch of them."""
+
+    def __init__(self, out: str, name: str, rows: list[dict[str, Any]]) -> None:
+        self.tok, self.model = load_tokenizer(TEACHERS[name][0]), load_teacher(out, name)
+        self.examples = [encode_example(r, self.tok, TEMPLATE, MAX_PROMPT, MAX_ANSWER) for r in rows]
+
+    @torch.no_grad()
+    def logits(self, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        return answer_logits(self.model, collate([self.examples[i] for i in idx], self.tok.pad_token_id),
+                             len(self.tok))
+
+
+class ArmLoss:
+    """``workers/student.py``'s ``_loss_step`` for one arm: ``ce_weight * CE`` + per teacher (weight 1, the
+    product's default) the method's ``alpha * distill`` on that teacher's payload, + the arm's identity-aware
+    terms (``mlot.identity``) on the first teacher, each ``weight * term``."""
+
+    def __init__(self, out: str, arm: Arm, rows: list[dict[str, Any]], tok: Any) -> None:
+        self.arm, self.method = arm, mlot.get_method(arm.method)
+        uses_teacher = self.method.needs_teacher or bool(arm.identity)
+        self.teachers = [TeacherSide(out, t, rows) for t in arm.teachers] if uses_teacher else []
+        self.payload_cfg = self.method.payload_config(arm.mode, arm.params) if self.method.needs_teacher else None
+        if arm.identity:
+            first = self.teachers[0]
+            self.vmap = vocab_map(first.tok, tok)
+            self.t_bounds = [answer_bounds(first.tok, e) for e in first.examples]
+            self.s_bounds = [answer_bounds(tok, encode_example(r, tok, TEMPLATE, MAX_PROMPT, MAX_ANSWER)) for r in rows]
+
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor, idx: list[int]) -> tuple[torch.Tensor, dict]:
+        ce = mlot.causal_lm_loss(logits, labels)
+        loss, parts = self.arm.ce_weight * ce, {"ce": ce.detach()}
+        for j, teacher in enumerate(self.teachers):
+            t_logits, t_labels = teacher.logits(idx)
+            results = {}
+            if self.payload_cfg is not None:
+                payload = mlot.compress_teacher(t_logits, t_labels, config=self.payload_cfg)
+                results["distill"] = self.method(logits, labels, payload, self.arm.mode, self.arm.params)
+            if j == 0 and self.arm.identity:
+                results.update(self._identity(logits, labels, t_logits, t_labels, idx))
+            for key, r in results.items():
+                loss = loss + r.loss
+                parts.update({f"t{j}/{key}": r.distill.detach(),
+                              **{f"t{j}/{k}": v.detach().mean() for k, v in r.terms.items() if v.dim() <= 1}})
+        return loss, parts
+
+    def _identity(self, logits: torch.Tensor, labels: torch.Tensor, t_logits: torch.Tensor, t_labels: torch.Tensor,
+                  idx: list[int]) -> dict[str, Any]:
+        s_bounds = pad_bounds([self.s_bounds[i] for i in idx])
+        payload = compress_identity(t_logits, t_labels, pad_bounds([self.t_bounds[i] for i in idx]), self.vmap,
+                                    top_k=IDENTITY_TOP_K)
+        terms = {"shared_vocab_kl": lambda w: shared_vocab_kl(logits, labels, s_bounds, payload, self.vmap, alpha=w),
+                 "chunk_likelihood": lambda w: chunk_likelihood(logits, labels, s_bounds, payload, alpha=w)}
+        return {name: terms[name](weight) for name, weight in self.arm.identity.items()}
+
+
+def run_arm(out: str, name: str, arm: Arm, seed: int, budget: Budget) -> dict[str, Any]:
+    torch.set_num_threads(1)  # the study runs one arm per core
+    t0 = time.time()
+    tok = load_tokenizer(arm.tokenizer)
+    rows, unusable = arm_rows(out, name, arm, seed, tok)
+    loss_fn = ArmLoss(out, arm, rows, tok)
+    model = tiny_model(tok, seed)
+    result = fit(model, tok, rows, budget, seed, budget.steps, budget.batch_size, loss_fn, curve=True)
+    return {"arm": name, "seed": seed, "final": result["curve"][-1], "curve": result["curve"],
+            "final_terms": result["final_terms"], "unusable_targets": unusable, "seconds": time.time() - t0}
+
+
+def run_all(pool: ProcessPoolExecutor, out: Path, arms: dict[str, Arm], seeds: list[int],
+            budget: Budget) -> list[dict[str, Any]]:
+    """Every (arm, seed) on the pool's processes (one per core)."""
+    futures = [pool.submit(run_arm, str(out), name, arm, seed, budget) for seed in seeds for name, arm in arms.items()]
+    results = []
+    for f in futures:
+        results.append(r := f.result())
+        print(f"{r['arm']:<30} seed {r['seed']}: {fmt_metrics(r['final'])}  ({r['seconds']:.0f} s)", flush=True)
+    return results
+
+
+def fmt_metrics(m: dict[str, float]) -> str:
+    return " ".join(f"{k} {m[k]:.4f}" for k in METRICS if k in m)
+
+
+# ---------------------------------------------------------------------------- the product's sweep
+
+
+def tune_job(out: Path, budget: Budget, tracking_uri: str) -> dict[str, Any]:
+    """The study's student and SentencePiece teacher as an ``mlot`` job: train on the ``train`` split (the
+    builtin's own label draws), score ``eval/truth_kl`` on the ``validation`` prompts."""
+    return {
+        "name": "known-truth", "output_dir": str(out / "runs"),
+        "student": {"model_config": TINY, "tokenizer": WORDPIECE, "deepspeed": {"stage": 2}},
+        "teachers": [{"name": "teacher-sp", "model": str(out / "teachers" / "sp"), "tokenizer": SENTENCEPIECE,
+                      "resources": {"num_cpus": 0.25}}],
+        "data": {"source": "builtin:known_truth", "train_split": "train", "eval_split": "validation",
+                 "max_prompt_length": MAX_PROMPT, "max_answer_length": MAX_ANSWER},
+        "loss": {"method": "multilevel_ot", "mode": "paper"},
+        "train": {"steps": budget.steps, "batch_size": budget.batch_size, "lr": budget.lr,
+                  "warmup_steps": budget.warmup_steps, "eval_every": max(1, budget.steps // 3),
+                  "checkpoint_every": budget.steps},
+        "tracking": {"uri": tracking_uri, "experiment": "mlot-known-truth"},
+        "cluster": {"num_cpus": 4},
+    }
+
+
+def run_tune(out: Path, budget: Budget, samples: int, tracking_uri: str) -> tuple[Arm, dict[str, Any]]:
+    """``mlot tune`` on the validation prompts; returns the best trial as an arm, and the sweep's summary."""
+    import yaml
+
+    job = out / "tune_job.yaml"
+    job.write_text(yaml.safe_dump(tune_job(out, budget, tracking_uri), sort_keys=False))
+    cmd = [sys.executable, "-m", "orchestrator.cli", "tune", str(job), "--space",
+           str(REPO / "tune_spaces" / "multilevel_ot.yaml"), "--num-samples", str(samples),
+           "--scheduler", "asha", "--metric", "eval/truth_kl", "--mode", "min"]
+    t0 = time.time()
+    subprocess.run(cmd, check=True, cwd=REPO)
+    best = yaml.safe_load((out / "runs" / "known-truth" / "best.yaml").read_text())
+    loss = best["loss"]
+    arm = Arm("multilevel_ot", loss.get("mode", "paper"), dict(loss.get("params") or {}), ("sp",),
+              ce_weight=float(loss.get("ce_weight", 1.0)))
+    return arm, {"command": " ".join(cmd[1:]), "wall_s": time.time() - t0, "best": loss}
+
+
+# ---------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    from known_truth_report import report  # benchmarks/ is the script's own folder
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default="runs/known_truth")
+    ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=Budget.steps)
+    ap.add_argument("--teacher-steps", type=int, default=Budget.teacher_steps)
+    ap.add_argument("--tune-samples", type=int, default=6, help="mlot tune trials (0: no sweep)")
+    ap.add_argument("--jobs", type=int, default=2, help="arms trained at once (one process, one core each)")
+    ap.add_argument("--arms", nargs="*", help="a subset of the arms (default: all)")
+    ap.add_argument("--identity", action="store_true", help="add the identity-aware arms (mlot.identity)")
+    ap.add_argument("--tracking-uri", help="MLflow URI (default: sqlite:///<cwd>/mlflow.db, as the product)")
+    ap.add_argument("--quick", action="store_true", help="smoke run: 1 seed, 12 steps, teachers 50 steps, no sweep")
+    args = ap.parse_args(argv)
+    budget = Budget(steps=args.steps, teacher_steps=args.teacher_steps)
+    if args.quick:
+        args.seeds, args.tune_samples = 1, 0
+        budget = replace(budget, steps=12, teacher_steps=50, curve_points=1)
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    uri = args.tracking_uri or f"sqlite:///{Path.cwd() / 'mlflow.db'}"  # the product's default
+    arms = {k: v for k, v in ARMS.items() if not args.arms or k in args.arms}
+    arms.update(IDENTITY_ARMS if args.identity else {})
+    t0 = time.time()
+    seeds, tuned = list(range(args.seeds)), None
+    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=get_context("spawn")) as pool:
+        teachers = train_teachers(pool, out, budget)
+        results = run_all(pool, out, arms, seeds, budget)
+        if args.tune_samples:
+            arm, sweep = run_tune(out, budget, args.tune_samples, uri)
+            fresh = list(range(args.seeds, 2 * args.seeds))
+            fresh_arms = {"SFT": ARMS["SFT"], "ULD": ARMS["ULD"], "MultiLevelOT (tuned)": arm}
+            tuned = {"sweep": sweep, "arm": asdict(arm), "results": run_all(pool, out, fresh_arms, fresh, budget)}
+    report(out, {"budget": asdict(budget), "seeds": seeds, "teachers": teachers, "results": results,
+                 "tuned": tuned, "wall_s": time.time() - t0, "argv": sys.argv[1:] if argv is None else argv},
+           uri)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

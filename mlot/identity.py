@@ -1,0 +1,297 @@
+"""Identity-aware cross-tokenizer terms: carry *which* continuation the teacher prefers, not only its shape.
+
+MultiLevelOT and ULD compare sorted probabilities: the loss is the same whichever token carries the mass.
+The two terms here compare teacher and student where they speak about the same text:
+
+* :func:`shared_vocab_kl` (exact match, TRL GOLD's hybrid idea): at *aligned* positions (both models start a
+  token at the same character of the answer), KL between the two distributions restricted to the tokens
+  whose normalised strings exist in both vocabularies (:func:`vocab_map`), each renormalised over that
+  shared set.
+* :func:`chunk_likelihood` (aligned chunks, as in ALM): the answer is cut at the characters that are token
+  boundaries in both tokenizations; per chunk each model's log-probability of it (the sum over its own
+  tokens) is compared by the binary KL between Bernoulli(p_teacher) and Bernoulli(p_student). A chunk is an
+  event both models assign a probability to, so the pair (p, 1 − p) is a distribution on either side;
+  unlike |Δ log p| it weighs a chunk by its mass: two tiny probabilities are close, whatever their ratio.
+
+Character coordinates: :func:`char_bounds` gives, per answer token, the count of non-space characters
+decoded before it (so "▁black|berries" and "black|##berries" agree); a special token (EOS) takes one
+virtual character at the end. Both terms read only [B, T] tensors of these bounds: no Python loop per token.
+
+Payload discipline: the teacher side (:func:`compress_identity`) keeps per answer position its top-k shared
+classes with their probabilities, its log-probability of the gold token and its bounds: k + 3 numbers per
+token, never the vocabulary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+from .result import DistillResult
+from .spans import answer_spans, compute_dtype, gather_rows
+
+# ---------------------------------------------------------------------------- the vocabulary map
+
+
+@dataclass(frozen=True)
+class VocabMap:
+    """Tokens of two vocabularies grouped into shared classes (equal normalised strings).
+
+    Attributes:
+        teacher_class: [V_t] long, the class of each teacher token, -1 where its string has no match.
+        student_members: [C, m] long, the student ids of each class (-1 padded; m is 1 unless the student
+            has several spellings of one normalised string, e.g. cased ones).
+        student_shared: [V_s] bool, the student tokens in some class.
+        coverage: what share of each vocabulary is mapped, and the number of classes.
+    """
+
+    teacher_class: Tensor
+    student_members: Tensor
+    student_shared: Tensor
+    coverage: dict[str, float]
+
+
+def token_key(token: str, wordpiece: bool, lower: bool) -> tuple[bool, str] | None:
+    """(starts a word, text) of a vocabulary entry: ``▁x`` / ``Ġx`` (SentencePiece, byte-level BPE) and a
+    WordPiece ``x`` start a word, ``##x`` and a bare piece continue one. None for byte-fallback entries."""
+    if token.startswith("<0x") and token.endswith(">"):
+        return None
+    if token.startswith("##"):
+        start, text = False, token[2:]
+    elif token[:1] in ("▁", "Ġ"):
+        start, text = True, token[1:]
+    else:
+        start, text = wordpiece, token
+    if not text:
+        return None
+    return start, text.lower() if lower else text
+
+
+def _keys(tokenizer: Any, lower: bool) -> dict[int, tuple[bool, str] | None]:
+    vocab = tokenizer.get_vocab()
+    wordpiece = sum(t.startswith("##") for t in vocab) > 0.05 * len(vocab)  # a few "##" tokens exist anywhere
+    special = set(tokenizer.all_special_ids)
+    return {i: None if i in special else token_key(t, wordpiece, lower) for t, i in vocab.items()}
+
+
+def vocab_map(teacher_tokenizer: Any, student_tokenizer: Any) -> VocabMap:
+    """Classes of tokens with equal normalised strings in both vocabularies (case-folded when either side is
+    uncased); the two EOS tokens form a class. Identical vocabularies map every id to itself."""
+    t_vocab, s_vocab = teacher_tokenizer.get_vocab(), student_tokenizer.get_vocab()
+    v_t, v_s = _size(t_vocab), _size(s_vocab)
+    if t_vocab == s_vocab:
+        classes = torch.arange(v_t)
+        return VocabMap(classes, classes[:, None], torch.ones(v_s, dtype=torch.bool),
+                        {"teacher": 1.0, "student": 1.0, "classes": float(v_t)})
+    lower = _uncased(teacher_tokenizer) or _uncased(student_tokenizer)
+    t_keys, s_keys = _keys(teacher_tokenizer, lower), _keys(student_tokenizer, lower)
+    t_keys[teacher_tokenizer.eos_token_id] = s_keys[student_tokenizer.eos_token_id] = (True, "</eos>")
+    by_key: dict[tuple[bool, str], list[int]] = {}
+    for i, key in s_keys.items():
+        if key is not None:
+            by_key.setdefault(key, []).append(i)
+    shared = sorted({k for k in t_keys.values() if k is not None} & set(by_key))
+    index = {k: c for c, k in enumerate(shared)}
+    teacher_class = torch.full((v_t,), -1, dtype=torch.long)
+    for i, key in t_keys.items():
+        if key in index:
+            teacher_class[i] = index[key]
+    width = max((len(by_key[k]) for k in shared), default=1)
+    members = torch.full((max(len(shared), 1), width), -1, dtype=torch.long)
+    for c, k in enumerate(shared):
+        members[c, :len(by_key[k])] = torch.tensor(by_key[k])
+    student_shared = torch.zeros(v_s, dtype=torch.bool)
+    student_shared[members[members >= 0]] = True
+    coverage = {"teacher": float((teacher_class >= 0).float().mean()), "student": float(student_shared.float().mean()),
+                "classes": float(len(shared))}
+    return VocabMap(teacher_class, members, student_shared, coverage)
+
+
+def _size(vocab: dict[str, int]) -> int:
+    return max(vocab.values()) + 1
+
+
+def _uncased(tokenizer: Any) -> bool:
+    return bool(getattr(tokenizer, "do_lower_case", False)) or not any(
+        t != t.lower() for t in list(tokenizer.get_vocab())[:20000] if t.isalpha())
+
+
+# ---------------------------------------------------------------------------- character coordinates
+
+
+def char_bounds(tokenizer: Any, answer_ids: Sequence[int]) -> list[int]:
+    """[n + 1] boundaries of ``n`` answer tokens in non-space characters of the decoded answer (0 first);
+    a special token (EOS) spans one virtual character after the text."""
+    special = set(tokenizer.all_special_ids)
+    text_ids = [i for i in answer_ids if i not in special]
+    out, extra = [0], 0
+    for j, token in enumerate(answer_ids):
+        if token in special:
+            extra += 1
+            out.append(out[-1] + 1)
+        else:
+            seen = sum(1 for i in answer_ids[:j + 1] if i not in special)
+            text = tokenizer.decode(text_ids[:seen])
+            out.append(sum(not c.isspace() for c in text) + extra)
+    return out
+
+
+def pad_bounds(bounds: Sequence[Sequence[int]], width: int | None = None) -> Tensor:
+    """[B, width + 1] long: each row's bounds, padded by repeating its last one (a zero-width tail)."""
+    width = width if width is not None else max(len(b) for b in bounds) - 1
+    out = torch.empty(len(bounds), width + 1, dtype=torch.long)
+    for r, b in enumerate(bounds):
+        out[r, :len(b)] = torch.tensor(b)
+        out[r, len(b):] = b[-1]
+    return out
+
+
+# ---------------------------------------------------------------------------- the teacher's payload
+
+
+@dataclass
+class IdentityPayload:
+    """The teacher side of both terms, for B answers of up to T teacher tokens.
+
+    Attributes:
+        classes: [B, T, k] long, the k most probable shared classes per answer position (-1: none).
+        probs: [B, T, k] their probabilities, renormalised over the shared classes.
+        token_logp: [B, T] the teacher's log-probability of its own gold answer token.
+        bounds: [B, T + 1] long, character bounds of its answer tokens (:func:`char_bounds`).
+        lengths: [B] long, answer tokens per sample.
+    """
+
+    classes: Tensor
+    probs: Tensor
+    token_logp: Tensor
+    bounds: Tensor
+    lengths: Tensor
+
+
+@torch.no_grad()
+def compress_identity(teacher_logits: Tensor, teacher_labels: Tensor, bounds: Tensor, vmap: VocabMap,
+                      top_k: int | None = 20, temperature: float = 1.0) -> IdentityPayload:
+    """The teacher's payload for both terms.
+
+    Args:
+        teacher_logits: [B, L_t, V_t]; teacher_labels: [B, L_t] (-100 outside the answer).
+        bounds: [B, >= T + 1] its answer tokens' character bounds (:func:`pad_bounds`).
+        top_k: shared classes kept per position (None: all of them, exact).
+    """
+    start, length = answer_spans(teacher_labels, name="teacher_labels")
+    width = int(length.max())
+    rows, mask = gather_rows(teacher_logits, start, length, width)
+    logp = torch.log_softmax(rows.to(compute_dtype(rows)) / temperature, -1)
+    gold = gather_rows(teacher_labels[..., None], start + 1, length, width)[0][..., 0].clamp(min=0)
+    token_logp = logp.gather(-1, gold[..., None])[..., 0].masked_fill(~mask, 0.0)
+    cls = vmap.teacher_class.to(rows.device)
+    n = int(vmap.student_members.shape[0])
+    mass = torch.zeros(*logp.shape[:2], n + 1, dtype=logp.dtype, device=logp.device)
+    mass.scatter_add_(-1, torch.where(cls >= 0, cls, n).expand_as(logp), logp.exp())
+    shared = mass[..., :n]
+    shared = shared / shared.sum(-1, keepdim=True).clamp(min=torch.finfo(shared.dtype).tiny)
+    k = n if top_k is None else min(top_k, n)
+    probs, classes = shared.topk(k, dim=-1)
+    probs = probs / probs.sum(-1, keepdim=True).clamp(min=torch.finfo(probs.dtype).tiny)
+    return IdentityPayload(classes.masked_fill(~mask[..., None], -1), probs.masked_fill(~mask[..., None], 0.0),
+                           token_logp, bounds[:, :width + 1].to(rows.device), length)
+
+
+# ---------------------------------------------------------------------------- the student's terms
+
+
+def _student_rows(student_logits: Tensor, student_labels: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Answer rows' log-probabilities [B, T_s, V_s], their mask, gold ids [B, T_s] and lengths [B]."""
+    start, length = answer_spans(student_labels, name="student_labels")
+    width = int(length.max())
+    rows, mask = gather_rows(student_logits, start, length, width)
+    gold = gather_rows(student_labels[..., None], start + 1, length, width)[0][..., 0].clamp(min=0)
+    return torch.log_softmax(rows.to(compute_dtype(rows)), -1), mask, gold, length
+
+
+def _starts_match(t_bounds: Tensor, t_len: Tensor, s_bounds: Tensor, s_len: Tensor) -> Tensor:
+    """[B, T_t, T_s] True where teacher token j and student token i start at the same character."""
+    t_pos = torch.arange(t_bounds.shape[1] - 1, device=t_bounds.device)
+    s_pos = torch.arange(s_bounds.shape[1] - 1, device=s_bounds.device)
+    t_ok, s_ok = t_pos[None] < t_len[:, None], s_pos[None] < s_len[:, None]
+    same = t_bounds[:, :-1, None] == s_bounds[:, None, :-1]
+    return same & t_ok[:, :, None] & s_ok[:, None, :]
+
+
+def shared_vocab_kl(student_logits: Tensor, student_labels: Tensor, student_bounds: Tensor,
+                    payload: IdentityPayload, vmap: VocabMap, alpha: float = 1.0) -> DistillResult:
+    """KL(teacher || student) over the shared classes at aligned answer positions, mean per sample.
+
+    Args:
+        student_logits: [B, L_s, V_s]; student_labels: [B, L_s]; student_bounds: [B, >= T_s + 1].
+        payload: :func:`compress_identity` of the same B answers.
+    Returns ``distill`` = mean over samples of the mean over aligned positions (a sample with none adds 0);
+    terms ``shared_kl`` [B] and ``aligned`` [B] (aligned positions per sample).
+    """
+    logp, _, _, s_len = _student_rows(student_logits, student_labels)
+    s_bounds = student_bounds[:, :logp.shape[1] + 1].to(logp.device)
+    match = _starts_match(payload.bounds, payload.lengths, s_bounds, s_len)          # [B, T_t, T_s]
+    t_has = match.any(-1)                                                              # [B, T_t]
+    s_at = match.float().argmax(-1)                                                    # [B, T_t]
+    rows = logp.gather(1, s_at[..., None].expand(-1, -1, logp.shape[-1]))             # [B, T_t, V_s]
+    shared = vmap.student_shared.to(logp.device)
+    log_norm = rows.masked_fill(~shared, float("-inf")).logsumexp(-1)                  # [B, T_t]
+    members = vmap.student_members.to(logp.device)[payload.classes.clamp(min=0)]       # [B, T_t, k, m]
+    picked = rows.gather(-1, members.clamp(min=0).flatten(2)).view(members.shape)
+    log_s = picked.masked_fill(members < 0, float("-inf")).logsumexp(-1) - log_norm[..., None]
+    p = payload.probs.to(logp.dtype)
+    xlogx = torch.where(p > 0, p * p.clamp(min=torch.finfo(p.dtype).tiny).log(), 0.0)
+    per_pos = (xlogx - torch.where(p > 0, p * log_s, 0.0)).sum(-1)                     # [B, T_t]
+    count = t_has.sum(1)
+    per_sample = (per_pos * t_has).sum(1) / count.clamp(min=1)
+    return DistillResult(per_sample.mean(), alpha, per_sample, {"shared_kl": per_sample, "aligned": count.to(p.dtype)})
+
+
+def _chunk_sums(bounds: Tensor, length: Tensor, common: Tensor, token_logp: Tensor) -> Tensor:
+    """[B, K] sum of ``token_logp`` [B, T] over the tokens that start in each chunk of ``common`` [B, K + 1]."""
+    starts = bounds[:, :-1].contiguous()
+    chunk = torch.searchsorted(common.contiguous(), starts, right=True) - 1
+    valid = torch.arange(starts.shape[1], device=starts.device)[None] < length[:, None]
+    out = torch.zeros(common.shape[0], common.shape[1], dtype=token_logp.dtype, device=token_logp.device)
+    out.scatter_add_(1, torch.where(valid, chunk, common.shape[1] - 1), token_logp * valid)
+    return out[:, :-1]
+
+
+def chunk_likelihood(student_logits: Tensor, student_labels: Tensor, student_bounds: Tensor,
+                     payload: IdentityPayload, alpha: float = 1.0) -> DistillResult:
+    """Binary KL between the teacher's and the student's probability of each aligned chunk, mean per sample.
+
+    Chunks end at the character bounds both tokenizations share (0 and the end always are). Returns
+    ``distill`` (mean over samples of the mean over chunks) and terms ``chunk_kl`` [B], ``chunks`` [B],
+    ``student_chunk_logp`` [B, K] and ``teacher_chunk_logp`` [B, K] (0 past a sample's chunks).
+    """
+    logp, mask, gold, s_len = _student_rows(student_logits, student_labels)
+    s_token = logp.gather(-1, gold[..., None])[..., 0].masked_fill(~mask, 0.0)
+    s_bounds = student_bounds[:, :logp.shape[1] + 1].to(logp.device)
+    t_bounds, t_len = payload.bounds.to(logp.device), payload.lengths.to(logp.device)
+    t_end = t_bounds.gather(1, t_len[:, None])
+    in_s = (t_bounds[:, :, None] == s_bounds[:, None, :]).any(-1)
+    t_pos = torch.arange(t_bounds.shape[1], device=logp.device)[None]
+    big = torch.iinfo(torch.long).max // 2
+    common = torch.where(in_s & (t_pos <= t_len[:, None]), t_bounds, big).sort(-1).values  # [B, T_t + 1]
+    n_chunks = (common < big).sum(1) - 1
+    common = torch.where(common < big, common, t_end + 1)  # past the end: empty chunks
+    s_chunk = _chunk_sums(s_bounds, s_len, common, s_token)
+    t_chunk = _chunk_sums(t_bounds, t_len, common, payload.token_logp.to(logp.dtype))
+    live = torch.arange(s_chunk.shape[1], device=logp.device)[None] < n_chunks[:, None]
+    kl = _binary_kl(t_chunk, s_chunk).masked_fill(~live, 0.0)
+    per_sample = kl.sum(1) / n_chunks.clamp(min=1)
+    return DistillResult(per_sample.mean(), alpha, per_sample,
+                         {"chunk_kl": per_sample, "chunks": n_chunks.to(logp.dtype),
+                          "student_chunk_logp": s_chunk * live, "teacher_chunk_logp": t_chunk * live})
+
+
+def _binary_kl(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """KL(Bernoulli(p) || Bernoulli(q)) from log p, log q (elementwise), stable as p or q -> 1."""
+    eps = torch.finfo(log_p.dtype).eps
+    log_p, log_q = log_p.clamp(max=-eps), log_q.clamp(max=-eps)
+    log1m_p, log1m_q = torch.log(-torch.expm1(log_p)), torch.log(-torch.expm1(log_q))
+    return log_p.exp() * (log_p - log_q) + (-torch.expm1(log_p)) * (log1m_p - log1m_q)

@@ -1,0 +1,94 @@
+"""``benchmarks/known_truth.py --quick`` (the smoke run of the known-truth study): every arm trains and is scored
+against p*, the metrics keep their invariants, each arm's logged loss is its terms recombined with the method's
+weights, and the MLflow run carries the same numbers as ``results.json``. The ranking is not checked: 12 steps
+say nothing about it."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from workers.known_truth import KnownTruth, entropy
+
+REPO = Path(__file__).resolve().parents[1]
+ARMS = ["SFT", "SeqKD (sampled)", "SeqKD (greedy)", "ULD", "MultiLevelOT (paper)", "MultiLevelOT (reference)",
+        "MultiLevelOT, two teachers", "same-tokenizer KL (ceiling)", "exact match (shared-vocab KL)",
+        "aligned-chunk likelihood", "MultiLevelOT + exact match + chunks"]
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    out = tmp_path_factory.mktemp("known_truth")
+    run = subprocess.run([sys.executable, str(REPO / "benchmarks" / "known_truth.py"), "--quick", "--identity",
+                          "--out", str(out), "--tracking-uri", f"sqlite:///{out}/mlflow.db"], cwd=out,
+                         capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    return out, json.loads((out / "results.json").read_text())
+
+
+def test_every_arm_is_scored_against_p_star_with_consistent_metrics(study):
+    out, got = study
+    task = KnownTruth(seed=0)
+    test = task.prompts["test"]
+    mean_entropy = float(np.mean([entropy(task.truth(p)) for p in test]))
+    assert [r["arm"] for r in got["results"]] == ARMS and {r["seed"] for r in got["results"]} == {0}
+    for r in [*got["results"], *({"final": m} for m in got["teachers"].values())]:
+        m = r["final"]
+        assert m["kl"] >= 0 and math.isfinite(m["kl"])
+        # NLL of the model's own (unrenormalised) probabilities = H(p*) + KL + the mass it puts outside the set
+        assert m["nll"] >= mean_entropy + m["kl"] - 1e-9
+        assert abs(m["top1"] * len(test) - round(m["top1"] * len(test))) < 1e-9 and 0 <= m["ece"] <= 1
+        if "curve" in r:
+            assert r["curve"][-1] == {"step": 12, **m}
+    assert set(got["teachers"]) == {"sp", "tekken"} and got["teachers"]["tekken"]["steps"] == 25
+    seqkd = {r["arm"]: r["unusable_targets"] for r in got["results"] if r["arm"].startswith("SeqKD")}
+    assert all(0 <= n < 3 * len(task.prompts["train"]) for n in seqkd.values())
+
+
+def test_each_arms_loss_is_its_logged_terms_recombined(study):
+    """loss = CE + sum over teachers of alpha * distill, and MultiLevelOT's distill = HAD + beta SL + gamma SD,
+    with the method's default weights (means over the last steps: the relation is linear)."""
+    _, got = study
+    terms = {r["arm"]: r["final_terms"] for r in got["results"]}
+    alpha = {"ULD": 1.5, "MultiLevelOT (paper)": 0.15, "MultiLevelOT (reference)": 1.5,
+             "MultiLevelOT, two teachers": 0.15, "same-tokenizer KL (ceiling)": 1.0}
+    for arm in ("SFT", "SeqKD (sampled)", "SeqKD (greedy)"):
+        assert set(terms[arm]) == {"loss", "ce"} and terms[arm]["loss"] == pytest.approx(terms[arm]["ce"])
+    for arm, a in alpha.items():
+        t = terms[arm]
+        distill = sum(v for k, v in t.items() if k.endswith("/distill"))
+        assert t["loss"] == pytest.approx(t["ce"] + a * distill, rel=1e-5), arm
+    # the identity-aware terms, weight 1 each, on top of the method's own
+    assert terms["exact match (shared-vocab KL)"]["loss"] == pytest.approx(
+        terms["exact match (shared-vocab KL)"]["ce"] + terms["exact match (shared-vocab KL)"]["t0/shared_kl"], rel=1e-5)
+    assert terms["aligned-chunk likelihood"]["loss"] == pytest.approx(
+        terms["aligned-chunk likelihood"]["ce"] + terms["aligned-chunk likelihood"]["t0/chunk_kl"], rel=1e-5)
+    both = terms["MultiLevelOT + exact match + chunks"]
+    assert both["loss"] == pytest.approx(both["ce"] + 0.15 * both["t0/distill"] + both["t0/shared_kl"]
+                                         + both["t0/chunk_kl"], rel=1e-5)
+    assert terms["exact match (shared-vocab KL)"]["t0/aligned"] >= 1  # every answer's first token aligns
+    for arm in ("MultiLevelOT (paper)", "MultiLevelOT, two teachers"):
+        t = terms[arm]
+        assert t["t0/distill"] == pytest.approx(t["t0/had"] + 0.1 * t["t0/sl"] + 0.1 * t["t0/sd"], rel=1e-5)
+    assert terms["MultiLevelOT, two teachers"]["t1/distill"] > 0
+
+
+def test_the_mlflow_run_has_the_table_the_plot_and_the_same_numbers(study):
+    from mlflow import MlflowClient
+
+    out, got = study
+    client = MlflowClient(f"sqlite:///{out}/mlflow.db")
+    [run] = client.search_runs([client.get_experiment_by_name("mlot-known-truth").experiment_id])
+    for r in got["results"]:
+        slug = "".join(c if c.isalnum() else "_" for c in r["arm"].lower())
+        slug = "_".join(p for p in slug.split("_") if p)
+        assert run.data.metrics[f"{slug}/kl"] == pytest.approx(r["final"]["kl"])
+    files = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"table.md", "results.json", "kl_over_steps.png"} <= files
+    table = (out / "table.md").read_text()
+    assert all(f"| {arm} | 1 |" in table for arm in ARMS) and "| teacher sp |" in table
+    assert (out / "kl_over_steps.png").read_bytes()[:4] == b"\x89PNG"
