@@ -1,6 +1,6 @@
 """Does distillation help a student? A study against a known answer distribution (``builtin:known_truth``).
 
-    python benchmarks/known_truth.py [--out DIR] [--seeds 5] [--steps 300] [--tune-samples 8] [--quick]
+    python benchmarks/known_truth.py [--out DIR] [--seeds 5] [--steps 200] [--tune-samples 6] [--identity] [--quick]
 
 The task (``workers/known_truth.py``, task seed 0) has an explicit p*(answer | prompt) over 8 multi-word
 answers, so what a student learnt is measured against the truth on held-out prompts, whatever its
@@ -19,8 +19,10 @@ tokenizer: KL(p* || q) over the answer set, NLL per answer, top-1 agreement with
    over MultiLevelOT's knobs (``tune_spaces/multilevel_ot.yaml``) with the metric ``eval/truth_kl`` on the
    *validation* prompts; its best configuration is then run here on fresh seeds next to SFT and ULD.
 
-Results: ``results.json``, ``table.md`` and ``kl_over_steps.png`` in ``--out``, and one MLflow run (experiment
-``mlot-known-truth``) with the table, the plot and each arm's mean held-out KL per step.
+``--identity`` adds the identity-aware arms (:data:`IDENTITY_ARMS`, ``mlot.identity``). Results:
+``results.json``, ``table.md`` and ``kl_over_steps.png`` in ``--out``, and one MLflow run (experiment
+``mlot-known-truth``) with the table, the plot and each arm's mean held-out KL per step. ``docs/quality.md``
+has the numbers.
 """
 
 from __future__ import annotations
