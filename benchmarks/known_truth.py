@@ -51,7 +51,7 @@ from orchestrator.config import TrainConfig  # noqa: E402
 from specs import Template  # noqa: E402
 from workers.data import BadRowError, collate, encode_example  # noqa: E402
 from workers.engine import lr_lambda  # noqa: E402
-from workers.evaluate import prompt_ids  # noqa: E402
+from workers.evaluate import generate_answers  # noqa: E402
 from workers.forward import answer_logits  # noqa: E402
 from workers.known_truth import ANSWERS, KnownTruth, answer_log_probs, builtin_rows, truth_metrics  # noqa: E402
 from workers.models import build_model, load_tokenizer  # noqa: E402
@@ -216,24 +216,14 @@ def load_teacher(out: str, name: str) -> Any:
     return model.eval()
 
 
-@torch.no_grad()
 def teacher_answers(out: Path, name: str, prompts: list[str], how: str, seed: int) -> list[str]:
     """SeqKD targets: the teacher's own answers to ``prompts``, sampled from its full distribution
     (temperature 1, no top-k / top-p) or greedy; text, first line, stripped."""
     tok, model = load_tokenizer(TEACHERS[name][0]), load_teacher(str(out), name)
+    sampling = {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0} if how == "sampled" else {}
     torch.manual_seed(seed)
-    answers = []
-    for i in range(0, len(prompts), 256):
-        chunk = [prompt_ids({"prompt": p}, tok, TEMPLATE, MAX_PROMPT) for p in prompts[i:i + 256]]
-        batch = collate([(ids, ids) for ids in chunk], tok.pad_token_id)
-        sampling = {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0} if how == "sampled" \
-            else {"do_sample": False}
-        gen = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                             max_new_tokens=MAX_ANSWER, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                             **sampling)
-        answers += [tok.decode(s, skip_special_tokens=True).strip().split("\n")[0].strip()
-                    for s in gen[:, batch["input_ids"].shape[1]:]]
-    return answers
+    return generate_answers(model, tok, TEMPLATE, [{"prompt": p} for p in prompts], MAX_PROMPT, MAX_ANSWER,
+                            batch_size=256, **sampling)
 
 
 # ---------------------------------------------------------------------------- one arm, one seed

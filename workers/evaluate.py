@@ -47,10 +47,11 @@ def prompt_ids(row: dict[str, Any], tokenizer: Any, template: Template, max_prom
 
 
 @torch.no_grad()
-def greedy_answers(model: Any, tokenizer: Any, template: Template, rows: Sequence[dict[str, Any]],
-                   max_prompt_length: int, max_new_tokens: int, device: torch.device | str = "cpu",
-                   batch_size: int = 32) -> list[str]:
-    """Greedy-decode an answer for each row's prompt; keep the first line, stripped."""
+def generate_answers(model: Any, tokenizer: Any, template: Template, rows: Sequence[dict[str, Any]],
+                     max_prompt_length: int, max_new_tokens: int, device: torch.device | str = "cpu",
+                     batch_size: int = 32, **sampling: Any) -> list[str]:
+    """Decode an answer for each row's prompt; keep the first line, stripped. ``sampling``: options of
+    ``model.generate`` (e.g. ``do_sample=True, top_k=0``); greedy by default."""
     was_training = model.training
     model.eval()
     out: list[str] = []
@@ -59,13 +60,20 @@ def greedy_answers(model: Any, tokenizer: Any, template: Template, rows: Sequenc
         chunk = [prompt_ids(r, tokenizer, template, max_prompt_length) for r in rows[i:i + batch_size]]
         batch = collate([(ids, ids) for ids in chunk], pad_id=pad, side="left")
         gen = model.generate(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                             max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
-                             eos_token_id=tokenizer.eos_token_id)
+                             max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
+                             **{"do_sample": False, **sampling})
         for seq in gen[:, batch["input_ids"].shape[1]:]:
             text = tokenizer.decode(seq, skip_special_tokens=True)
             out.append(text.strip().split("\n")[0].strip())
     model.train(was_training)
     return out
+
+
+def greedy_answers(model: Any, tokenizer: Any, template: Template, rows: Sequence[dict[str, Any]],
+                   max_prompt_length: int, max_new_tokens: int, device: torch.device | str = "cpu",
+                   batch_size: int = 32) -> list[str]:
+    """Greedy-decode an answer for each row's prompt; keep the first line, stripped."""
+    return generate_answers(model, tokenizer, template, rows, max_prompt_length, max_new_tokens, device, batch_size)
 
 
 def score(predictions: Sequence[str], golds: Sequence[Sequence[str]]) -> dict[str, float]:
