@@ -70,8 +70,7 @@ def token_key(token: str, wordpiece: bool, lower: bool) -> tuple[bool, str] | No
     return start, text.lower() if lower else text
 
 
-def _keys(tokenizer: Any, lower: bool) -> dict[int, tuple[bool, str] | None]:
-    vocab = tokenizer.get_vocab()
+def _keys(tokenizer: Any, vocab: dict[str, int], lower: bool) -> dict[int, tuple[bool, str] | None]:
     wordpiece = sum(t.startswith("##") for t in vocab) > 0.05 * len(vocab)  # a few "##" tokens exist anywhere
     special = set(tokenizer.all_special_ids)
     return {i: None if i in special else token_key(t, wordpiece, lower) for t, i in vocab.items()}
@@ -86,8 +85,8 @@ def vocab_map(teacher_tokenizer: Any, student_tokenizer: Any) -> VocabMap:
         classes = torch.arange(v_t)
         return VocabMap(classes, classes[:, None], torch.ones(v_s, dtype=torch.bool),
                         {"teacher": 1.0, "student": 1.0, "classes": float(v_t)})
-    lower = _uncased(teacher_tokenizer) or _uncased(student_tokenizer)
-    t_keys, s_keys = _keys(teacher_tokenizer, lower), _keys(student_tokenizer, lower)
+    lower = _uncased(teacher_tokenizer, t_vocab) or _uncased(student_tokenizer, s_vocab)
+    t_keys, s_keys = _keys(teacher_tokenizer, t_vocab, lower), _keys(student_tokenizer, s_vocab, lower)
     t_keys[teacher_tokenizer.eos_token_id] = s_keys[student_tokenizer.eos_token_id] = (True, "</eos>")
     by_key: dict[tuple[bool, str], list[int]] = {}
     for i, key in s_keys.items():
@@ -114,9 +113,9 @@ def _size(vocab: dict[str, int]) -> int:
     return max(vocab.values()) + 1
 
 
-def _uncased(tokenizer: Any) -> bool:
+def _uncased(tokenizer: Any, vocab: dict[str, int]) -> bool:
     return bool(getattr(tokenizer, "do_lower_case", False)) or not any(
-        t != t.lower() for t in list(tokenizer.get_vocab())[:20000] if t.isalpha())
+        t != t.lower() for t in list(vocab)[:20000] if t.isalpha())
 
 
 # ---------------------------------------------------------------------------- character coordinates
@@ -126,23 +125,20 @@ def char_bounds(tokenizer: Any, answer_ids: Sequence[int]) -> list[int]:
     """[n + 1] boundaries of ``n`` answer tokens in non-space characters of the decoded answer (0 first);
     a special token (EOS) spans one virtual character after the text."""
     special = set(tokenizer.all_special_ids)
-    text_ids = [i for i in answer_ids if i not in special]
-    out, extra = [0], 0
-    for j, token in enumerate(answer_ids):
+    out, text_ids, extra = [0], [], 0
+    for token in answer_ids:
         if token in special:
             extra += 1
             out.append(out[-1] + 1)
-        else:
-            seen = sum(1 for i in answer_ids[:j + 1] if i not in special)
-            text = tokenizer.decode(text_ids[:seen])
-            out.append(sum(not c.isspace() for c in text) + extra)
+        else:  # decode the whole prefix: a token's own text depends on its neighbours (spaces, ##)
+            text_ids.append(token)
+            out.append(sum(not c.isspace() for c in tokenizer.decode(text_ids)) + extra)
     return out
 
 
-def pad_bounds(bounds: Sequence[Sequence[int]], width: int | None = None) -> Tensor:
-    """[B, width + 1] long: each row's bounds, padded by repeating its last one (a zero-width tail)."""
-    width = width if width is not None else max(len(b) for b in bounds) - 1
-    out = torch.empty(len(bounds), width + 1, dtype=torch.long)
+def pad_bounds(bounds: Sequence[Sequence[int]]) -> Tensor:
+    """[B, T + 1] long: each row's bounds, padded by repeating its last one (a zero-width tail)."""
+    out = torch.empty(len(bounds), max(len(b) for b in bounds), dtype=torch.long)
     for r, b in enumerate(bounds):
         out[r, :len(b)] = torch.tensor(b)
         out[r, len(b):] = b[-1]
