@@ -46,7 +46,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import mlot  # noqa: E402
-from mlot.identity import char_bounds, chunk_likelihood, compress_identity, pad_bounds, shared_vocab_kl, vocab_map  # noqa: E402,E501
+from mlot.identity import IdentityConfig, char_bounds, compress_identity, identity_terms, pad_bounds, vocab_map  # noqa: E402,E501
 from orchestrator.config import TrainConfig  # noqa: E402
 from specs import Template  # noqa: E402
 from workers.data import BadRowError, collate, encode_example  # noqa: E402
@@ -82,7 +82,7 @@ class Arm:
     targets: str = "labels"
     tokenizer: str = WORDPIECE
     ce_weight: float = 1.0
-    identity: dict[str, float] = field(default_factory=dict)  # mlot.identity term -> weight (first teacher)
+    identity: IdentityConfig = IdentityConfig()  # the mlot.identity terms' weights (on the first teacher)
 
 
 ARMS: dict[str, Arm] = {
@@ -101,12 +101,11 @@ ARMS: dict[str, Arm] = {
 #: Identity-aware terms (issue 15: ``mlot.identity``), weight 1 each: measured against the same seeds and budget
 #: with ``--identity`` (next to SFT and the same-tokenizer ceiling, which give the gap they close).
 IDENTITY_ARMS: dict[str, Arm] = {
-    "exact match (shared-vocab KL)": Arm(teachers=("sp",), identity={"shared_vocab_kl": 1.0}),
-    "aligned-chunk likelihood": Arm(teachers=("sp",), identity={"chunk_likelihood": 1.0}),
+    "exact match (shared-vocab KL)": Arm(teachers=("sp",), identity=IdentityConfig(shared_weight=1.0)),
+    "aligned-chunk likelihood": Arm(teachers=("sp",), identity=IdentityConfig(chunk_weight=1.0)),
     "MultiLevelOT + exact match + chunks": Arm("multilevel_ot", teachers=("sp",),
-                                               identity={"shared_vocab_kl": 1.0, "chunk_likelihood": 1.0}),
+                                               identity=IdentityConfig(shared_weight=1.0, chunk_weight=1.0)),
 }
-IDENTITY_TOP_K = 20  # shared classes per teacher position in the identity payload
 
 
 @dataclass(frozen=True)
@@ -281,12 +280,12 @@ class ArmLoss:
 
     def __init__(self, out: str, arm: Arm, rows: list[dict[str, Any]], tok: Any) -> None:
         self.arm, self.method = arm, mlot.get_method(arm.method)
-        uses_teacher = self.method.needs_teacher or bool(arm.identity)
+        uses_teacher = self.method.needs_teacher or arm.identity.on
         self.teachers = [TeacherSide(out, t, rows) for t in arm.teachers] if uses_teacher else []
         self.payload_cfg = self.method.payload_config(arm.mode, arm.params) if self.method.needs_teacher else None
-        if arm.identity:
+        if arm.identity.on:
             first = self.teachers[0]
-            self.vmap = vocab_map(first.tok, tok)
+            self.vmap = vocab_map(first.tok, tok) if arm.identity.shared else None
             self.t_bounds = [answer_bounds(first.tok, e) for e in first.examples]
             self.s_bounds = [answer_bounds(tok, encode_example(r, tok, TEMPLATE, MAX_PROMPT, MAX_ANSWER)) for r in rows]
 
@@ -299,8 +298,8 @@ class ArmLoss:
             if self.payload_cfg is not None:
                 payload = mlot.compress_teacher(t_logits, t_labels, config=self.payload_cfg)
                 results["distill"] = self.method(logits, labels, payload, self.arm.mode, self.arm.params)
-            if j == 0 and self.arm.identity:
-                results.update(self._identity(logits, labels, t_logits, t_labels, idx))
+            if j == 0 and self.arm.identity.on:
+                results["identity"] = self._identity(logits, labels, t_logits, t_labels, idx)
             for key, r in results.items():
                 loss = loss + r.loss
                 parts.update({f"t{j}/{key}": r.distill.detach(),
@@ -308,13 +307,12 @@ class ArmLoss:
         return loss, parts
 
     def _identity(self, logits: torch.Tensor, labels: torch.Tensor, t_logits: torch.Tensor, t_labels: torch.Tensor,
-                  idx: list[int]) -> dict[str, Any]:
-        s_bounds = pad_bounds([self.s_bounds[i] for i in idx])
+                  idx: list[int]) -> mlot.DistillResult:
+        cfg = self.arm.identity
         payload = compress_identity(t_logits, t_labels, pad_bounds([self.t_bounds[i] for i in idx]), self.vmap,
-                                    top_k=IDENTITY_TOP_K)
-        terms = {"shared_vocab_kl": lambda w: shared_vocab_kl(logits, labels, s_bounds, payload, self.vmap, alpha=w),
-                 "chunk_likelihood": lambda w: chunk_likelihood(logits, labels, s_bounds, payload, alpha=w)}
-        return {name: terms[name](weight) for name, weight in self.arm.identity.items()}
+                                    top_k=cfg.shared_top_k)
+        payload.student_bounds = pad_bounds([self.s_bounds[i] for i in idx])
+        return identity_terms(logits, labels, payload, self.vmap, cfg)
 
 
 def run_arm(out: str, name: str, arm: Arm, seed: int, budget: Budget) -> dict[str, Any]:

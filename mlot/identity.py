@@ -19,12 +19,15 @@ virtual character at the end. Both terms read only [B, T] tensors of these bound
 
 Payload discipline: the teacher side (:func:`compress_identity`) keeps per answer position its top-k shared
 classes with their probabilities, its log-probability of the gold token and its bounds: k + 3 numbers per
-token, never the vocabulary.
+token, never the vocabulary (2 without the exact-match term).
+
+In training both are optional terms of the OT-family methods, weighted by :class:`IdentityConfig`
+(``loss.params.shared_weight`` / ``chunk_weight``) and computed by :func:`identity_terms`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Sequence
 
 import torch
@@ -32,6 +35,44 @@ from torch import Tensor
 
 from .result import DistillResult
 from .spans import answer_spans, compute_dtype, gather_rows
+
+# ---------------------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True)
+class IdentityConfig:
+    """Weights of the identity-aware terms next to a method's own loss (0: off).
+
+    Attributes:
+        shared_weight: weight of :func:`shared_vocab_kl` (needs the teacher's shared-class payload).
+        chunk_weight: weight of :func:`chunk_likelihood` (needs only gold log-probabilities and bounds).
+        shared_top_k: shared classes the teacher keeps per answer position (None: all, exact).
+    """
+
+    shared_weight: float = 0.0
+    chunk_weight: float = 0.0
+    shared_top_k: int | None = 20
+
+    def __post_init__(self) -> None:
+        for name in ("shared_weight", "chunk_weight"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+        k = self.shared_top_k
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+            raise ValueError(f"shared_top_k must be a positive integer or None (all classes), got {k!r}")
+
+    @property
+    def on(self) -> bool:
+        return self.shared_weight > 0 or self.chunk_weight > 0
+
+    @property
+    def shared(self) -> bool:
+        return self.shared_weight > 0
+
+
+IDENTITY_FIELDS = tuple(f.name for f in fields(IdentityConfig))
+
 
 # ---------------------------------------------------------------------------- the vocabulary map
 
@@ -136,9 +177,15 @@ def char_bounds(tokenizer: Any, answer_ids: Sequence[int]) -> list[int]:
     return out
 
 
+def answer_bounds(tokenizer: Any, answers: Sequence[Sequence[int]]) -> Tensor:
+    """[B, T + 1] int32: :func:`char_bounds` of B answers (token ids), padded (:func:`pad_bounds`)."""
+    return pad_bounds([char_bounds(tokenizer, a) for a in answers])
+
+
 def pad_bounds(bounds: Sequence[Sequence[int]]) -> Tensor:
-    """[B, T + 1] long: each row's bounds, padded by repeating its last one (a zero-width tail)."""
-    out = torch.empty(len(bounds), max(len(b) for b in bounds), dtype=torch.long)
+    """[B, T + 1] int32 (half the bytes on the wire): each row's bounds, padded by repeating its last one (a
+    zero-width tail)."""
+    out = torch.empty(len(bounds), max(len(b) for b in bounds), dtype=torch.int32)
     for r, b in enumerate(bounds):
         out[r, :len(b)] = torch.tensor(b)
         out[r, len(b):] = b[-1]
@@ -153,11 +200,14 @@ class IdentityPayload:
     """The teacher side of both terms, for B answers of up to T teacher tokens.
 
     Attributes:
-        classes: [B, T, k] long, the k most probable shared classes per answer position (-1: none).
+        classes: [B, T, k] int32, the k most probable shared classes per answer position (-1: none);
+            k = 0 when the payload serves only :func:`chunk_likelihood`.
         probs: [B, T, k] their probabilities, renormalised over the shared classes.
         token_logp: [B, T] the teacher's log-probability of its own gold answer token.
-        bounds: [B, T + 1] long, character bounds of its answer tokens (:func:`char_bounds`).
+        bounds: [B, T + 1] int32, character bounds of its answer tokens (:func:`char_bounds`).
         lengths: [B] long, answer tokens per sample.
+        student_bounds: [B, T_s + 1] int32 or None: the student's bounds of the same answers, when the
+            teacher side computes them (in training it does, so the student decodes nothing on its step).
     """
 
     classes: Tensor
@@ -165,25 +215,35 @@ class IdentityPayload:
     token_logp: Tensor
     bounds: Tensor
     lengths: Tensor
+    student_bounds: Tensor | None = None
+
+    def tensors(self) -> dict[str, Tensor]:
+        """Its tensors by field name (student_bounds only when set)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+
+    def map(self, fn: Any) -> "IdentityPayload":
+        """A copy with ``fn`` applied to every tensor."""
+        return IdentityPayload(**{name: fn(t) for name, t in self.tensors().items()})
 
 
 @torch.no_grad()
-def compress_identity(teacher_logits: Tensor, teacher_labels: Tensor, bounds: Tensor, vmap: VocabMap,
+def compress_identity(teacher_logits: Tensor, teacher_labels: Tensor, bounds: Tensor, vmap: VocabMap | None,
                       top_k: int | None = 20, temperature: float = 1.0) -> IdentityPayload:
     """The teacher's payload for both terms.
 
     Args:
         teacher_logits: [B, L_t, V_t]; teacher_labels: [B, L_t] (-100 outside the answer).
         bounds: [B, >= T + 1] its answer tokens' character bounds (:func:`pad_bounds`).
+        vmap: the (teacher, student) :func:`vocab_map`; None keeps no shared classes (k = 0: chunks only).
         top_k: shared classes kept per position (None: all of them, exact).
     """
-    start, length = answer_spans(teacher_labels, name="teacher_labels")
-    width = int(length.max())
-    rows, mask = gather_rows(teacher_logits, start, length, width)
-    logp = torch.log_softmax(rows.to(compute_dtype(rows)) / temperature, -1)
-    gold = gather_rows(teacher_labels[..., None], start + 1, length, width)[0][..., 0].clamp(min=0)
-    token_logp = logp.gather(-1, gold[..., None])[..., 0].masked_fill(~mask, 0.0)
-    cls = vmap.teacher_class.to(rows.device)
+    logp, mask, gold, length = _answer_rows(teacher_logits, teacher_labels, "teacher_labels", temperature)
+    token_logp = _gold(logp, mask, gold)
+    bounds = bounds[:, :logp.shape[1] + 1].to(logp.device)
+    if vmap is None:
+        none = torch.empty(*logp.shape[:2], 0, device=logp.device)
+        return IdentityPayload(none.int(), none.to(logp.dtype), token_logp, bounds, length)
+    cls = vmap.teacher_class.to(logp.device)
     n = int(vmap.student_members.shape[0])
     mass = torch.zeros(*logp.shape[:2], n + 1, dtype=logp.dtype, device=logp.device)
     mass.scatter_add_(-1, torch.where(cls >= 0, cls, n).expand_as(logp), logp.exp())
@@ -192,20 +252,33 @@ def compress_identity(teacher_logits: Tensor, teacher_labels: Tensor, bounds: Te
     k = n if top_k is None else min(top_k, n)
     probs, classes = shared.topk(k, dim=-1)
     probs = probs / probs.sum(-1, keepdim=True).clamp(min=torch.finfo(probs.dtype).tiny)
-    return IdentityPayload(classes.masked_fill(~mask[..., None], -1), probs.masked_fill(~mask[..., None], 0.0),
-                           token_logp, bounds[:, :width + 1].to(rows.device), length)
+    return IdentityPayload(classes.masked_fill(~mask[..., None], -1).int(), probs.masked_fill(~mask[..., None], 0.0),
+                           token_logp, bounds, length)
 
 
 # ---------------------------------------------------------------------------- the student's terms
 
 
-def _student_rows(student_logits: Tensor, student_labels: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Answer rows' log-probabilities [B, T_s, V_s], their mask, gold ids [B, T_s] and lengths [B]."""
-    start, length = answer_spans(student_labels, name="student_labels")
+def _answer_rows(logits: Tensor, labels: Tensor, name: str, temperature: float = 1.0
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Answer rows' log-probabilities [B, T, V], their mask, gold ids [B, T] and lengths [B]."""
+    start, length = answer_spans(labels, name=name)
     width = int(length.max())
-    rows, mask = gather_rows(student_logits, start, length, width)
-    gold = gather_rows(student_labels[..., None], start + 1, length, width)[0][..., 0].clamp(min=0)
-    return torch.log_softmax(rows.to(compute_dtype(rows)), -1), mask, gold, length
+    rows, mask = gather_rows(logits, start, length, width)
+    gold = gather_rows(labels[..., None], start + 1, length, width)[0][..., 0].clamp(min=0)
+    return torch.log_softmax(rows.to(compute_dtype(rows)) / temperature, -1), mask, gold, length
+
+
+@torch.no_grad()
+def gold_log_probs(teacher_logits: Tensor, teacher_labels: Tensor) -> Tensor:
+    """[B, T] the teacher's log-probability of each gold answer token (0 past a sample's answer): what
+    :func:`chunk_likelihood` needs of it, kept by a payload teacher store."""
+    return _gold(*_answer_rows(teacher_logits, teacher_labels, "teacher_labels")[:3])
+
+
+def _gold(logp: Tensor, mask: Tensor, gold: Tensor) -> Tensor:
+    """[B, T] ``logp`` [B, T, V] at the gold ids, 0 outside the answers."""
+    return logp.gather(-1, gold[..., None])[..., 0].masked_fill(~mask, 0.0)
 
 
 def _starts_match(t_bounds: Tensor, t_len: Tensor, s_bounds: Tensor, s_len: Tensor) -> Tensor:
@@ -227,15 +300,15 @@ def shared_vocab_kl(student_logits: Tensor, student_labels: Tensor, student_boun
     Returns ``distill`` = mean over samples of the mean over aligned positions (a sample with none adds 0);
     terms ``shared_kl`` [B] and ``aligned`` [B] (aligned positions per sample).
     """
-    logp, _, _, s_len = _student_rows(student_logits, student_labels)
-    s_bounds = student_bounds[:, :logp.shape[1] + 1].to(logp.device)
-    match = _starts_match(payload.bounds, payload.lengths, s_bounds, s_len)          # [B, T_t, T_s]
+    logp, _, _, s_len = _answer_rows(student_logits, student_labels, "student_labels")
+    s_bounds = student_bounds[:, :logp.shape[1] + 1].to(logp.device).long()
+    match = _starts_match(payload.bounds.to(logp.device).long(), payload.lengths, s_bounds, s_len)  # [B, T_t, T_s]
     t_has = match.any(-1)                                                              # [B, T_t]
     s_at = match.float().argmax(-1)                                                    # [B, T_t]
     rows = logp.gather(1, s_at[..., None].expand(-1, -1, logp.shape[-1]))             # [B, T_t, V_s]
     shared = vmap.student_shared.to(logp.device)
     log_norm = rows.masked_fill(~shared, float("-inf")).logsumexp(-1)                  # [B, T_t]
-    members = vmap.student_members.to(logp.device)[payload.classes.clamp(min=0)]       # [B, T_t, k, m]
+    members = vmap.student_members.to(logp.device)[payload.classes.long().clamp(min=0)]  # [B, T_t, k, m]
     picked = rows.gather(-1, members.clamp(min=0).flatten(2)).view(members.shape)
     log_s = picked.masked_fill(members < 0, float("-inf")).logsumexp(-1) - log_norm[..., None]
     p = payload.probs.to(logp.dtype)
@@ -264,10 +337,10 @@ def chunk_likelihood(student_logits: Tensor, student_labels: Tensor, student_bou
     ``distill`` (mean over samples of the mean over chunks) and terms ``chunk_kl`` [B], ``chunks`` [B],
     ``student_chunk_logp`` [B, K] and ``teacher_chunk_logp`` [B, K] (0 past a sample's chunks).
     """
-    logp, mask, gold, s_len = _student_rows(student_logits, student_labels)
-    s_token = logp.gather(-1, gold[..., None])[..., 0].masked_fill(~mask, 0.0)
-    s_bounds = student_bounds[:, :logp.shape[1] + 1].to(logp.device)
-    t_bounds, t_len = payload.bounds.to(logp.device), payload.lengths.to(logp.device)
+    logp, mask, gold, s_len = _answer_rows(student_logits, student_labels, "student_labels")
+    s_token = _gold(logp, mask, gold)
+    s_bounds = student_bounds[:, :logp.shape[1] + 1].to(logp.device).long()
+    t_bounds, t_len = payload.bounds.to(logp.device).long(), payload.lengths.to(logp.device)
     t_end = t_bounds.gather(1, t_len[:, None])
     in_s = (t_bounds[:, :, None] == s_bounds[:, None, :]).any(-1)
     t_pos = torch.arange(t_bounds.shape[1], device=logp.device)[None]
@@ -291,3 +364,35 @@ def _binary_kl(log_p: Tensor, log_q: Tensor) -> Tensor:
     log_p, log_q = log_p.clamp(max=-eps), log_q.clamp(max=-eps)
     log1m_p, log1m_q = torch.log(-torch.expm1(log_p)), torch.log(-torch.expm1(log_q))
     return log_p.exp() * (log_p - log_q) + (-torch.expm1(log_p)) * (log1m_p - log1m_q)
+
+
+# ---------------------------------------------------------------------------- both, as a method's extra terms
+
+
+def identity_terms(student_logits: Tensor, student_labels: Tensor, payload: IdentityPayload, vmap: VocabMap | None,
+                   config: IdentityConfig) -> DistillResult:
+    """``shared_weight * shared_vocab_kl + chunk_weight * chunk_likelihood`` on one teacher's payload.
+
+    Args:
+        payload: with ``student_bounds`` set (the teacher side computes them in training).
+        vmap: needed when ``shared_weight > 0``.
+    Returns ``distill`` = the weighted sum (``alpha`` 1) and the unweighted terms ``shared_kl`` / ``aligned``
+    and ``chunk_kl`` / ``chunks`` [B] of the terms that are on.
+    """
+    if not config.on:
+        raise ValueError("no identity term is on (shared_weight and chunk_weight are 0)")
+    if payload.student_bounds is None:
+        raise ValueError("the identity payload has no student_bounds: compute them next to the teacher")
+    if config.shared and (vmap is None or payload.classes.shape[-1] == 0):
+        raise ValueError("shared_weight > 0 needs the vocabulary map and a payload with shared classes")
+    parts, terms = [], {}
+    if config.shared:
+        r = shared_vocab_kl(student_logits, student_labels, payload.student_bounds, payload, vmap)
+        parts.append(config.shared_weight * r.per_sample)
+        terms.update(r.terms)
+    if config.chunk_weight > 0:
+        r = chunk_likelihood(student_logits, student_labels, payload.student_bounds, payload)
+        parts.append(config.chunk_weight * r.per_sample)
+        terms.update({k: r.terms[k] for k in ("chunk_kl", "chunks")})
+    per_sample = torch.stack(parts).sum(0)
+    return DistillResult(per_sample.mean(), 1.0, per_sample, terms)

@@ -26,6 +26,7 @@ from torch import Tensor
 
 from .baselines import ULD_PARAMS, kl_distill, sft, uld
 from .config import FIELDS, MultiLevelOTConfig, make_config
+from .identity import IDENTITY_FIELDS, IdentityConfig
 from .multilevel import multilevel_ot
 from .payload import TeacherPayload
 from .result import DistillResult
@@ -53,6 +54,8 @@ class Method:
         modes: the ``loss.mode`` values it supports.
         distributed: False for methods that need full teacher logits and both tokenizers in one
             process (no compact payload exists for them).
+        identity: True for methods that take the identity-aware terms (``mlot.identity``) next to their
+            own: ``shared_weight``, ``chunk_weight`` and ``shared_top_k`` are then parameters too.
     """
 
     name: str
@@ -64,10 +67,20 @@ class Method:
     needs_teacher: bool = True
     same_vocabulary: bool = False
     distributed: bool = True
+    identity: bool = False
+
+    @property
+    def accepted(self) -> tuple[str, ...]:
+        """Every ``loss.params`` name: the method's own, and the identity terms' where it takes them."""
+        return self.params + (IDENTITY_FIELDS if self.identity else ())
 
     def resolved(self, params: Mapping[str, Any]) -> dict[str, Any]:
-        """The job's params over the method's defaults."""
-        return {**self.defaults, **params}
+        """The job's own-loss params (not the identity terms') over the method's defaults."""
+        return {**self.defaults, **{k: v for k, v in params.items() if k not in IDENTITY_FIELDS}}
+
+    def identity_config(self, params: Mapping[str, Any]) -> IdentityConfig:
+        """The weights of the identity-aware terms in ``params`` (all off when it sets none)."""
+        return IdentityConfig(**{k: v for k, v in params.items() if k in IDENTITY_FIELDS})
 
     def problems(self, mode: str, params: Mapping[str, Any]) -> list[Problem]:
         """Everything wrong with (mode, params), each naming the parameter; [] when they are usable."""
@@ -79,16 +92,18 @@ class Method:
             return [("mode", mode, f"{self.name} supports loss.mode {' / '.join(self.modes)}")]
         out: list[Problem] = []
         for key in params:
-            if key not in self.params:
-                close = difflib.get_close_matches(key, self.params, n=1)
+            if key not in self.accepted:
+                close = difflib.get_close_matches(key, self.accepted, n=1)
                 hint = f"did you mean {close[0]!r}? " if close else ""
-                allowed = ", ".join(self.params) or "none"
+                allowed = ", ".join(self.accepted) or "none"
                 out.append((key, params[key], f"unknown parameter of loss {self.name!r}; {hint}allowed: {allowed}"))
         if out:
             return out
         try:  # the real objects validate the values: the check can never drift from what runs
             if self.payload is not None:
                 self.payload(mode, self.resolved(params))
+            if self.identity:
+                self.identity_config(params)
         except (ValueError, TypeError) as exc:
             named = [k for k in params if k in str(exc)] or [""]
             return [(named[0], params.get(named[0]), str(exc))]
@@ -150,10 +165,11 @@ def _kl_payload(mode: str, p: Mapping[str, Any]) -> MultiLevelOTConfig:
 
 register(Method(
     "multilevel_ot", lambda s, sl, payload, mode, **p: multilevel_ot(s, sl, payload, mode=mode, **p),
-    params=_MLOT_PARAMS, payload=lambda mode, p: make_config(mode, **p), modes=("paper", "reference")))
+    params=_MLOT_PARAMS, payload=lambda mode, p: make_config(mode, **p), modes=("paper", "reference"), identity=True))
 register(Method(
     "uld", lambda s, sl, payload, mode, **p: uld(s, sl, payload, **p), params=_MLOT_PARAMS,
-    payload=lambda mode, p: make_config("paper", **{**ULD_PARAMS, **p}), defaults={"top_k": ULD_DISTRIBUTED_TOP_K}))
+    payload=lambda mode, p: make_config("paper", **{**ULD_PARAMS, **p}), defaults={"top_k": ULD_DISTRIBUTED_TOP_K},
+    identity=True))
 register(Method(
     "kl", lambda s, sl, payload, mode, **p: kl_distill(s, sl, payload, **p), params=_KL_PARAMS, payload=_kl_payload,
     same_vocabulary=True))

@@ -13,7 +13,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-PAYLOAD_VERSION = 1
+from .identity import IdentityPayload
+
+PAYLOAD_VERSION = 2  # 2: the optional identity payload
 
 
 @dataclass
@@ -34,6 +36,7 @@ class TeacherPayload:
         lengths: [B] answer lengths (rows) of each sample.
         settings: the loss settings the payload was computed with; the loss refuses a payload whose
             settings disagree with its own.
+        identity: the teacher side of the identity-aware terms (``mlot.identity``), when the loss uses them.
     """
 
     mode: str
@@ -43,14 +46,16 @@ class TeacherPayload:
     lengths: Tensor
     settings: dict[str, Any] = field(default_factory=dict)
     version: int = PAYLOAD_VERSION
+    identity: IdentityPayload | None = None
 
     @property
     def batch_size(self) -> int:
         return self.probs.shape[0]
 
     def nbytes(self) -> int:
-        """Bytes of tensor data (probabilities, ids, lengths) as held."""
-        return sum(t.numel() * t.element_size() for t in self._tensors().values())
+        """Bytes of tensor data (probabilities, ids, lengths, the identity payload) as held."""
+        held = [*self._tensors().values(), *(self.identity.tensors().values() if self.identity else ())]
+        return sum(t.numel() * t.element_size() for t in held)
 
     def _tensors(self) -> dict[str, Tensor]:
         out = {"probs": self.probs, "columns": self.columns, "lengths": self.lengths}
@@ -66,6 +71,11 @@ class TeacherPayload:
         if self.sd_log_shift is not None:
             per_row += self.sd_log_shift.element_size()
         ids = (tokens * k if self.columns.dim() == 3 else self.columns.numel()) * self.columns.element_size()
+        if self.identity is not None:  # per answer token: its k classes and probabilities, gold log-p, bounds
+            i = self.identity
+            per_row += (i.classes.shape[-1] * (i.classes.element_size() + i.probs.element_size())
+                        + i.token_logp.element_size() + i.bounds.element_size()
+                        + (0 if i.student_bounds is None else i.student_bounds.element_size()))
         return (tokens * per_row + ids + self.lengths.numel() * self.lengths.element_size()) / tokens
 
     def sd_probs(self, sd_temperature: float, teacher_temperature: float) -> Tensor:
@@ -88,12 +98,15 @@ class TeacherPayload:
     def _map(self, fn: Any) -> "TeacherPayload":
         """A copy with ``fn`` applied to every tensor."""
         return TeacherPayload(self.mode, fn(self.probs), None if self.sd_log_shift is None else fn(self.sd_log_shift),
-                              fn(self.columns), fn(self.lengths), dict(self.settings), self.version)
+                              fn(self.columns), fn(self.lengths), dict(self.settings), self.version,
+                              None if self.identity is None else self.identity.map(fn))
 
     def to_numpy(self) -> dict[str, Any]:
         """A plain dict of numpy arrays and settings (msgpack/npz/Ray-friendly, no pickled classes)."""
         out: dict[str, Any] = {"version": self.version, "mode": self.mode, "settings": dict(self.settings)}
         out.update({name: t.detach().cpu().numpy() for name, t in self._tensors().items()})
+        if self.identity is not None:
+            out["identity"] = {name: t.detach().cpu().numpy() for name, t in self.identity.tensors().items()}
         return out
 
     @classmethod
@@ -103,8 +116,9 @@ class TeacherPayload:
                              "teacher and student must run the same mlot release")
         # np.array(...) copies: arrays from Ray's object store are read-only views.
         t = lambda a: torch.from_numpy(np.array(a))  # noqa: E731
+        identity = IdentityPayload(**{k: t(a) for k, a in d["identity"].items()}) if "identity" in d else None
         return cls(d["mode"], t(d["probs"]), t(d["sd_log_shift"]) if "sd_log_shift" in d else None,
-                   t(d["columns"]), t(d["lengths"]), dict(d["settings"]), d["version"])
+                   t(d["columns"]), t(d["lengths"]), dict(d["settings"]), d["version"], identity)
 
 
 def full_logits_bytes_per_token(vocab_size: int, bytes_per_value: int = 2) -> int:

@@ -94,7 +94,8 @@ def start_teachers(job: JobConfig, data: Any, cache: bool = False) -> dict[str, 
         # Replicas load saved weights through their constructor, so a replica that Ray restarts after
         # a crash comes back as the same teacher (the run directory must be on storage all nodes see).
         weights = saved if t.pretrain.steps else None
-        replicas = [actor.remote(t, job.data, job.loss, job.train.seed, weights, cache) for _ in range(t.replicas)]
+        replicas = [actor.remote(t, job.data, job.loss, job.train.seed, weights, cache, job.student)
+                    for _ in range(t.replicas)]
         infos = ray.get([a.info.remote() for a in replicas])
         say(f"teacher {t.name}: {len(replicas)} replica(s) on {infos[0]['device']} ({infos[0]['dtype']}), "
             f"vocab {infos[0]['vocab_size']}"
@@ -113,7 +114,8 @@ def start_store_teacher(job: JobConfig, teacher: Any) -> list[Any]:
 
     meta = check_store(job, teacher)
     readers = [ray.remote(StoreTeacher).options(num_cpus=0, max_restarts=2, max_task_retries=2,
-                                                scheduling_strategy=outside_pg()).remote(teacher, job.loss)
+                                                scheduling_strategy=outside_pg()).remote(teacher, job.loss,
+                                                                                         job.student)
                for _ in range(teacher.replicas)]
     ray.get([r.info.remote() for r in readers])
     say(f"teacher {teacher.name}: served from its store {teacher.store} ({meta['format']}, {meta['rows']} rows), "

@@ -43,7 +43,7 @@ def identity(job: JobConfig, teacher: Any) -> dict[str, Any]:
 
 def check_store(job: JobConfig, teacher: Any) -> dict[str, Any]:
     """The store's metadata, after refusing a store this job cannot read, naming what differs."""
-    from workers.store import META, STORE_VERSION, payload_mismatch
+    from workers.store import META, STORE_VERSION, payload_mismatch, shared_needs_hidden
 
     path = storage.join(teacher.store, META)
     if not storage.exists(path):
@@ -69,6 +69,8 @@ def check_store(job: JobConfig, teacher: Any) -> dict[str, Any]:
         wanted = job.loss.payload_config().teacher_settings()
         if meta["payload_settings"] != wanted:
             raise UserError(payload_mismatch(teacher.name, meta["payload_settings"], wanted))
+        if job.loss.spec.identity_config(job.loss.params).shared:
+            raise UserError(f"teachers[{teacher.name}].store: {shared_needs_hidden(teacher.name)}")
     return meta
 
 

@@ -213,6 +213,20 @@ def test_loss_param_typos_are_refused_for_every_method(tmp_path: Path, method: s
     assert load_config(write(tmp_path, data)).loss.params == {fix: data["loss"]["params"][fix]}
 
 
+def test_identity_terms_are_params_of_the_ot_methods_and_checked(tmp_path: Path) -> None:
+    cfg = load_config(QUICKSTART, ["loss.params={chunk_weight: 1.0, shared_weight: 0.5, top_k: 20}"])
+    ident = cfg.loss.spec.identity_config(cfg.loss.params)
+    assert (ident.shared_weight, ident.chunk_weight, ident.shared_top_k) == (0.5, 1.0, 20)
+    assert cfg.loss.payload_config().top_k == 20  # the method's own settings are unaffected
+    data = raw_quickstart()
+    data["loss"]["params"] = {"chunk_wieght": 1.0}
+    assert_names(error_of(tmp_path, data), "loss.params.chunk_wieght", "did you mean 'chunk_weight'")
+    data["loss"] |= {"method": "uld", "params": {"shared_weight": -1}}
+    assert_names(error_of(tmp_path, data), "loss.params.shared_weight", ">= 0")
+    data["loss"] |= {"method": "multilevel_ot", "params": {"shared_top_k": 0}}
+    assert_names(error_of(tmp_path, data), "loss.params.shared_top_k", "positive integer")
+
+
 def test_loss_methods_come_from_the_registry(tmp_path: Path) -> None:
     import mlot
     data = raw_quickstart()

@@ -61,14 +61,16 @@ def _loadable(path: str, vocab: int):
 
 def test_zero2_two_workers_reference_mode_end_to_end(tmp_path, ray_cluster, monkeypatch):
     """Also: the run writes to a storage URI (file://, the code path of s3:// and gs://): checkpoints, the
-    pretrained teacher its replicas load, and the exported student all go through it."""
+    pretrained teacher its replicas load, and the exported student all go through it. And the identity-aware
+    terms (``mlot.identity``) are on: the teacher ships their payload with the student's bounds."""
     from mlflow import MlflowClient
 
     from orchestrator.driver import run_distill
     gets = _record_driver_gets(monkeypatch)
     job = _job(tmp_path, "z2", "train.num_workers=2", "student.deepspeed.stage=2", "loss.mode=reference",
                f"output_dir=file://{tmp_path}", "teachers.0.pretrain.steps=3", "student.gradient_checkpointing=true",
-               "eval.max_rows=15", "eval.num_tasks=2")
+               "eval.max_rows=15", "eval.num_tasks=2", "loss.params.shared_weight=0.5",
+               "loss.params.chunk_weight=2.0")
     calls = tmp_path / "collectives.txt"
     s = run_distill(job, callbacks=[RecordCollectives(str(calls))])
     # Every collective (the loop's agreement on skips, the stop signal, eval CE; DeepSpeed's gradient
@@ -86,14 +88,17 @@ def test_zero2_two_workers_reference_mode_end_to_end(tmp_path, ray_cluster, monk
         assert len(_history(s, key)) == 4, key
     assert [v for _, v in _history(s, "train/optimizer_steps")] == [1, 2, 3, 4]
     assert [st for st, _ in _history(s, "eval/loss")] == [2, 4]
-    # Reference mode's total: CE + 1.5 * (HAD + 0.1 SL + 0.1 SD) (SD already carries the released 0.001 scale),
-    # recomputed from the logged terms.
+    # Reference mode's total: CE + 1.5 * (HAD + 0.1 SL + 0.1 SD) (SD already carries the released 0.001 scale)
+    # + 0.5 * exact-match KL + 2 * aligned-chunk KL, recomputed from the logged terms.
     h = {k: dict(_history(s, f"train/{k}")) for k in ("loss", "ce", "teacher-sp/distill", "teacher-sp/had",
-                                                       "teacher-sp/sl", "teacher-sp/sd")}
+                                                       "teacher-sp/sl", "teacher-sp/sd", "teacher-sp/shared_kl",
+                                                       "teacher-sp/chunk_kl", "teacher-sp/chunks")}
     for st in steps:
         distill = h["teacher-sp/had"][st] + 0.1 * h["teacher-sp/sl"][st] + 0.1 * h["teacher-sp/sd"][st]
         assert h["teacher-sp/distill"][st] == pytest.approx(distill, rel=1e-5)
-        assert h["loss"][st] == pytest.approx(h["ce"][st] + 1.5 * distill, rel=1e-5)
+        identity = 0.5 * h["teacher-sp/shared_kl"][st] + 2.0 * h["teacher-sp/chunk_kl"][st]
+        assert min(h["teacher-sp/shared_kl"][st], h["teacher-sp/chunk_kl"][st]) > 0 and h["teacher-sp/chunks"][st] >= 1
+        assert h["loss"][st] == pytest.approx(h["ce"][st] + 1.5 * distill + identity, rel=1e-5)
     # Payload bytes reached the workers ...
     assert all(v > 0 for _, v in _history(s, "train/teacher-sp/payload_bytes_per_token"))
     # ... and never the driver: nothing it fetched holds a payload.
@@ -103,6 +108,9 @@ def test_zero2_two_workers_reference_mode_end_to_end(tmp_path, ray_cluster, monk
     run = client.get_run(s.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.params["train.num_workers"] == "2" and run.data.params["student.deepspeed.stage"] == "2"
+    # the vocabulary map's coverage (SentencePiece teacher -> WordPiece student: tests/test_identity.py)
+    assert run.data.params["identity.teacher-sp.shared_teacher"] == "0.4908"
+    assert run.data.params["identity.teacher-sp.shared_classes"] == "11913.0"
     arts = ({a.path for a in client.list_artifacts(s.run_id)}
             | {a.path for a in client.list_artifacts(s.run_id, "plots")})
     assert {"config.yaml", "student", "plots/loss_curve.png"} <= arts
@@ -116,7 +124,8 @@ def test_zero2_two_workers_reference_mode_end_to_end(tmp_path, ray_cluster, monk
         _loadable(local, 30522)
 
     # The same job from a teacher store (mlot teach; final hidden states in fp32 + the LM head: exact in
-    # reference mode too, whose ranking couples each micro-batch): the same loss at every step.
+    # reference mode too, whose ranking couples each micro-batch, and for the identity terms): the same loss
+    # at every step.
     from orchestrator.config import apply_overrides
     from orchestrator.teach import run_teach
     store = run_teach(job, fmt="hidden", hidden_dtype="float32")["teacher-sp"]

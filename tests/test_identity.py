@@ -127,3 +127,35 @@ def test_gradients_by_gradcheck_in_float64():
     x = s_logits.clone().requires_grad_()
     assert torch.autograd.gradcheck(lambda z: shared_vocab_kl(z, s_labels, s_bounds, payload, vmap).distill, (x,))
     assert torch.autograd.gradcheck(lambda z: chunk_likelihood(z, s_labels, s_bounds, payload).distill, (x,))
+
+
+def test_identity_terms_are_the_weighted_sum_and_travel_with_the_payload():
+    """``identity_terms`` = shared_weight * shared_vocab_kl + chunk_weight * chunk_likelihood (what training adds to
+    a method's loss), and the identity payload survives the teacher payload's wire format and batch selection."""
+    import mlot
+    from mlot.identity import IdentityConfig, identity_terms
+    Vt, Vs = 6, 5
+    t_logits, t_labels = _batch(Vt, [3, 2], seed=9)
+    s_logits, s_labels = _batch(Vs, [3, 3], seed=10)
+    vmap = VocabMap(torch.tensor([0, 0, 1, 2, -1, -1]), torch.tensor([[0, -1], [1, 2], [3, -1]]),
+                    torch.tensor([True, True, True, True, False]), {})
+    t_bounds, s_bounds = pad_bounds([[0, 2, 3, 4], [0, 1, 3]]), pad_bounds([[0, 1, 3, 4], [0, 1, 2, 3]])
+    ident = compress_identity(t_logits, t_labels, t_bounds, vmap, top_k=2)
+    ident.student_bounds = s_bounds
+    got = identity_terms(s_logits, s_labels, ident, vmap, IdentityConfig(shared_weight=0.5, chunk_weight=2.0))
+    shared = shared_vocab_kl(s_logits, s_labels, s_bounds, ident, vmap)
+    chunks = chunk_likelihood(s_logits, s_labels, s_bounds, ident)
+    assert float(got.loss) == pytest.approx(0.5 * float(shared.distill) + 2.0 * float(chunks.distill), abs=1e-12)
+    assert torch.equal(got.shared_kl, shared.shared_kl) and torch.equal(got.chunk_kl, chunks.chunk_kl)
+    only_chunks = identity_terms(s_logits, s_labels, ident, None, IdentityConfig(chunk_weight=1.0))
+    assert set(only_chunks.terms) == {"chunk_kl", "chunks"}
+    with pytest.raises(ValueError, match="student_bounds"):
+        identity_terms(s_logits, s_labels, compress_identity(t_logits, t_labels, t_bounds, None), None,
+                       IdentityConfig(chunk_weight=1.0))
+
+    payload = mlot.compress_teacher(t_logits, t_labels)
+    payload.identity = ident
+    back = mlot.TeacherPayload.from_numpy(payload.to_numpy()).index_select(torch.tensor([1]))
+    for name, t in ident.tensors().items():
+        assert torch.equal(back.identity.tensors()[name], t[1:]), name
+    assert payload.nbytes() > mlot.compress_teacher(t_logits, t_labels).nbytes()

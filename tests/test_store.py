@@ -37,14 +37,20 @@ def _same(a: mlot.TeacherPayload, b: mlot.TeacherPayload) -> None:
     assert torch.equal(a.lengths, b.lengths) and torch.equal(a.columns, b.columns) and a.settings == b.settings
     torch.testing.assert_close(a.probs, b.probs, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(a.sd_log_shift, b.sd_log_shift, rtol=1e-5, atol=1e-6)
+    assert (a.identity is None) == (b.identity is None)
+    if a.identity is not None:
+        x, y = a.identity.tensors(), b.identity.tensors()
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in ("classes", "bounds", "student_bounds"))
+        torch.testing.assert_close(x["probs"], y["probs"], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(x["token_logp"], y["token_logp"], rtol=1e-5, atol=1e-6)
 
 
 def _live_and_store(job, store):
     from workers.store import StoreTeacher
     from workers.teacher import TeacherActor
     teacher = job.teachers[0]
-    live = TeacherActor(teacher, job.data, job.loss, seed=job.train.seed)
-    return live, StoreTeacher(teacher.model_copy(update={"store": store}), job.loss)
+    live = TeacherActor(teacher, job.data, job.loss, seed=job.train.seed, student=job.student)
+    return live, StoreTeacher(teacher.model_copy(update={"store": store}), job.loss, job.student)
 
 
 def test_store_payloads_equal_the_live_teacher_for_any_student_tokenizer(taught):
@@ -57,6 +63,12 @@ def test_store_payloads_equal_the_live_teacher_for_any_student_tokenizer(taught)
     data = prepare(job, job.data_cache)
     for split, indices in [("train", (5, 150, 3, 77, 64, 63, 0, 179)), ("eval", (19, 2))]:
         _same(_payload(served.payload(Rows(data, split, indices))), _payload(live.payload(Rows(data, split, indices))))
+    # The aligned-chunk term from a payload store: its stored gold log-probabilities and both sides' bounds.
+    chunks = apply_overrides(job, ["loss.params.chunk_weight=1.0"]).loss
+    rows = Rows(data, "train", (5, 150, 3))
+    got = _payload(served.payload(rows, loss=chunks))
+    _same(got, _payload(live.payload(rows, loss=chunks)))
+    assert got.identity.classes.shape[-1] == 0 and got.identity.token_logp.abs().sum() > 0
     # Another student, another tokenizer (Tekken byte-BPE instead of WordPiece): other prepared data, same store.
     other = apply_overrides(job, ["name=st-tekken", "student.tokenizer=builtin:tekken",
                                   "student.model_config.vocab_size=131072"])
@@ -64,7 +76,7 @@ def test_store_payloads_equal_the_live_teacher_for_any_student_tokenizer(taught)
     assert data2.fingerprint != data.fingerprint
     rows = Rows(data2, "train", (9, 1, 120, 44))
     _same(_payload(served.payload(rows)), _payload(live.payload(rows)))
-    assert served.info()["served_rows"] == 14 and served.info()["forward_rows"] == 0
+    assert served.info()["served_rows"] == 17 and served.info()["forward_rows"] == 0
 
 
 @pytest.mark.parametrize("change, message", [
@@ -73,6 +85,7 @@ def test_store_payloads_equal_the_live_teacher_for_any_student_tokenizer(taught)
     ("teachers.0.model_config.hidden_size=64", "another teacher"),
     ("loss.params.top_k=7", "top_k: store 50, job 7"),
     ("loss.mode=reference", "cannot serve loss.mode reference"),
+    ("loss.params.shared_weight=0.5", "shared_weight needs the teacher's distribution"),
 ])
 def test_a_store_that_does_not_match_the_job_is_refused_naming_what_differs(taught, change, message):
     from orchestrator.teach import check_store
@@ -128,7 +141,8 @@ def test_a_hidden_store_is_exact_for_any_settings_and_fp16_payloads_are_within_t
     rows = Rows(prepare(job, job.data_cache), "train", (4, 90, 17, 160))
     # One store, every setting a sweep may try (the loss config of each request), reference mode included.
     for override in ([], ["loss.params.top_k=7", "loss.params.teacher_temperature=1.7"],
-                     ["loss.params.ranking=token", "loss.params.sd_temperature=3.0"], ["loss.mode=reference"]):
+                     ["loss.params.ranking=token", "loss.params.sd_temperature=3.0"], ["loss.mode=reference"],
+                     ["loss.params.shared_weight=0.5", "loss.params.chunk_weight=1.0", "loss.params.shared_top_k=5"]):
         loss = apply_overrides(job, override).loss
         _same(_payload(from_hidden.payload(rows, loss=loss)), _payload(live.payload(rows, loss=loss)))
     _, from_half = _live_and_store(job, half)

@@ -17,7 +17,8 @@ def job():
     return load_config(QUICKSTART)
 
 
-@pytest.mark.parametrize("name", ["ot_temperature_topk", "sinkhorn", "loss_weights", "ablation"])
+@pytest.mark.parametrize("name", ["ot_temperature_topk", "sinkhorn", "loss_weights", "ablation", "multilevel_ot",
+                                  "identity"])
 def test_bundled_spaces_load(job, name):
     space = load_space(REPO / "tune_spaces" / f"{name}.yaml", job)
     assert space
@@ -56,8 +57,10 @@ def _sweep(tmp_path, name: str, space_text: str, *, steps: int, eval_every: int,
         ray.shutdown()
 
 
-# One good learning rate and a hopeless one: ASHA must stop the hopeless trial early.
-ASHA_SPACE = "train.lr: {grid: [3.0e-3, 1.0e-9]}\nloss.params.teacher_temperature: {choice: [1.0, 1.5]}\n"
+# One good learning rate and a hopeless one: ASHA must stop the hopeless trial early. The aligned-chunk term
+# (mlot.identity) is a swept parameter like any other.
+ASHA_SPACE = ("train.lr: {grid: [3.0e-3, 1.0e-9]}\nloss.params.teacher_temperature: {choice: [1.0, 1.5]}\n"
+              "loss.params.chunk_weight: {choice: [0.5, 1.0]}\n")
 
 
 @pytest.mark.integration
@@ -84,6 +87,7 @@ def test_small_asha_sweep_shares_teacher_work_and_logs_runs(tmp_path):
     # the completed trial's metric in the table is the truth KL its workers logged last, and a real one
     logged = [h[-1].value for c in children if (h := client.get_metric_history(c.info.run_id, "eval/truth_kl"))]
     assert s.table[0]["eval/truth_kl"] == pytest.approx(min(logged)) and 0 < s.table[0]["eval/truth_kl"] < 20
+    assert all(client.get_metric_history(c.info.run_id, "train/teacher-sp/chunk_kl") for c in children)
     assert {a.path for a in client.list_artifacts(s.parent_run_id)} >= {"results.md", "space.yaml", "plots"}
     assert json.loads((tmp_path / "sw" / "sweep.json").read_text())["parent_run_id"] == s.parent_run_id
 

@@ -16,10 +16,13 @@ any tokenizer. Each row also keeps a hash of the teacher's token ids, so a job w
 Formats:
 
 * ``payload``: the ranked top-k probabilities (+ SD shift) of ``mlot.compress_teacher``, exact for the
-  settings it was made with. Paper mode only: reference mode ranks columns per micro-batch.
+  settings it was made with, and the log-probability of each gold answer token (what the aligned-chunk
+  term of ``mlot.identity`` needs; not the exact-match term's shared classes, which depend on the student's
+  vocabulary). Paper mode only: reference mode ranks columns per micro-batch.
   ``compress="fp16"`` halves the probabilities (relative error <= 2**-11 each).
 * ``hidden``: the final hidden states of the answer rows plus the LM head: logits are recomputed on read,
-  so the payload is exact for *any* temperature / top-k / mode (in ``float32``; ``bfloat16`` rounds).
+  so the payload is exact for *any* temperature / top-k / mode (in ``float32``; ``bfloat16`` rounds), and
+  for both identity-aware terms, for any student.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from mlot.spans import IGNORE_INDEX
 from specs import UserError, storage
 from workers.prepared import DataRef, Rows, open_data
 
-STORE_VERSION = 1
+STORE_VERSION = 2  # 2: payload stores keep the gold tokens' log-probabilities
 META = "meta.json"
 HEAD = "head.safetensors"
 _HIDDEN_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -52,12 +55,15 @@ def shard_path(store: str, split: str, shard: int) -> str:
 # ---------------------------------------------------------------------------- writing (inside a teacher actor)
 
 
-def payload_columns(payload: mlot.TeacherPayload, compress: str | None) -> dict[str, list[Any]]:
-    """Per-row columns of a paper-mode batch payload: row b keeps its ``lengths[b]`` answer rows."""
+def payload_columns(payload: mlot.TeacherPayload, token_logp: torch.Tensor, compress: str | None
+                    ) -> dict[str, list[Any]]:
+    """Per-row columns of a paper-mode batch payload and its gold tokens' log-probabilities [B, T]
+    (``mlot.identity.gold_log_probs``, float32): row b keeps its ``lengths[b]`` answer rows."""
     dtype = np.float16 if compress == "fp16" else np.float32
-    out: dict[str, list[Any]] = {"length": [], "probs": [], "sd_log_shift": [], "columns": []}
+    out: dict[str, list[Any]] = {"length": [], "probs": [], "sd_log_shift": [], "columns": [], "token_logp": []}
     for b, n in enumerate(payload.lengths.tolist()):
         out["length"].append(n)
+        out["token_logp"].append(token_logp[b, :n].cpu().numpy().astype(np.float32))
         out["probs"].append(payload.probs[b, :n].cpu().numpy().astype(dtype).ravel())
         sd = payload.sd_log_shift
         out["sd_log_shift"].append(None if sd is None else sd[b, :n].cpu().numpy().astype(np.float32))
@@ -119,7 +125,7 @@ class _Shard:
         self.hash = table.column("row_hash").to_numpy()
         self.length = table.column("length").to_numpy()
         self.lists: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-        for name in ("probs", "sd_log_shift", "columns", "labels", "hidden"):
+        for name in ("probs", "sd_log_shift", "columns", "token_logp", "labels", "hidden"):
             if name in table.column_names:
                 arr = table.column(name).combine_chunks()
                 if arr.null_count < len(arr):  # an all-null column: SD off
@@ -151,12 +157,15 @@ class StoreTeacher:
     Args:
         teacher: the job's ``TeacherConfig`` (``store`` set); its key in the prepared data is its name.
         loss: the job's ``LossConfig``: the payload settings a request without its own loss gets.
+        student: the job's ``StudentConfig``, for the identity-aware terms (as ``TeacherActor``).
     """
 
-    def __init__(self, teacher: Any, loss: Any) -> None:
+    def __init__(self, teacher: Any, loss: Any, student: Any = None) -> None:
+        from workers.identity_side import IdentitySide
         from workers.prepared import teacher_key
 
         self.name, self.key, self.loss = teacher.name, teacher_key(teacher.name), loss
+        self.identity = IdentitySide(teacher, student, self.key) if student is not None else None
         self.root = _local_root(teacher.store)
         self.meta = json.loads(Path(self.root, META).read_text())
         self.shards = [_Shard(p) for p in sorted(Path(self.root).glob("*/shard-*.arrow"))]
@@ -182,11 +191,19 @@ class StoreTeacher:
     def payload(self, rows: Rows, batch_id: Any = None, loss: Any = None) -> dict[str, Any]:
         """The payload of ``rows`` for ``loss`` (default the job's), as a live teacher computes it."""
         loss = loss or self.loss
+        identity = loss.spec.identity_config(loss.params)
+        if identity.on and self.identity is None:
+            raise ValueError(f"teacher {self.name}: the identity-aware terms need StoreTeacher(..., student=...)")
         found = [self._row(int(g)) for g in self._locate(rows.data, rows.split)[list(rows.indices)]]
         if self.meta["format"] == "payload":
             payload = self._stored_payload(found, loss)
+            if identity.on:
+                payload.identity = self._stored_identity(found, payload.lengths, rows, identity)
         else:
-            payload = self._from_hidden(found, loss)
+            logits, labels = self._hidden_logits(found)
+            payload = mlot.compress_teacher(logits, labels, config=self._settings(loss))
+            if identity.on:
+                payload.identity = self.identity.payload(logits, labels, rows, identity)
         self.served_rows += len(found)
         return {"payload": payload.to_numpy(), "batch_id": batch_id, "seconds": 0.0,
                 "answer_tokens": int(payload.lengths.sum())}
@@ -243,8 +260,20 @@ class StoreTeacher:
                                    torch.from_numpy(columns), torch.tensor(lengths),
                                    dict(self.meta["payload_settings"]))
 
-    def _from_hidden(self, found: list[tuple[_Shard, int]], loss: Any) -> mlot.TeacherPayload:
-        """Pad each row's hidden rows on the left to the batch's answer window, as a live left-padded batch."""
+    def _stored_identity(self, found: list[tuple[_Shard, int]], lengths: torch.Tensor, rows: Rows,
+                         identity: Any) -> Any:
+        """The aligned-chunk payload from the stored gold log-probabilities (no shared classes: they depend on
+        the student's vocabulary; ``check_store`` refuses ``shared_weight`` for a payload store)."""
+        if identity.shared:
+            raise UserError(shared_needs_hidden(self.name))
+        token_logp = torch.zeros(len(found), int(lengths.max()))
+        for b, (shard, row) in enumerate(found):
+            token_logp[b, :int(lengths[b])] = torch.from_numpy(shard.get("token_logp", row).copy())
+        return self.identity.from_gold(token_logp, lengths, rows)
+
+    def _hidden_logits(self, found: list[tuple[_Shard, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Answer-window logits and labels from the stored hidden rows: each row's padded on the left to the
+        batch's window, as a live left-padded batch."""
         dtype = _HIDDEN_DTYPES[self.meta["hidden_dtype"]]
         h = self.head.shape[1]
         rows = [(torch.frombuffer(bytearray(shard.get("hidden", row)), dtype=dtype).reshape(-1, h),
@@ -256,8 +285,7 @@ class StoreTeacher:
             hidden[b, window - r.shape[0]:] = r.to(self.head.dtype)
             labels[b, window - r.shape[0]:] = lab
         with torch.no_grad():
-            logits = torch.nn.functional.linear(hidden, self.head)[..., :self.meta["vocab_size"]]
-            return mlot.compress_teacher(logits, labels, config=self._settings(loss))
+            return torch.nn.functional.linear(hidden, self.head)[..., :self.meta["vocab_size"]], labels
 
 
 def _pad_rows(values: np.ndarray, n: int, k: int, width: int) -> np.ndarray:
@@ -271,6 +299,12 @@ def payload_mismatch(name: str, stored: dict[str, Any], wanted: dict[str, Any]) 
     return (f"teacher {name}: its store holds payloads for other loss settings "
             + ", ".join(f"{k}: store {a!r}, job {b!r}" for k, (a, b) in diff.items())
             + "; teach again with these settings, or make the store with --format hidden (exact for any settings)")
+
+
+def shared_needs_hidden(name: str) -> str:
+    return (f"teacher {name}: loss.params.shared_weight needs the teacher's distribution over the tokens it shares "
+            "with the student's vocabulary, which a payload store does not keep: make the store with --format hidden "
+            "(exact for any student), or set shared_weight to 0 (chunk_weight works from a payload store)")
 
 
 def _local_root(store: str) -> str:

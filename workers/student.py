@@ -3,7 +3,8 @@
 Reads top to bottom like a torchtune recipe: ``setup`` (model, engine, checkpoint, data order, teacher
 stream, tracking) -> ``train`` (one optimizer step per loop step, each ``grad_accum`` micro-steps) ->
 ``cleanup`` (export, artefacts). The loss of a micro-batch is ``_loss_step``:
-``ce_weight * CE + sum_j w_j * alpha * distill_j`` over the registered method of ``loss.method``.
+``ce_weight * CE + sum_j w_j * (alpha * distill_j + identity_j)`` over the registered method of
+``loss.method``, where ``identity_j`` are the optional identity-aware terms (``mlot.identity.identity_terms``).
 
 A micro-batch whose student logits or loss are not finite on *any* rank is skipped on *every* rank:
 it still backs up a zero and steps the engine, so DeepSpeed's accumulation windows, the optimizer
@@ -30,6 +31,7 @@ from workers.engine import (
     zero_contribution,
 )
 from workers.forward import answer_logits, to_device
+from workers.identity_side import teacher_map
 from workers.models import build_model, check_vocab, load_tokenizer
 from workers.payload_stream import BatchOrder, Fetched, PayloadStream
 from workers.prepared import STUDENT, open_data
@@ -97,6 +99,7 @@ class StudentRecipe:
     def __init__(self, config: dict[str, Any]) -> None:
         self.config, self.job = config, config["job"]
         self.method = self.job.loss.spec
+        self.identity = self.method.identity_config(self.job.loss.params)
         self.callbacks = config.get("callbacks") or []
         self.weights = {t.name: t.weight for t in self.job.teachers}
 
@@ -127,8 +130,12 @@ class StudentRecipe:
                                     job.train.prefetch, job.loss) if self.method.needs_teacher else None
         self.tracker = open_buffer(config["tracking_uri"], config["run_id"]) \
             if self.rank == 0 and config["run_id"] else None
+        # The exact-match term's side of the vocabulary maps (the teachers build the same ones).
+        self.vmaps = {t.name: teacher_map(t, job.student) for t in job.teachers} if self.identity.shared else {}
         if self.tracker and self.start == 0:  # params are write-once in MLflow: not again on resumption
-            self.tracker.log_params({"student.params": self.n_params, "student.world": self.world})
+            self.tracker.log_params({"student.params": self.n_params, "student.world": self.world,
+                                     **{f"identity.{name}.shared_{side}": round(v, 4) for name, m in self.vmaps.items()
+                                        for side, v in m.coverage.items()}})
         self.bad_in_a_row = self.skipped = 0
         self.history: list[dict[str, float]] = []
         self.last_eval: dict[str, float] = {}  # the latest eval metrics, carried by every report
@@ -190,10 +197,18 @@ class StudentRecipe:
         loss = loss_cfg.ce_weight * ce
         parts = {"ce": ce.detach()}
         for name, payload in payloads.items():
-            r = self.method(logits, labels, payload.to(self.device), loss_cfg.mode, loss_cfg.params)
-            loss = loss + self.weights[name] * r.loss
-            parts[f"{name}/distill"] = r.distill.detach()
-            parts.update({f"{name}/{k}": v.detach().mean() for k, v in r.terms.items()})
+            payload = payload.to(self.device)
+            results = [self.method(logits, labels, payload, loss_cfg.mode, loss_cfg.params)]
+            parts[f"{name}/distill"] = results[0].distill.detach()
+            if self.identity.on:
+                if payload.identity is None:
+                    raise RuntimeError(f"teacher {name} sent no identity payload for loss.params "
+                                       f"shared_weight/chunk_weight (a teacher started without the job's student?)")
+                results.append(mlot.identity.identity_terms(logits, labels, payload.identity, self.vmaps.get(name),
+                                                            self.identity))
+            for r in results:
+                loss = loss + self.weights[name] * r.loss
+                parts.update({f"{name}/{k}": v.detach().mean() for k, v in r.terms.items()})
         parts["loss"] = loss.detach()
         return loss, parts
 

@@ -20,6 +20,7 @@ import mlot
 from specs import storage
 from workers.data import collate
 from workers.forward import answer_hidden, answer_logits, to_device
+from workers.identity_side import IdentitySide
 from workers.models import build_model, check_vocab, load_tokenizer
 from workers.prepared import DataRef, Rows, open_data, teacher_key
 from workers.store import HEAD, hidden_columns, payload_columns, write_shard
@@ -38,11 +39,15 @@ class TeacherActor:
         cache: keep each batch's final hidden states (keyed by its rows) and serve later requests
             for it, whatever their loss settings, with only the LM head recomputed. For sweeps, where
             every trial asks for the same batches: one forward pass per example for the whole sweep.
+        student: the job's ``StudentConfig``: needed to serve the identity-aware terms (``mlot.identity``),
+            whose payload holds the student's character bounds too.
     """
 
     def __init__(self, teacher: Any, data: Any, loss: Any, seed: int = 0, weights_dir: str | None = None,
-                 cache: bool = False) -> None:
+                 cache: bool = False, student: Any = None) -> None:
         self.name, self.key = teacher.name, teacher_key(teacher.name)
+        self.loss = loss
+        self.identity = IdentitySide(teacher, student, self.key) if student is not None else None
         self.data = data
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.tokenizer = load_tokenizer(teacher.tokenizer_name, teacher.trust_remote_code)
@@ -85,9 +90,15 @@ class TeacherActor:
         """
         t0 = time.perf_counter()
         cfg = self.payload_config if loss is None else self._config_for(loss)
+        identity = (loss or self.loss).spec.identity_config((loss or self.loss).params)
         with torch.inference_mode():
             logits, labels = self._answer_logits(rows)
             payload = mlot.compress_teacher(logits, labels, config=cfg)
+            if identity.on:
+                if self.identity is None:
+                    raise ValueError(f"teacher {self.name}: the identity-aware terms need the student's config "
+                                     "(TeacherActor(..., student=job.student))")
+                payload.identity = self.identity.payload(logits, labels, rows, identity)
         return {"payload": payload.to("cpu").to_numpy(), "batch_id": batch_id, "seconds": time.perf_counter() - t0,
                 "answer_tokens": int(payload.lengths.sum())}
 
@@ -143,7 +154,7 @@ class TeacherActor:
                 if fmt == "payload":
                     logits, labels = answer_logits(self.model, batch, self.vocab_size)
                     part = payload_columns(mlot.compress_teacher(logits, labels, config=self._config_for(loss)),
-                                           compress)
+                                           mlot.identity.gold_log_probs(logits, labels), compress)
                 else:
                     part = hidden_columns(*answer_hidden(self.model, batch), hidden_dtype)
             for name, values in part.items():
