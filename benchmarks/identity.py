@@ -25,8 +25,8 @@ import torch
 import mlot
 from orchestrator.cli import QUICKSTART, bundled_config
 from orchestrator.config import apply_overrides, load_config
+from workers.extras import teacher_map
 from workers.forward import answer_logits
-from workers.identity_side import teacher_map
 from workers.models import build_model, load_tokenizer
 from workers.prepared import STUDENT, Rows, open_data, prepare
 from workers.teacher import TeacherActor

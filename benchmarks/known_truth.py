@@ -1,6 +1,7 @@
 """Does distillation help a student? A study against a known answer distribution (``builtin:known_truth``).
 
-    python benchmarks/known_truth.py [--out DIR] [--seeds 5] [--steps 200] [--tune-samples 6] [--identity] [--quick]
+    python benchmarks/known_truth.py [--out DIR] [--seeds 5] [--steps 200] [--tune-samples 6] [--identity] [--policy]
+                                     [--quick]
 
 The task (``workers/known_truth.py``, task seed 0) has an explicit p*(answer | prompt) over 8 multi-word
 answers, so what a student learnt is measured against the truth on held-out prompts, whatever its
@@ -19,7 +20,8 @@ tokenizer: KL(p* || q) over the answer set, NLL per answer, top-1 agreement with
    over MultiLevelOT's knobs (``tune_spaces/multilevel_ot.yaml``) with the metric ``eval/truth_kl`` on the
    *validation* prompts; its best configuration is then run here on fresh seeds next to SFT and ULD.
 
-``--identity`` adds the identity-aware arms (:data:`IDENTITY_ARMS`, ``mlot.identity``). Results:
+``--identity`` adds the identity-aware arms (:data:`IDENTITY_ARMS`, ``mlot.identity``), ``--policy`` the
+on-policy and teacher-mixing arms (:data:`POLICY_ARMS`: ``workers.on_policy``, ``mlot.mixing``). Results:
 ``results.json``, ``table.md`` and ``kl_over_steps.png`` in ``--out``, and one MLflow run (experiment
 ``mlot-known-truth``) with the table, the plot and each arm's mean held-out KL per step. ``docs/quality.md``
 has the numbers.
@@ -46,21 +48,24 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import mlot  # noqa: E402
-from mlot.identity import IdentityConfig, char_bounds, compress_identity, identity_terms, pad_bounds, vocab_map  # noqa: E402,E501
-from orchestrator.config import TrainConfig  # noqa: E402
+from mlot.identity import IdentityConfig, answer_bounds, compress_identity, identity_terms, vocab_map  # noqa: E402
+from mlot.mixing import PER_SAMPLE_MIXES, mixed_loss, nll_per_byte  # noqa: E402
+from orchestrator.config import OnPolicyConfig, TrainConfig  # noqa: E402
 from specs import Template  # noqa: E402
-from workers.data import BadRowError, collate, encode_example  # noqa: E402
+from workers.data import BadRowError, answers_of, collate, encode_example  # noqa: E402
 from workers.engine import lr_lambda  # noqa: E402
 from workers.evaluate import generate_answers  # noqa: E402
 from workers.forward import answer_logits  # noqa: E402
 from workers.known_truth import ANSWERS, KnownTruth, answer_log_probs, builtin_rows, truth_metrics  # noqa: E402
 from workers.models import build_model, load_tokenizer  # noqa: E402
+from workers.on_policy import chosen, encode_answers, on_policy_batch, sampling_seed  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 WORDPIECE, SENTENCEPIECE, TEKKEN = "builtin:wordpiece", "builtin:sentencepiece", "builtin:tekken"
 #: teacher name -> (tokenizer, share of ``--teacher-steps``); both learn the task from the ``teacher`` split.
 #: Tekken's 131k-token head makes its steps about 2.6x dearer than SentencePiece's on this CPU: half the steps.
-TEACHERS = {"sp": (SENTENCEPIECE, 1.0), "tekken": (TEKKEN, 0.5)}
+#: ``random`` is never trained: the bad teacher of the teacher-mixing arms.
+TEACHERS = {"sp": (SENTENCEPIECE, 1.0), "tekken": (TEKKEN, 0.5), "random": (TEKKEN, 0.0)}
 TINY = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 128,
         "tie_word_embeddings": True}
@@ -83,6 +88,8 @@ class Arm:
     tokenizer: str = WORDPIECE
     ce_weight: float = 1.0
     identity: IdentityConfig = IdentityConfig()  # the mlot.identity terms' weights (on the first teacher)
+    mix: str = "sum"  # loss.teacher_mix (mlot.mixing)
+    on_policy: float = 0.0  # train.on_policy.fraction: steps on the student's own sampled answers (no CE there)
 
 
 ARMS: dict[str, Arm] = {
@@ -105,6 +112,15 @@ IDENTITY_ARMS: dict[str, Arm] = {
     "aligned-chunk likelihood": Arm(teachers=("sp",), identity=IdentityConfig(chunk_weight=1.0)),
     "MultiLevelOT + exact match + chunks": Arm("multilevel_ot", teachers=("sp",),
                                                identity=IdentityConfig(shared_weight=1.0, chunk_weight=1.0)),
+}
+
+#: On-policy distillation and teacher mixing (issue 14): the student's own answers scored by the teacher on half
+#: the steps (``train.on_policy.fraction: 0.5``), and a trained + an untrained teacher summed or per-sample best.
+POLICY_ARMS: dict[str, Arm] = {
+    "MultiLevelOT, on-policy 0.5": Arm("multilevel_ot", teachers=("sp",), on_policy=0.5),
+    "aligned chunks, on-policy 0.5": Arm(teachers=("sp",), identity=IdentityConfig(chunk_weight=1.0), on_policy=0.5),
+    "MultiLevelOT, trained + random teacher (sum)": Arm("multilevel_ot", teachers=("sp", "random")),
+    "MultiLevelOT, trained + random teacher (best)": Arm("multilevel_ot", teachers=("sp", "random"), mix="best"),
 }
 
 
@@ -141,12 +157,15 @@ def held_out(model: Any, tokenizer: Any) -> dict[str, float]:
 
 
 def fit(model: Any, tokenizer: Any, rows: list[dict[str, Any]], budget: Budget, seed: int, steps: int,
-        batch_size: int, loss_fn: Any = None, curve: bool = False) -> dict[str, Any]:
+        batch_size: int, loss_fn: Any = None, curve: bool = False, on_policy: float = 0.0) -> dict[str, Any]:
     """AdamW with the product's warm-up + linear schedule over epoch-shuffled batches of ``rows``.
 
-    ``loss_fn(logits, labels, indices) -> (loss, parts)`` (default CE). Returns the held-out curve (when
-    asked) and the mean of each loss part over the last 10 steps."""
+    ``loss_fn(logits, labels, indices, answers) -> (loss, parts)`` (default CE). ``on_policy``: the share of
+    steps on which the student answers the batch's prompts itself (the product's ``train.on_policy``, the same
+    ``workers.on_policy`` code); ``answers`` are then its answers (None on the other steps). Returns the
+    held-out curve (when asked) and the mean of each loss part over the last 10 steps."""
     examples = [encode_example(r, tokenizer, TEMPLATE, MAX_PROMPT, MAX_ANSWER) for r in rows]
+    settings = OnPolicyConfig(fraction=on_policy, max_new_tokens=MAX_ANSWER)
     train = TrainConfig(steps=steps, lr=budget.lr, warmup_steps=budget.warmup_steps, schedule="linear")
     opt = torch.optim.AdamW(model.parameters(), lr=train.lr, weight_decay=train.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(train, steps))
@@ -160,9 +179,14 @@ def fit(model: Any, tokenizer: Any, rows: list[dict[str, Any]], budget: Budget, 
             g.shuffle(perm)
             order += perm
         idx, order = order[:batch_size], order[batch_size:]
-        logits, labels = answer_logits(model, collate([examples[i] for i in idx], tokenizer.pad_token_id),
-                                       len(tokenizer))
-        loss, parts = loss_fn(logits, labels, idx) if loss_fn else (mlot.causal_lm_loss(logits, labels), {})
+        answers = None
+        if chosen(seed, step, on_policy):
+            batch, answers = on_policy_batch(model, tokenizer, [examples[i] for i in idx], [rows[i] for i in idx],
+                                             settings, sampling_seed(seed, 0, step), torch.device("cpu"))
+        else:
+            batch = collate([examples[i] for i in idx], tokenizer.pad_token_id)
+        logits, labels = answer_logits(model, batch, len(tokenizer))
+        loss, parts = loss_fn(logits, labels, idx, answers) if loss_fn else (mlot.causal_lm_loss(logits, labels), {})
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -183,7 +207,7 @@ def train_teacher(out: str, name: str, budget: Budget) -> dict[str, float]:
     spec, share = TEACHERS[name]
     folder = Path(out) / "teachers" / name
     done = folder / "known_truth.json"
-    steps = max(1, round(budget.teacher_steps * share))
+    steps = max(1, round(budget.teacher_steps * share)) if share else 0
     recipe = {"tokenizer": spec, "steps": steps, "batch_size": budget.teacher_batch_size, "lr": budget.lr,
               "config": TINY}
     if done.exists() and json.loads(done.read_text())["recipe"] == recipe:
@@ -191,7 +215,8 @@ def train_teacher(out: str, name: str, budget: Budget) -> dict[str, float]:
     t0 = time.time()
     tok = load_tokenizer(spec)
     model = tiny_model(tok, seed=1000)
-    fit(model, tok, builtin_rows("teacher"), budget, seed=1000, steps=steps, batch_size=budget.teacher_batch_size)
+    if steps:
+        fit(model, tok, builtin_rows("teacher"), budget, seed=1000, steps=steps, batch_size=budget.teacher_batch_size)
     model.eval()
     model.save_pretrained(folder)
     metrics = {**held_out(model, tok), "steps": steps, "train_s": time.time() - t0}
@@ -256,62 +281,68 @@ def arm_rows(out: str, name: str, arm: Arm, seed: int, tok: Any) -> tuple[list[d
     return rows, len(draws) - len(rows)
 
 
-def answer_bounds(tok: Any, example: tuple[list[int], list[int]]) -> list[int]:
-    return char_bounds(tok, [t for t in example[1] if t != -100])
-
-
 class TeacherSide:
-    """One teacher over an arm's rows: its tokens of them, and its answer logits for a batch of them."""
+    """One teacher over an arm's rows: its tokens of them, and its answer logits for a batch of them (with the
+    student's answers instead of the rows' on an on-policy step)."""
 
     def __init__(self, out: str, name: str, rows: list[dict[str, Any]]) -> None:
-        self.tok, self.model = load_tokenizer(TEACHERS[name][0]), load_teacher(out, name)
+        self.tok, self.model, self.rows = load_tokenizer(TEACHERS[name][0]), load_teacher(out, name), rows
         self.examples = [encode_example(r, self.tok, TEMPLATE, MAX_PROMPT, MAX_ANSWER) for r in rows]
 
     @torch.no_grad()
-    def logits(self, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        return answer_logits(self.model, collate([self.examples[i] for i in idx], self.tok.pad_token_id),
-                             len(self.tok))
+    def logits(self, idx: list[int], answers: list[Any] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        examples = [self.examples[i] for i in idx] if answers is None else encode_answers(
+            [self.rows[i] for i in idx], answers, self.tok, TEMPLATE, MAX_PROMPT)
+        return answer_logits(self.model, collate(examples, self.tok.pad_token_id), len(self.tok))
 
 
 class ArmLoss:
-    """``workers/student.py``'s ``_loss_step`` for one arm: ``ce_weight * CE`` + per teacher (weight 1, the
-    product's default) the method's ``alpha * distill`` on that teacher's payload, + the arm's identity-aware
-    terms (``mlot.identity``) on the first teacher, each ``weight * term``."""
+    """``workers/student.py``'s ``_loss_step`` for one arm: ``ce_weight * CE`` (none on an on-policy step) + the
+    teachers' losses mixed as ``arm.mix`` says (``mlot.mixing``; weight 1 each, the product's default), where
+    a teacher's loss is the method's ``alpha * distill`` on its payload, + for the first teacher the arm's
+    identity-aware terms (``mlot.identity.identity_terms``)."""
 
     def __init__(self, out: str, arm: Arm, rows: list[dict[str, Any]], tok: Any) -> None:
-        self.arm, self.method = arm, mlot.get_method(arm.method)
+        self.arm, self.method, self.tok, self.rows = arm, mlot.get_method(arm.method), tok, rows
         uses_teacher = self.method.needs_teacher or arm.identity.on
         self.teachers = [TeacherSide(out, t, rows) for t in arm.teachers] if uses_teacher else []
         self.payload_cfg = self.method.payload_config(arm.mode, arm.params) if self.method.needs_teacher else None
-        if arm.identity.on:
-            first = self.teachers[0]
-            self.vmap = vocab_map(first.tok, tok) if arm.identity.shared else None
-            self.t_bounds = [answer_bounds(first.tok, e) for e in first.examples]
-            self.s_bounds = [answer_bounds(tok, encode_example(r, tok, TEMPLATE, MAX_PROMPT, MAX_ANSWER)) for r in rows]
+        self.vmap = vocab_map(self.teachers[0].tok, tok) if arm.identity.shared else None
 
-    def __call__(self, logits: torch.Tensor, labels: torch.Tensor, idx: list[int]) -> tuple[torch.Tensor, dict]:
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor, idx: list[int],
+                 answers: list[Any] | None = None) -> tuple[torch.Tensor, dict]:
         ce = mlot.causal_lm_loss(logits, labels)
-        loss, parts = self.arm.ce_weight * ce, {"ce": ce.detach()}
+        loss, parts = (0.0 if answers else self.arm.ce_weight) * ce, {"ce": ce.detach()}
+        results, nll = [], []
         for j, teacher in enumerate(self.teachers):
-            t_logits, t_labels = teacher.logits(idx)
-            results = {}
+            t_logits, t_labels = teacher.logits(idx, answers)
+            mine = {}
             if self.payload_cfg is not None:
                 payload = mlot.compress_teacher(t_logits, t_labels, config=self.payload_cfg)
-                results["distill"] = self.method(logits, labels, payload, self.arm.mode, self.arm.params)
+                mine["distill"] = self.method(logits, labels, payload, self.arm.mode, self.arm.params)
             if j == 0 and self.arm.identity.on:
-                results["identity"] = self._identity(logits, labels, t_logits, t_labels, idx)
-            for key, r in results.items():
-                loss = loss + r.loss
+                mine["identity"] = self._identity(logits, labels, t_logits, t_labels, teacher.tok)
+            if self.arm.mix in PER_SAMPLE_MIXES:
+                texts = [a.text for a in answers] if answers else [self.rows[i]["answer"] for i in idx]
+                nll.append(nll_per_byte(t_logits, t_labels, torch.tensor([len(t.encode()) for t in texts])))
+            for key, r in mine.items():
                 parts.update({f"t{j}/{key}": r.distill.detach(),
                               **{f"t{j}/{k}": v.detach().mean() for k, v in r.terms.items() if v.dim() <= 1}})
+            results.append(list(mine.values()))
+        if results:
+            prior = torch.ones(len(results))
+            mixed, weights = mixed_loss(results, self.arm.mix, prior, torch.stack(nll, 1) if nll else None)
+            loss = loss + mixed
+            parts.update({f"t{j}/mix_weight": weights[:, j].mean() for j in range(len(results)) if nll})
         return loss, parts
 
     def _identity(self, logits: torch.Tensor, labels: torch.Tensor, t_logits: torch.Tensor, t_labels: torch.Tensor,
-                  idx: list[int]) -> mlot.DistillResult:
+                  t_tok: Any) -> mlot.DistillResult:
+        """The identity terms, both sides' bounds from the answer tokens of this batch (as ``workers.extras``)."""
         cfg = self.arm.identity
-        payload = compress_identity(t_logits, t_labels, pad_bounds([self.t_bounds[i] for i in idx]), self.vmap,
+        payload = compress_identity(t_logits, t_labels, answer_bounds(t_tok, answers_of(t_labels.tolist())), self.vmap,
                                     top_k=cfg.shared_top_k)
-        payload.student_bounds = pad_bounds([self.s_bounds[i] for i in idx])
+        payload.student_bounds = answer_bounds(self.tok, answers_of(labels.tolist()))
         return identity_terms(logits, labels, payload, self.vmap, cfg)
 
 
@@ -322,7 +353,8 @@ def run_arm(out: str, name: str, arm: Arm, seed: int, budget: Budget) -> dict[st
     rows, unusable = arm_rows(out, name, arm, seed, tok)
     loss_fn = ArmLoss(out, arm, rows, tok)
     model = tiny_model(tok, seed)
-    result = fit(model, tok, rows, budget, seed, budget.steps, budget.batch_size, loss_fn, curve=True)
+    result = fit(model, tok, rows, budget, seed, budget.steps, budget.batch_size, loss_fn, curve=True,
+                 on_policy=arm.on_policy)
     return {"arm": name, "seed": seed, "final": result["curve"][-1], "curve": result["curve"],
             "final_terms": result["final_terms"], "unusable_targets": unusable, "seconds": time.time() - t0}
 
@@ -395,8 +427,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--teacher-steps", type=int, default=Budget.teacher_steps)
     ap.add_argument("--tune-samples", type=int, default=6, help="mlot tune trials (0: no sweep)")
     ap.add_argument("--jobs", type=int, default=2, help="arms trained at once (one process, one core each)")
-    ap.add_argument("--arms", nargs="*", help="a subset of the arms (default: all)")
+    ap.add_argument("--arms", nargs="*", help="these arms, of any group (default: every arm of ARMS)")
     ap.add_argument("--identity", action="store_true", help="add the identity-aware arms (mlot.identity)")
+    ap.add_argument("--policy", action="store_true", help="add the on-policy and teacher-mixing arms")
     ap.add_argument("--tracking-uri", help="MLflow URI (default: sqlite:///<cwd>/mlflow.db, as the product)")
     ap.add_argument("--quick", action="store_true", help="smoke run: 1 seed, 12 steps, teachers 50 steps, no sweep")
     args = ap.parse_args(argv)
@@ -407,8 +440,13 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     uri = args.tracking_uri or f"sqlite:///{Path.cwd() / 'mlflow.db'}"  # the product's default
-    arms = {k: v for k, v in ARMS.items() if not args.arms or k in args.arms}
+    named = {**ARMS, **IDENTITY_ARMS, **POLICY_ARMS}
+    unknown = set(args.arms or ()) - set(named)
+    if unknown:
+        ap.error(f"unknown arm(s) {sorted(unknown)}; known: {list(named)}")
+    arms = {k: v for k, v in named.items() if k in (args.arms or ARMS)}
     arms.update(IDENTITY_ARMS if args.identity else {})
+    arms.update(POLICY_ARMS if args.policy else {})
     t0 = time.time()
     seeds, tuned = list(range(args.seeds)), None
     with ProcessPoolExecutor(max_workers=args.jobs, mp_context=get_context("spawn")) as pool:

@@ -1,11 +1,15 @@
 """The distillation pipeline on a real local Ray cluster: payload size, teacher wait, step time.
 
-    python benchmarks/pipeline.py [--steps 40] [--workers 1] [--set KEY=VALUE ...]
+    python benchmarks/pipeline.py [--steps 40] [--workers 1] [--on-policy 0,0.5,1] [--set KEY=VALUE ...]
 
 Runs the bundled quickstart job twice in one process with the same batches: once with live teacher
 actors, once with every payload computed beforehand (a PayloadCache in front of the same teacher), and
 prints the student step time of the two, the teacher-wait fraction, tokens/s and payload bytes per
 answer token against full bf16 logits.
+
+``--on-policy``: then the same job with live teachers for each ``train.on_policy.fraction`` given (the student
+samples its answers on that share of micro-batches and the teachers score them): step time (ratio to the
+first), generation's share of it, mean generated answer length and teacher wait.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--set", action="append", default=[])
+    ap.add_argument("--on-policy", help="comma-separated train.on_policy.fraction values to compare, e.g. 0,0.5,1")
     args = ap.parse_args()
     import ray
 
@@ -79,6 +84,25 @@ def main() -> None:
     print(f"payload bytes per teacher answer token (as shipped, padding included): {bpt:.0f}; full bf16 logits: {full} "
           f"-> {full / bpt:.0f}x smaller")
     print(f"cache: {[ray.get(h.stats.remote()) for hs in cached.values() for h in hs]}")
+    if args.on_policy:
+        on_policy_table(base, [float(f) for f in args.on_policy.split(",")], teachers)
+
+
+def on_policy_table(base: list[str], fractions: list[float], teachers: dict) -> None:
+    """The quickstart job for each on-policy fraction, with the same live teachers."""
+    rows = []
+    for f in fractions:
+        job = load_config(bundled_config(QUICKSTART), [*base, f"name=on-policy-{f}", f"train.on_policy.fraction={f}"])
+        s = run_distill(job, teachers=teachers)
+        gen = metric(s, "train/generation_frac") if f > 0 else [0.0]
+        length = metric(s, "train/generated_tokens") if f > 0 else [0.0]
+        rows.append((f, statistics.median(metric(s, "train/step_s")), statistics.mean(gen), statistics.mean(length),
+                     statistics.mean(metric(s, "train/teacher_wait_frac"))))
+    print("\n| on-policy fraction | student step (median s) | ratio | generation share | generated tokens "
+          "| teacher wait |")
+    print("|---|---|---|---|---|---|")
+    for f, step, gen, length, wait in rows:
+        print(f"| {f} | {step:.4f} | {step / rows[0][1]:.2f}x | {gen:.2f} | {length:.1f} | {wait:.2f} |")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@
     result = mlot.multilevel_ot(student_logits, student_labels, payload)  # identical result
 """
 
-from . import identity
+from . import identity, mixing
 from .baselines import causal_lm_loss, kl_distill, mined, mined_alignment, sft, uld
 from .config import MultiLevelOTConfig, make_config
 from .methods import METHODS, Method, get_method, register
@@ -20,7 +20,7 @@ from .spans import answer_spans, gather_rows
 
 __all__ = [
     "METHODS", "DistillResult", "Method", "MultiLevelOTConfig", "TeacherPayload", "answer_spans", "causal_lm_loss",
-    "compress_teacher", "full_logits_bytes_per_token", "gather_rows", "get_method", "identity", "kl_distill",
+    "compress_teacher", "full_logits_bytes_per_token", "gather_rows", "get_method", "identity", "kl_distill", "mixing",
     "make_config",
     "mined", "mined_alignment", "multilevel_ot", "register", "sft", "sinkhorn_log", "sinkhorn_plain", "uld",
 ]

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from .identity import IdentityPayload
 
-PAYLOAD_VERSION = 2  # 2: the optional identity payload
+PAYLOAD_VERSION = 2  # 2: the optional identity payload and nll per byte
 
 
 @dataclass
@@ -37,6 +37,8 @@ class TeacherPayload:
         settings: the loss settings the payload was computed with; the loss refuses a payload whose
             settings disagree with its own.
         identity: the teacher side of the identity-aware terms (``mlot.identity``), when the loss uses them.
+        nll_per_byte: [B] the teacher's NLL of each answer per byte of its text (``mlot.mixing``), when the
+            job mixes teachers per sample.
     """
 
     mode: str
@@ -47,6 +49,7 @@ class TeacherPayload:
     settings: dict[str, Any] = field(default_factory=dict)
     version: int = PAYLOAD_VERSION
     identity: IdentityPayload | None = None
+    nll_per_byte: Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -59,8 +62,9 @@ class TeacherPayload:
 
     def _tensors(self) -> dict[str, Tensor]:
         out = {"probs": self.probs, "columns": self.columns, "lengths": self.lengths}
-        if self.sd_log_shift is not None:
-            out["sd_log_shift"] = self.sd_log_shift
+        for name in ("sd_log_shift", "nll_per_byte"):
+            if getattr(self, name) is not None:
+                out[name] = getattr(self, name)
         return out
 
     def bytes_per_token(self) -> float:
@@ -99,7 +103,8 @@ class TeacherPayload:
         """A copy with ``fn`` applied to every tensor."""
         return TeacherPayload(self.mode, fn(self.probs), None if self.sd_log_shift is None else fn(self.sd_log_shift),
                               fn(self.columns), fn(self.lengths), dict(self.settings), self.version,
-                              None if self.identity is None else self.identity.map(fn))
+                              None if self.identity is None else self.identity.map(fn),
+                              None if self.nll_per_byte is None else fn(self.nll_per_byte))
 
     def to_numpy(self) -> dict[str, Any]:
         """A plain dict of numpy arrays and settings (msgpack/npz/Ray-friendly, no pickled classes)."""
@@ -118,7 +123,8 @@ class TeacherPayload:
         t = lambda a: torch.from_numpy(np.array(a))  # noqa: E731
         identity = IdentityPayload(**{k: t(a) for k, a in d["identity"].items()}) if "identity" in d else None
         return cls(d["mode"], t(d["probs"]), t(d["sd_log_shift"]) if "sd_log_shift" in d else None,
-                   t(d["columns"]), t(d["lengths"]), dict(d["settings"]), d["version"], identity)
+                   t(d["columns"]), t(d["lengths"]), dict(d["settings"]), d["version"], identity,
+                   t(d["nll_per_byte"]) if "nll_per_byte" in d else None)
 
 
 def full_logits_bytes_per_token(vocab_size: int, bytes_per_value: int = 2) -> int:

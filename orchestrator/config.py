@@ -324,12 +324,21 @@ class LossConfig(_Section):
     mode: Literal["paper", "reference"] = Field("paper", description="MultiLevelOT mode: the paper's method, or the released code's arithmetic.")
     ce_weight: float = Field(1.0, ge=0, description="Weight of the student's cross-entropy on the answer.")
     params: dict[str, Any] = Field(default_factory=dict, description="Parameters of the method (see mlot.METHODS[method].params); unknown names are refused.")
+    teacher_mix: str = Field("sum", description="How several teachers' losses combine (mlot.mixing): sum (weights), mean (weights normalised), best (per sample, the teacher with the lowest NLL per answer byte), confidence (per-sample softmax(log weight - NLL per byte / mix_temperature)).")
+    mix_temperature: float = Field(1.0, gt=0, description="Temperature of teacher_mix confidence, in nats per byte.")
 
     @model_validator(mode="after")
     def _check_params(self) -> LossConfig:
         # Imported here: mlot imports torch, which config-only users (dump, lint) should not pay for
         # unless they validate a loss.
         from mlot.methods import METHODS
+        from mlot.mixing import MIXES, PER_SAMPLE_MIXES
+
+        if self.teacher_mix not in MIXES:
+            raise FieldProblem(("teacher_mix", self.teacher_mix, f"one of {', '.join(MIXES)}"))
+        if self.teacher_mix in PER_SAMPLE_MIXES and self.mode == "reference":
+            raise FieldProblem(("teacher_mix", self.teacher_mix, "weighs teachers per sample; reference mode couples "
+                                "the batch (no per-sample loss): use loss.mode paper, or teacher_mix sum / mean"))
 
         if self.method not in METHODS:
             close = difflib.get_close_matches(self.method, list(METHODS), n=1)
@@ -351,6 +360,17 @@ class LossConfig(_Section):
     def payload_config(self) -> Any:
         """The ``mlot.MultiLevelOTConfig`` a teacher compresses with for this loss."""
         return self.spec.payload_config(self.mode, self.params)
+
+
+class OnPolicyConfig(_Section):
+    """On-policy distillation (GKD-style): on a fraction of micro-batches the student samples its own answers
+    to the batch's prompts, and the teachers score that text in their own tokens."""
+
+    fraction: float = Field(0.0, ge=0, le=1, description="Share of micro-batches trained on the student's own samples (chosen from train.seed and the micro-batch: a resumed run replays them).")
+    max_new_tokens: int = Field(32, ge=1, description="Longest generated answer, in student tokens.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature of the student's answers.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling of the student's answers (1: the full distribution).")
+    ce: bool = Field(False, description="Also train CE on the generated answers (off: only the distillation terms learn from them).")
 
 
 class TrainConfig(_Section):
@@ -376,6 +396,7 @@ class TrainConfig(_Section):
     max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping norm; null: no clipping.")
     max_nonfinite_steps: int = Field(10, ge=0, description="Consecutive non-finite micro-batches (student logits or loss) tolerated before the run fails; each is skipped on every rank with zero gradient contribution.")
     max_failures: int = Field(1, ge=-1, description="Worker-group restarts from the last checkpoint after a worker dies (Ray Train FailureConfig; -1: unlimited).")
+    on_policy: OnPolicyConfig = Field(default_factory=OnPolicyConfig, description="On-policy distillation: the student's own answers, scored by the teachers.")
 
     @model_validator(mode="before")
     @classmethod
@@ -471,10 +492,13 @@ class JobConfig(_Section):
         for prefix, spec in [("student", self.student)] + [(f"teachers.{i}", t) for i, t in enumerate(self.teachers)]:
             # Known only for model_config models (a hub model's limit needs its downloaded config).
             positions = next((spec.hf_config[k] for k in _POSITION_KEYS if isinstance((spec.hf_config or {}).get(k), int)), None)
-            total = self.data.max_prompt_length + self.data.max_answer_length
+            answer = max(self.data.max_answer_length, self.train.on_policy.max_new_tokens if prefix == "student" else 0)
+            total = self.data.max_prompt_length + answer
             if positions is not None and total > positions:
                 problems.append(("data.max_prompt_length", self.data.max_prompt_length,
-                                 f"max_prompt_length + max_answer_length = {total} exceeds {prefix}'s {positions} positions (model_config); lower them or raise the model's positions"))
+                                 f"max_prompt_length + max(max_answer_length, train.on_policy.max_new_tokens) = {total} exceeds {prefix}'s {positions} positions (model_config); lower them or raise the model's positions"))
+        if self.train.on_policy.fraction > 0:
+            problems += _on_policy_problems(self)
         if self.train.eval_every is not None and self.data.eval_split is None and self.data.eval_fraction == 0:
             problems.append(("train.eval_every", self.train.eval_every, "needs evaluation data: set data.eval_split or data.eval_fraction > 0"))
         if problems:
@@ -512,6 +536,18 @@ class JobConfig(_Section):
 
         walk("", self.model_dump(mode="json"))
         return out
+
+
+def _on_policy_problems(job: JobConfig) -> list[tuple[str, Any, str]]:
+    """What an on-policy job cannot do: train without teachers, or read a teacher from its store."""
+    out: list[tuple[str, Any, str]] = []
+    if not job.loss.spec.needs_teacher:
+        out.append(("train.on_policy.fraction", job.train.on_policy.fraction,
+                    f"on-policy training distils the student's own answers; loss.method {job.loss.method!r} has no teacher"))
+    for i, t in enumerate(job.teachers):
+        if t.store:
+            out.append((f"teachers.{i}.store", t.store, "a teacher store holds outputs for the dataset's answers, not for text the student generates: on-policy training (train.on_policy.fraction > 0) needs live teachers"))
+    return out
 
 
 # ------------------------------------------------------------------------------- schema navigation

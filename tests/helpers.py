@@ -26,6 +26,13 @@ def make_batch(lengths: list[int], prompt: list[int], vocab: int, *, seq_len: in
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "orchestrator" / "configs" / "quickstart.yaml"
 
+# A second, random-weight teacher with another tokenizer (Tekken byte-level BPE, 131,072 ids), weight 0.5.
+TEKKEN = {"name": "teacher-tekken", "tokenizer": "builtin:tekken", "weight": 0.5, "resources": {"num_cpus": 0.25},
+          "model_config": {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                           "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 256,
+                           "vocab_size": 131072, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 11,
+                           "tie_word_embeddings": True}}
+
 
 def quickstart_job(tmp_path: Path, name: str, *extra: str, add_teacher: dict | None = None):
     """The bundled quickstart job, small and fast, writing under tmp_path (runs and a sqlite MLflow store)."""

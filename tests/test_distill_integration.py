@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import OptimizerSteps, PoisonLogits, RecordCollectives
+from helpers import TEKKEN, OptimizerSteps, PoisonLogits, RecordCollectives
 from helpers import metric_history as _history
 from helpers import quickstart_job as _job
 
@@ -136,13 +136,6 @@ def test_zero2_two_workers_reference_mode_end_to_end(tmp_path, ray_cluster, monk
     assert sorted(got) == [1, 2, 3, 4] and all(abs(got[k] - want[k]) <= 1e-6 for k in want), (want, got)
 
 
-TEKKEN = {"name": "teacher-tekken", "tokenizer": "builtin:tekken", "weight": 0.5, "resources": {"num_cpus": 0.25},
-          "model_config": {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-                           "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 256,
-                           "vocab_size": 131072, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 11,
-                           "tie_word_embeddings": True}}
-
-
 def _zero3_release_after_use(tmp_path) -> str:
     """ZeRO-3 that frees every gathered parameter after each use, as it must for models too big to keep whole
     (with DeepSpeed's defaults a tiny model stays gathered, and a rank that skips a forward goes unnoticed)."""
@@ -154,16 +147,19 @@ def _zero3_release_after_use(tmp_path) -> str:
     return str(path)
 
 
-def test_zero3_accumulation_with_a_nan_micro_batch_uneven_eval_and_resume(tmp_path, ray_cluster):
+def test_zero3_on_policy_accumulation_with_a_nan_micro_batch_uneven_eval_and_resume(tmp_path, ray_cluster):
     """ZeRO-3, 2 workers, grad_accum 2, two teachers with other tokenizers, student-logit NaN on one rank,
-    33 eval rows (17 + 16: one rank runs an extra forward): the run logs exactly train.steps optimizer steps,
-    its total is the weighted sum of its logged terms, and a stop + resume gives the same curve."""
+    33 eval rows (17 + 16: one rank runs an extra forward), and every micro-batch on-policy (the student samples
+    its answers, all ranks generating together as ZeRO-3 needs, and both teachers score that text): the run logs
+    exactly train.steps optimizer steps, its total is the weighted sum of its logged terms, and a stop + resume
+    gives the same curve (the same samples)."""
     from orchestrator.config import apply_overrides
     from orchestrator.driver import run_distill
     poison = PoisonLogits({3}, rank=1)  # micro-batch 3 = the second half of step 2, on rank 1 only
     common = ("train.num_workers=2", f"student.deepspeed.config_path={_zero3_release_after_use(tmp_path)}",
               "train.grad_accum=2", "train.batch_size=8", "data.limit=330", "loss.ce_weight=0.7",
-              "train.schedule=constant", "train.eval_every=2", "train.checkpoint_every=2")
+              "train.schedule=constant", "train.eval_every=2", "train.checkpoint_every=2",
+              "train.on_policy.fraction=1.0", "train.on_policy.max_new_tokens=8", "train.on_policy.ce=true")
     job = _job(tmp_path, "z3", *common, add_teacher=TEKKEN)
     steps_log = tmp_path / "optimizer_steps.txt"
     s = run_distill(job, callbacks=[poison, OptimizerSteps(str(steps_log))])
@@ -175,7 +171,12 @@ def test_zero3_accumulation_with_a_nan_micro_batch_uneven_eval_and_resume(tmp_pa
     assert [v for _, v in _history(s, "train/nonfinite_skipped")] == [0, 1, 1, 1]
     assert [st for st, _ in _history(s, "eval/loss")] == [2, 4]
 
-    # The logged total is ce_weight * CE + sum_j w_j * alpha * distill_j, recomputed from the logged terms.
+    # On-policy: every micro-batch generated (up to 8 tokens per answer), within the step's time.
+    assert [v for _, v in _history(s, "train/on_policy_frac")] == [1.0] * 4
+    assert all(0 < v <= 8 for _, v in _history(s, "train/generated_tokens"))
+    assert all(0 < v < 1 for _, v in _history(s, "train/generation_frac"))
+    # The logged total is ce_weight * CE + sum_j w_j * alpha * distill_j, recomputed from the logged terms
+    # (on.policy.ce: the CE of the student's own answers).
     alpha, weights = 0.15, {"teacher-sp": 1.0, "teacher-tekken": 0.5}
     total = dict(_history(s, "train/loss"))
     ce = dict(_history(s, "train/ce"))

@@ -135,9 +135,10 @@ def test_generate_rejects_bad_requests_before_starting_anything(tmp_path):
 
 @pytest.mark.integration
 def test_generate_distill_eval_end_to_end(tmp_path, ray_cluster, monkeypatch):
+    from helpers import TEKKEN, metric_history
     from mlflow import MlflowClient
 
-    from orchestrator.config import apply_overrides
+    from orchestrator.config import apply_overrides, config_from_dict
     from orchestrator.driver import run_distill
     from orchestrator.evaluation import run_eval
     from orchestrator.generate import run_generate
@@ -166,10 +167,20 @@ def test_generate_distill_eval_end_to_end(tmp_path, ray_cluster, monkeypatch):
                    template=job.teachers[0].template, max_prompt_length=96, max_new_tokens=8, limit=30, metric="qa")
     assert (own["n"], own["exact_match"], own["f1"]) == (30, 100.0, 100.0)
 
-    # The unlabeled setting: the same job trains on the teacher's answers (and reuses the saved teacher).
+    # The unlabeled setting: the same job trains on the teacher's answers (and reuses the saved teacher), with a
+    # second, random teacher (another tokenizer) and per-sample confidence weights: the trained teacher, which
+    # finds its own answers likely, must get nearly all of it.
     unlabeled = apply_overrides(job, [f"data.source={out}", "data.columns.answer=teacher_answer", "data.limit=null"])
-    summary = run_distill(unlabeled)
+    raw = unlabeled.model_dump(mode="json")
+    raw["teachers"].append(TEKKEN)
+    raw["loss"]["teacher_mix"] = "confidence"
+    summary = run_distill(config_from_dict(raw))
     assert Path(summary.export_dir, "config.json").exists()
+    weights = {t: [v for _, v in metric_history(summary, f"train/{t}/mix_weight")]
+               for t in ("teacher-sp", "teacher-tekken")}
+    assert len(weights["teacher-sp"]) == 4 and min(weights["teacher-sp"]) > 0.9
+    assert all(a + b == pytest.approx(1.0) for a, b in zip(weights["teacher-sp"], weights["teacher-tekken"]))
+    assert min(v for _, v in metric_history(summary, "train/teacher-sp/selected")) >= 0.9
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     scores = run_eval(summary.export_dir, str(source), {"prompt": "question", "answer": "answers"},

@@ -226,6 +226,11 @@ def _encode_chat(
     return prefix, p_ids[len(prefix) :], answer_ids
 
 
+def answers_of(labels: Sequence[Sequence[int]]) -> list[list[int]]:
+    """The answer tokens of each row of labels (-100 elsewhere)."""
+    return [[int(t) for t in row if t != IGNORE_INDEX] for row in labels]
+
+
 def collate(
     examples: Sequence[tuple[list[int], list[int]]], pad_id: int, side: Literal["left", "right"] = "left"
 ) -> dict[str, torch.Tensor]:

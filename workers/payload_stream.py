@@ -3,7 +3,9 @@
 :class:`BatchOrder` is a pure function of (seed, rank, micro-batch): a resumed or restarted run sees
 exactly the batches it would have seen. :class:`PayloadStream` keeps ``depth`` micro-batches of payload
 requests in flight per teacher, so teacher inference overlaps the student step, and retries on another
-replica when a teacher dies. A request names rows by index (each teacher reads its own tokens of them from
+replica when a teacher dies. An on-policy micro-batch (``workers.on_policy``) cannot be asked for ahead: its
+answers exist only once the student has generated them; its request goes out when :meth:`PayloadStream.get`
+receives them. A request names rows by index (each teacher reads its own tokens of them from
 the prepared data); payloads go teacher actor -> object store -> this worker.
 """
 
@@ -12,7 +14,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -56,21 +58,24 @@ class PayloadStream:
     Replicas are picked round-robin over (micro-batch, rank), so N workers spread over a teacher's
     replicas. A payload carries the batch id it was computed for; a mismatch is a hard error.
     ``loss`` (a LossConfig) is sent along: long-lived teachers serve trials with different settings.
+    ``on_policy(m)``: is micro-batch m on-policy (asked for only with its answers)?
     """
 
     def __init__(self, teachers: dict[str, list[Any]], data: DataRef, order: BatchOrder, rank: int, world: int,
-                 depth: int, loss: Any, attempts: int = 5) -> None:
+                 depth: int, loss: Any, attempts: int = 5, on_policy: Callable[[int], bool] = lambda m: False) -> None:
         self.teachers, self.data, self.order = teachers, data, order
         self.rank, self.world, self.depth = rank, world, depth
-        self.loss, self.attempts = loss, attempts
-        self.inflight: deque[tuple[int, dict[str, Any]]] = deque()
+        self.loss, self.attempts, self.on_policy = loss, attempts, on_policy
+        self.inflight: deque[tuple[int, dict[str, Any] | None]] = deque()
         self.next_m = 0
+        self.answers: dict[int, list[Any]] = {}  # on-policy micro-batch -> the student's answers (until fetched)
 
     def _request(self, name: str, m: int, attempt: int = 0) -> Any:
         replicas = self.teachers[name]
         actor = replicas[(m * self.world + self.rank + attempt) % len(replicas)]
+        extra = {"answers": self.answers[m]} if m in self.answers else {}
         return actor.payload.remote(Rows(self.data, "train", tuple(self.order(m))), batch_id=[self.rank, m],
-                                    loss=self.loss)
+                                    loss=self.loss, **extra)
 
     def _fetch(self, name: str, ref: Any, m: int) -> dict[str, Any]:
         """ray.get with retries on other replicas: a teacher that died (and is restarting) costs time, not the run."""
@@ -89,16 +94,23 @@ class PayloadStream:
                 ref = self._request(name, m, attempt)
         raise AssertionError("unreachable")
 
-    def get(self, m: int) -> Fetched:
-        """The payloads of micro-batch m (requests up to ``m + depth`` are sent first)."""
+    def get(self, m: int, answers: list[Any] | None = None) -> Fetched:
+        """The payloads of micro-batch m (requests up to ``m + depth`` are sent first); ``answers``: the
+        student's answers, for an on-policy m."""
         if self.next_m <= m and not self.inflight:
             self.next_m = m
         while self.next_m <= m + self.depth:
-            self.inflight.append((self.next_m, {name: self._request(name, self.next_m) for name in self.teachers}))
+            ahead = None if self.on_policy(self.next_m) else {n: self._request(n, self.next_m) for n in self.teachers}
+            self.inflight.append((self.next_m, ahead))
             self.next_m += 1
         while self.inflight and self.inflight[0][0] < m:  # e.g. skipped after a restart
             self.inflight.popleft()
         got_m, refs = self.inflight.popleft()
+        if (refs is None) != (answers is not None):
+            raise RuntimeError(f"micro-batch {m}: on-policy is {refs is None}, answers given: {answers is not None}")
+        if refs is None:
+            self.answers[m] = answers
+            refs = {name: self._request(name, m) for name in self.teachers}
         out = Fetched()
         for name, ref in refs.items():
             t0 = time.perf_counter()
@@ -110,4 +122,5 @@ class PayloadStream:
             out.payloads[name] = payload
             out.nbytes[name] = payload.nbytes()
             out.answer_tokens[name] = int(payload.lengths.sum())
+        self.answers.pop(m, None)
         return out

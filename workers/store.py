@@ -161,11 +161,11 @@ class StoreTeacher:
     """
 
     def __init__(self, teacher: Any, loss: Any, student: Any = None) -> None:
-        from workers.identity_side import IdentitySide
+        from workers.extras import Extras
         from workers.prepared import teacher_key
 
         self.name, self.key, self.loss = teacher.name, teacher_key(teacher.name), loss
-        self.identity = IdentitySide(teacher, student, self.key) if student is not None else None
+        self.extras = Extras(teacher, student, self.key)
         self.root = _local_root(teacher.store)
         self.meta = json.loads(Path(self.root, META).read_text())
         self.shards = [_Shard(p) for p in sorted(Path(self.root).glob("*/shard-*.arrow"))]
@@ -191,19 +191,16 @@ class StoreTeacher:
     def payload(self, rows: Rows, batch_id: Any = None, loss: Any = None) -> dict[str, Any]:
         """The payload of ``rows`` for ``loss`` (default the job's), as a live teacher computes it."""
         loss = loss or self.loss
-        identity = loss.spec.identity_config(loss.params)
-        if identity.on and self.identity is None:
-            raise ValueError(f"teacher {self.name}: the identity-aware terms need StoreTeacher(..., student=...)")
         found = [self._row(int(g)) for g in self._locate(rows.data, rows.split)[list(rows.indices)]]
         if self.meta["format"] == "payload":
             payload = self._stored_payload(found, loss)
-            if identity.on:
-                payload.identity = self._stored_identity(found, payload.lengths, rows, identity)
+            if loss.spec.identity_config(loss.params).shared:
+                raise UserError(shared_needs_hidden(self.name))
+            self.extras.add(payload, loss, rows, token_logp=self._token_logp(found, payload.lengths))
         else:
             logits, labels = self._hidden_logits(found)
             payload = mlot.compress_teacher(logits, labels, config=self._settings(loss))
-            if identity.on:
-                payload.identity = self.identity.payload(logits, labels, rows, identity)
+            self.extras.add(payload, loss, rows, logits=logits, labels=labels)
         self.served_rows += len(found)
         return {"payload": payload.to_numpy(), "batch_id": batch_id, "seconds": 0.0,
                 "answer_tokens": int(payload.lengths.sum())}
@@ -260,16 +257,13 @@ class StoreTeacher:
                                    torch.from_numpy(columns), torch.tensor(lengths),
                                    dict(self.meta["payload_settings"]))
 
-    def _stored_identity(self, found: list[tuple[_Shard, int]], lengths: torch.Tensor, rows: Rows,
-                         identity: Any) -> Any:
-        """The aligned-chunk payload from the stored gold log-probabilities (no shared classes: they depend on
-        the student's vocabulary; ``check_store`` refuses ``shared_weight`` for a payload store)."""
-        if identity.shared:
-            raise UserError(shared_needs_hidden(self.name))
+    @staticmethod
+    def _token_logp(found: list[tuple[_Shard, int]], lengths: torch.Tensor) -> torch.Tensor:
+        """[B, T] the stored gold tokens' log-probabilities (0 past each row's answer)."""
         token_logp = torch.zeros(len(found), int(lengths.max()))
         for b, (shard, row) in enumerate(found):
             token_logp[b, :int(lengths[b])] = torch.from_numpy(shard.get("token_logp", row).copy())
-        return self.identity.from_gold(token_logp, lengths, rows)
+        return token_logp
 
     def _hidden_logits(self, found: list[tuple[_Shard, int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Answer-window logits and labels from the stored hidden rows: each row's padded on the left to the

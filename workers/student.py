@@ -4,7 +4,10 @@ Reads top to bottom like a torchtune recipe: ``setup`` (model, engine, checkpoin
 stream, tracking) -> ``train`` (one optimizer step per loop step, each ``grad_accum`` micro-steps) ->
 ``cleanup`` (export, artefacts). The loss of a micro-batch is ``_loss_step``:
 ``ce_weight * CE + sum_j w_j * (alpha * distill_j + identity_j)`` over the registered method of
-``loss.method``, where ``identity_j`` are the optional identity-aware terms (``mlot.identity.identity_terms``).
+``loss.method``, where ``identity_j`` are the optional identity-aware terms (``mlot.identity.identity_terms``)
+and ``w_j`` the teachers' weights, or per-sample weights (``loss.teacher_mix``, ``mlot.mixing``). On an
+on-policy micro-batch (``train.on_policy``) the student first samples its own answers (``_generate``) and
+the teachers score that text.
 
 A micro-batch whose student logits or loss are not finite on *any* rank is skipped on *every* rank:
 it still backs up a zero and steps the engine, so DeepSpeed's accumulation windows, the optimizer
@@ -30,9 +33,10 @@ from workers.engine import (
     worker_device,
     zero_contribution,
 )
+from workers.extras import teacher_map
 from workers.forward import answer_logits, to_device
-from workers.identity_side import teacher_map
 from workers.models import build_model, check_vocab, load_tokenizer
+from workers.on_policy import chosen, on_policy_batch, sampling_seed
 from workers.payload_stream import BatchOrder, Fetched, PayloadStream
 from workers.prepared import STUDENT, open_data
 from workers.student_eval import eval_plan, evaluate_ce, evaluate_truth
@@ -62,6 +66,10 @@ class StepStats:
     wait_s: dict[str, float] = field(default_factory=dict)
     nbytes: dict[str, int] = field(default_factory=dict)
     answer_tokens: dict[str, int] = field(default_factory=dict)
+    on_policy: int = 0  # on-policy micro-batches
+    generation_s: float = 0.0
+    generated: list[int] = field(default_factory=list)  # answer tokens of each sampled (used) answer
+    fallbacks: int = 0  # unusable generations replaced by the gold answer
 
     def add_io(self, fetched: Fetched, tokens: int) -> None:
         self.tokens += tokens
@@ -70,16 +78,27 @@ class StepStats:
             for k, v in new.items():
                 acc[k] = acc.get(k, 0) + v
 
+    def add_generation(self, seconds: float, answers: list[Any]) -> None:
+        self.on_policy += 1
+        self.generation_s += seconds
+        self.generated += [len(a.ids) for a in answers if a.sampled]
+        self.fallbacks += sum(not a.sampled for a in answers)
+
     def add_terms(self, parts: dict[str, torch.Tensor]) -> None:
         self.counted += 1
         for k, v in parts.items():
             self.sums[k] = self.sums.get(k, 0.0) + v
 
-    def metrics(self, elapsed: float, world: int) -> dict[str, float]:
+    def metrics(self, elapsed: float, world: int, micro_batches: int, on_policy: bool) -> dict[str, float]:
         out = {f"train/{k}": float(v) / self.counted for k, v in self.sums.items()}
         wait = sum(self.wait_s.values())
         out.update({"train/tokens_per_s": self.tokens * world / elapsed, "train/step_s": elapsed,
                     "train/teacher_wait_s": wait, "train/teacher_wait_frac": wait / elapsed})
+        if on_policy:
+            out.update({"train/on_policy_frac": self.on_policy / micro_batches, "train/generation_s": self.generation_s,
+                        "train/generation_frac": self.generation_s / elapsed,
+                        "train/generated_tokens": sum(self.generated) / max(len(self.generated), 1),
+                        "train/generation_fallbacks": self.fallbacks})
         for name in self.wait_s:
             out[f"train/{name}/wait_s"] = self.wait_s[name]
             out[f"train/{name}/payload_bytes_per_token"] = self.nbytes[name] / max(self.answer_tokens[name], 1)
@@ -100,6 +119,7 @@ class StudentRecipe:
         self.config, self.job = config, config["job"]
         self.method = self.job.loss.spec
         self.identity = self.method.identity_config(self.job.loss.params)
+        self.on_policy = self.job.train.on_policy
         self.callbacks = config.get("callbacks") or []
         self.weights = {t.name: t.weight for t in self.job.teachers}
 
@@ -127,7 +147,10 @@ class StudentRecipe:
         self.start = checkpoint.restore(self.engine, config["fingerprint"])
         self.order = BatchOrder(self.data.size("train"), self.rank, self.world, job.train.batch_size, job.train.seed)
         self.stream = PayloadStream(config["teachers"], config["data"], self.order, self.rank, self.world,
-                                    job.train.prefetch, job.loss) if self.method.needs_teacher else None
+                                    job.train.prefetch, job.loss, on_policy=self._is_on_policy) \
+            if self.method.needs_teacher else None
+        # Under ZeRO-3 each forward gathers parameters from every rank: all ranks generate step for step.
+        self.synced = self.world > 1 and self.engine.zero_optimization_stage() == 3
         self.tracker = open_buffer(config["tracking_uri"], config["run_id"]) \
             if self.rank == 0 and config["run_id"] else None
         # The exact-match term's side of the vocabulary maps (the teachers build the same ones).
@@ -163,7 +186,8 @@ class StudentRecipe:
         stats = StepStats()
         for micro in range(self.job.train.grad_accum):
             self._micro_step(step * self.job.train.grad_accum + micro, stats)
-        metrics = stats.metrics(time.perf_counter() - t0, self.world)
+        metrics = stats.metrics(time.perf_counter() - t0, self.world, self.job.train.grad_accum,
+                                self.on_policy.fraction > 0)
         metrics.update({"train/lr": self.scheduler.get_last_lr()[0], "train/nonfinite_skipped": self.skipped,
                         "train/optimizer_steps": self.engine.global_steps,
                         "train/peak_mem_mb": peak_memory_mb(self.device),
@@ -172,13 +196,18 @@ class StudentRecipe:
 
     def _micro_step(self, m: int, stats: StepStats) -> None:
         """Forward, loss, backward and engine step of micro-batch ``m`` (a skip is a zero backward)."""
-        batch = self.data.batch("train", self.order(m), STUDENT, self.tokenizer.pad_token_id)
-        fetched = self.stream.get(m) if self.stream else Fetched()
+        rows, on_policy = self.order(m), self._is_on_policy(m)
+        if on_policy:
+            batch, answers = self._generate(m, rows, stats)
+            fetched = self.stream.get(m, answers)
+        else:
+            batch = self.data.batch("train", rows, STUDENT, self.tokenizer.pad_token_id)
+            fetched = self.stream.get(m) if self.stream else Fetched()
         logits, labels = answer_logits(self.engine, to_device(batch, self.device), self.vocab)
         for cb in self.callbacks:
             logits = cb.on_logits(m, self.rank, logits)
-        loss, parts = self._loss_step(logits, labels, fetched.payloads) if answer_rows_finite(logits, labels) \
-            else (None, {})
+        loss, parts = self._loss_step(logits, labels, fetched.payloads, on_policy) \
+            if answer_rows_finite(logits, labels) else (None, {})
         if any_rank(loss is None or not bool(torch.isfinite(loss)), self.device):
             self._count_skip(m, "student logits" if loss is None else "loss")
             loss = zero_contribution(self.engine)
@@ -189,28 +218,58 @@ class StudentRecipe:
         self.engine.step()
         stats.add_io(fetched, int(batch["attention_mask"].sum()))
 
-    def _loss_step(self, logits: torch.Tensor, labels: torch.Tensor,
-                   payloads: dict[str, mlot.TeacherPayload]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def _generate(self, m: int, rows: list[int], stats: StepStats) -> tuple[dict[str, torch.Tensor], list[Any]]:
+        """Sample the student's answers to the prompts of ``rows`` (every rank generates on the same
+        micro-batches); returns its training batch on them and the answers the teachers will score."""
+        t0 = time.perf_counter()
+        batch, answers = on_policy_batch(self.engine.module, self.tokenizer, self.data.examples("train", rows, STUDENT),
+                                         self.data.rows("train", rows), self.on_policy,
+                                         sampling_seed(self.job.train.seed, self.rank, m), self.device, self.synced)
+        stats.add_generation(time.perf_counter() - t0, answers)
+        return batch, answers
+
+    def _is_on_policy(self, m: int) -> bool:
+        return chosen(self.job.train.seed, m, self.on_policy.fraction)  # the config refuses it without teachers
+
+    def _loss_step(self, logits: torch.Tensor, labels: torch.Tensor, payloads: dict[str, mlot.TeacherPayload],
+                   on_policy: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The training objective of one micro-batch and its named parts (detached, for logging)."""
         loss_cfg = self.job.loss
         ce = mlot.causal_lm_loss(logits, labels)
-        loss = loss_cfg.ce_weight * ce
+        loss = (0.0 if on_policy and not self.on_policy.ce else loss_cfg.ce_weight) * ce
         parts = {"ce": ce.detach()}
+        results = []
         for name, payload in payloads.items():
             payload = payload.to(self.device)
-            results = [self.method(logits, labels, payload, loss_cfg.mode, loss_cfg.params)]
-            parts[f"{name}/distill"] = results[0].distill.detach()
+            mine = [self.method(logits, labels, payload, loss_cfg.mode, loss_cfg.params)]
+            parts[f"{name}/distill"] = mine[0].distill.detach()
             if self.identity.on:
                 if payload.identity is None:
                     raise RuntimeError(f"teacher {name} sent no identity payload for loss.params "
                                        f"shared_weight/chunk_weight (a teacher started without the job's student?)")
-                results.append(mlot.identity.identity_terms(logits, labels, payload.identity, self.vmaps.get(name),
-                                                            self.identity))
-            for r in results:
-                loss = loss + self.weights[name] * r.loss
-                parts.update({f"{name}/{k}": v.detach().mean() for k, v in r.terms.items()})
+                mine.append(mlot.identity.identity_terms(logits, labels, payload.identity, self.vmaps.get(name),
+                                                         self.identity))
+            parts.update({f"{name}/{k}": v.detach().mean() for r in mine for k, v in r.terms.items()})
+            results.append(mine)
+        if results:
+            loss = loss + self._mix(results, payloads, parts)
         parts["loss"] = loss.detach()
         return loss, parts
+
+    def _mix(self, results: list[list[mlot.DistillResult]], payloads: dict[str, mlot.TeacherPayload],
+             parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The teachers' distillation losses mixed as ``loss.teacher_mix`` says; per-sample weights are logged."""
+        cfg, names = self.job.loss, list(payloads)
+        prior = torch.tensor([self.weights[n] for n in names], device=self.device)
+        nll = None
+        if cfg.teacher_mix in mlot.mixing.PER_SAMPLE_MIXES:
+            nll = torch.stack([payloads[n].nll_per_byte.to(self.device) for n in names], 1)  # [B, J]
+        loss, weights = mlot.mixing.mixed_loss(results, cfg.teacher_mix, prior, nll, cfg.mix_temperature)
+        if nll is not None:
+            for j, name in enumerate(names):
+                parts.update({f"{name}/mix_weight": weights[:, j].mean(), f"{name}/nll_per_byte": nll[:, j].mean(),
+                              f"{name}/selected": (nll.argmin(1) == j).float().mean()})
+        return loss
 
     def _count_skip(self, m: int, what: str) -> None:
         self.skipped += 1

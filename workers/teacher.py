@@ -19,8 +19,8 @@ import torch
 import mlot
 from specs import storage
 from workers.data import collate
+from workers.extras import Extras
 from workers.forward import answer_hidden, answer_logits, to_device
-from workers.identity_side import IdentitySide
 from workers.models import build_model, check_vocab, load_tokenizer
 from workers.prepared import DataRef, Rows, open_data, teacher_key
 from workers.store import HEAD, hidden_columns, payload_columns, write_shard
@@ -40,14 +40,14 @@ class TeacherActor:
             for it, whatever their loss settings, with only the LM head recomputed. For sweeps, where
             every trial asks for the same batches: one forward pass per example for the whole sweep.
         student: the job's ``StudentConfig``: needed to serve the identity-aware terms (``mlot.identity``),
-            whose payload holds the student's character bounds too.
+            whose payload holds the student's character bounds too (``workers.extras``).
     """
 
     def __init__(self, teacher: Any, data: Any, loss: Any, seed: int = 0, weights_dir: str | None = None,
                  cache: bool = False, student: Any = None) -> None:
         self.name, self.key = teacher.name, teacher_key(teacher.name)
         self.loss = loss
-        self.identity = IdentitySide(teacher, student, self.key) if student is not None else None
+        self.extras = Extras(teacher, student, self.key)
         self.data = data
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.tokenizer = load_tokenizer(teacher.tokenizer_name, teacher.trust_remote_code)
@@ -78,11 +78,14 @@ class TeacherActor:
                 "padded_rows": self.padded_rows, "forward_rows": self.forward_rows,
                 "cached_batches": None if self.cache is None else len(self.cache)}
 
-    def payload(self, rows: Rows, batch_id: Any = None, loss: Any = None) -> dict[str, Any]:
+    def payload(self, rows: Rows, batch_id: Any = None, loss: Any = None, answers: list[Any] | None = None
+                ) -> dict[str, Any]:
         """Run this teacher on its own tokens of ``rows`` and compress.
 
         Args:
             loss: a ``LossConfig`` whose payload to compute (a sweep's trial); default the actor's own.
+            answers: on an on-policy micro-batch, the student's answers (``workers.on_policy.Answer``): the
+                teacher encodes each row's prompt with that answer text, in its own tokens and template.
 
         Returns a plain dict (numpy arrays, no pickled classes): ``payload`` (``TeacherPayload.to_numpy``),
         ``batch_id`` echoed back (the worker checks it: a payload never lands on another batch),
@@ -90,15 +93,10 @@ class TeacherActor:
         """
         t0 = time.perf_counter()
         cfg = self.payload_config if loss is None else self._config_for(loss)
-        identity = (loss or self.loss).spec.identity_config((loss or self.loss).params)
         with torch.inference_mode():
-            logits, labels = self._answer_logits(rows)
+            logits, labels = self._answer_logits(rows) if answers is None else self._text_logits(rows, answers)
             payload = mlot.compress_teacher(logits, labels, config=cfg)
-            if identity.on:
-                if self.identity is None:
-                    raise ValueError(f"teacher {self.name}: the identity-aware terms need the student's config "
-                                     "(TeacherActor(..., student=job.student))")
-                payload.identity = self.identity.payload(logits, labels, rows, identity)
+            self.extras.add(payload, loss or self.loss, rows, answers, logits, labels)
         return {"payload": payload.to("cpu").to_numpy(), "batch_id": batch_id, "seconds": time.perf_counter() - t0,
                 "answer_tokens": int(payload.lengths.sum())}
 
@@ -130,6 +128,16 @@ class TeacherActor:
             hidden = logits  # cache what is exact
         self.cache[key] = (hidden.cpu(), labels.cpu())
         return logits, labels
+
+    def _text_logits(self, rows: Rows, answers: list[Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Answer-window logits and labels of ``rows`` with the student's answers in place of the data's."""
+        from workers.on_policy import encode_answers
+
+        examples = encode_answers(open_data(rows.data).rows(rows.split, rows.indices), answers, self.tokenizer,
+                                  self.template, self.data.max_prompt_length)
+        self.forward_rows += len(examples)
+        return answer_logits(self.model, to_device(collate(examples, self.tokenizer.pad_token_id), self.device),
+                             self.vocab_size)
 
     def teach(self, rows: Rows, path: str, fmt: str, loss: Any, batch_size: int, compress: str | None = None,
               hidden_dtype: str = "bfloat16") -> dict[str, Any]:
@@ -249,9 +257,12 @@ class PayloadCache:
         self.store: dict[str, dict[str, Any]] = {}
         self.hits = self.misses = 0
 
-    def payload(self, rows: Rows, batch_id: Any = None, loss: Any = None) -> dict[str, Any]:
+    def payload(self, rows: Rows, batch_id: Any = None, loss: Any = None, answers: list[Any] | None = None
+                ) -> dict[str, Any]:
         import ray
 
+        if answers is not None:  # the student's own answers: new text every time, nothing to reuse
+            return ray.get(self.teacher.payload.remote(rows, batch_id, loss, answers))
         key = rows.key() + ("" if loss is None else loss.model_dump_json())
         if key in self.store:
             self.hits += 1
