@@ -94,12 +94,13 @@ def on_policy_table(base: list[str], fractions: list[float], teachers: dict) -> 
     for f in fractions:
         job = load_config(bundled_config(QUICKSTART), [*base, f"name=on-policy-{f}", f"train.on_policy.fraction={f}"])
         s = run_distill(job, teachers=teachers)
-        gen = metric(s, "train/generation_frac") if f > 0 else [0.0]
-        length = metric(s, "train/generated_tokens") if f > 0 else [0.0]
-        rows.append((f, statistics.median(metric(s, "train/step_s")), statistics.mean(gen), statistics.mean(length),
-                     statistics.mean(metric(s, "train/teacher_wait_frac"))))
-    print("\n| on-policy fraction | student step (median s) | ratio | generation share | generated tokens "
-          "| teacher wait |")
+        step, wait = metric(s, "train/step_s"), metric(s, "train/teacher_wait_s")
+        gen = metric(s, "train/generation_s") if f > 0 else [0.0]
+        length = (metric(s, "train/generated_tokens", skip=0) or [0.0]) if f > 0 else [0.0]
+        rows.append((f, statistics.mean(step), sum(gen) / sum(step), statistics.mean(length), sum(wait) / sum(step)))
+    # Means, not medians: with 0 < fraction < 1 the step times are bimodal (generating or not).
+    print("\n| on-policy fraction | student step (mean s) | ratio | generation share | generated tokens "
+          "| teacher wait share |")
     print("|---|---|---|---|---|---|")
     for f, step, gen, length, wait in rows:
         print(f"| {f} | {step:.4f} | {step / rows[0][1]:.2f}x | {gen:.2f} | {length:.1f} | {wait:.2f} |")

@@ -87,11 +87,20 @@ def _sets(tmp_path: Path, name: str, *extra: str) -> list[str]:
 
 
 def test_distill_and_tune_join_an_existing_cluster_with_token_auth(tmp_path, ray_head):
-    """No RAY_AUTH_MODE in the environment: mlot finds the token in ~/.ray/auth_token and sends it."""
+    """No RAY_AUTH_MODE in the environment: mlot finds the token in ~/.ray/auth_token and sends it. The distill
+    run is on-policy (ZeRO-2: each rank generates on its own): the student's samples, scored by the teacher."""
+    from mlflow import MlflowClient
+
     addr = f"cluster.address={ray_head}"
-    distill = _cli(["distill", str(QUICKSTART), *_sets(tmp_path, "joined", addr)], tmp_path)
+    distill = _cli(["distill", str(QUICKSTART), *_sets(tmp_path, "joined", addr, "train.on_policy.fraction=1.0",
+                                                        "train.on_policy.max_new_tokens=8")], tmp_path)
     assert distill.returncode == 0, distill.stdout[-3000:] + distill.stderr[-3000:]
     assert "student model" in distill.stdout
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    [run] = [r for r in client.search_runs([e.experiment_id for e in client.search_experiments()])
+             if r.info.run_name == "joined"]
+    history = lambda key: [m.value for m in client.get_metric_history(run.info.run_id, key)]  # noqa: E731
+    assert history("train/on_policy_frac") == [1.0, 1.0] and all(0 < v <= 8 for v in history("train/generated_tokens"))
 
     space = tmp_path / "space.yaml"
     space.write_text("loss.params.top_k: {choice: [5, 20]}\nloss.params.sinkhorn_reg: {loguniform: [0.01, 1.0]}\n")

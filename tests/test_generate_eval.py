@@ -135,7 +135,7 @@ def test_generate_rejects_bad_requests_before_starting_anything(tmp_path):
 
 @pytest.mark.integration
 def test_generate_distill_eval_end_to_end(tmp_path, ray_cluster, monkeypatch):
-    from helpers import TEKKEN, metric_history
+    from helpers import metric_history
     from mlflow import MlflowClient
 
     from orchestrator.config import apply_overrides, config_from_dict
@@ -168,18 +168,18 @@ def test_generate_distill_eval_end_to_end(tmp_path, ray_cluster, monkeypatch):
     assert (own["n"], own["exact_match"], own["f1"]) == (30, 100.0, 100.0)
 
     # The unlabeled setting: the same job trains on the teacher's answers (and reuses the saved teacher), with a
-    # second, random teacher (another tokenizer) and per-sample confidence weights: the trained teacher, which
-    # finds its own answers likely, must get nearly all of it.
+    # second, untrained teacher and per-sample confidence weights: the trained teacher, which finds its own
+    # answers likely, must get nearly all of it. (Across tokenizers: tests/test_on_policy.py.)
     unlabeled = apply_overrides(job, [f"data.source={out}", "data.columns.answer=teacher_answer", "data.limit=null"])
     raw = unlabeled.model_dump(mode="json")
-    raw["teachers"].append(TEKKEN)
+    raw["teachers"].append({**raw["teachers"][0], "name": "teacher-random", "pretrain": {"steps": 0}})
     raw["loss"]["teacher_mix"] = "confidence"
     summary = run_distill(config_from_dict(raw))
     assert Path(summary.export_dir, "config.json").exists()
     weights = {t: [v for _, v in metric_history(summary, f"train/{t}/mix_weight")]
-               for t in ("teacher-sp", "teacher-tekken")}
+               for t in ("teacher-sp", "teacher-random")}
     assert len(weights["teacher-sp"]) == 4 and min(weights["teacher-sp"]) > 0.9
-    assert all(a + b == pytest.approx(1.0) for a, b in zip(weights["teacher-sp"], weights["teacher-tekken"]))
+    assert all(a + b == pytest.approx(1.0) for a, b in zip(weights["teacher-sp"], weights["teacher-random"]))
     assert min(v for _, v in metric_history(summary, "train/teacher-sp/selected")) >= 0.9
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"

@@ -84,6 +84,9 @@ def test_an_empty_or_invalid_generation_falls_back_to_the_gold_answer(setup):
     assert [a.sampled for a in got] == [False, False, True]
     assert got[0] == Answer(rows[0]["answer"], True, (5, 6), sampled=False)
     assert got[2].text == "fine" and not got[2].ended
+    # a row of plain text fields (no prepared data, no cut mark) is an uncut answer
+    [plain] = to_answers(tok, [[]], [{"prompt": "p", "answer": "beech nuts"}], [[9]])
+    assert plain == Answer("beech nuts", True, (9,), sampled=False)
 
 
 def test_mix_weights_are_the_stated_formulas():

@@ -18,7 +18,7 @@ def job():
 
 
 @pytest.mark.parametrize("name", ["ot_temperature_topk", "sinkhorn", "loss_weights", "ablation", "multilevel_ot",
-                                  "identity"])
+                                  "identity", "on_policy"])
 def test_bundled_spaces_load(job, name):
     space = load_space(REPO / "tune_spaces" / f"{name}.yaml", job)
     assert space

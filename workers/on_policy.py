@@ -97,7 +97,7 @@ def to_answers(tokenizer: Any, generated: Sequence[Sequence[int]], rows: Sequenc
         if text and "\ufffd" not in text:
             out.append(Answer(text, bool(ids) and ids[-1] == eos, tuple(ids)))
         else:
-            out.append(Answer(row[FIELD], not row[ANSWER_CUT], tuple(gold_ids), sampled=False))
+            out.append(Answer(row[FIELD], not row.get(ANSWER_CUT, False), tuple(gold_ids), sampled=False))
     return out
 
 

@@ -97,8 +97,9 @@ class StepStats:
         if on_policy:
             out.update({"train/on_policy_frac": self.on_policy / micro_batches, "train/generation_s": self.generation_s,
                         "train/generation_frac": self.generation_s / elapsed,
-                        "train/generated_tokens": sum(self.generated) / max(len(self.generated), 1),
                         "train/generation_fallbacks": self.fallbacks})
+        if self.generated:  # only steps with sampled answers have a length
+            out["train/generated_tokens"] = sum(self.generated) / len(self.generated)
         for name in self.wait_s:
             out[f"train/{name}/wait_s"] = self.wait_s[name]
             out[f"train/{name}/payload_bytes_per_token"] = self.nbytes[name] / max(self.answer_tokens[name], 1)

@@ -22,6 +22,7 @@ from workers.data import collate
 from workers.extras import Extras
 from workers.forward import answer_hidden, answer_logits, to_device
 from workers.models import build_model, check_vocab, load_tokenizer
+from workers.on_policy import encode_answers
 from workers.prepared import DataRef, Rows, open_data, teacher_key
 from workers.store import HEAD, hidden_columns, payload_columns, write_shard
 
@@ -131,8 +132,6 @@ class TeacherActor:
 
     def _text_logits(self, rows: Rows, answers: list[Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """Answer-window logits and labels of ``rows`` with the student's answers in place of the data's."""
-        from workers.on_policy import encode_answers
-
         examples = encode_answers(open_data(rows.data).rows(rows.split, rows.indices), answers, self.tokenizer,
                                   self.template, self.data.max_prompt_length)
         self.forward_rows += len(examples)
