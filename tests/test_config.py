@@ -227,6 +227,25 @@ def test_identity_terms_are_params_of_the_ot_methods_and_checked(tmp_path: Path)
     assert_names(error_of(tmp_path, data), "loss.params.shared_top_k", "positive integer")
 
 
+def test_on_policy_and_teacher_mix_are_checked(tmp_path: Path) -> None:
+    cfg = load_config(QUICKSTART, ["train.on_policy.fraction=0.5", "loss.teacher_mix=confidence"])
+    assert (cfg.train.on_policy.fraction, cfg.train.on_policy.ce, cfg.loss.teacher_mix) == (0.5, False, "confidence")
+    data = raw_quickstart()
+    data["loss"]["teacher_mix"] = "bst"
+    assert_names(error_of(tmp_path, data), "loss.teacher_mix", "sum, mean, best, confidence")
+    data["loss"] |= {"teacher_mix": "best", "mode": "reference"}
+    assert_names(error_of(tmp_path, data), "loss.teacher_mix", "reference mode")
+    data = raw_quickstart()
+    data["train"]["on_policy"] = {"fraction": 1.0}
+    data["teachers"][0]["store"] = "/somewhere/teacher-sp"
+    assert_names(error_of(tmp_path, data), "teachers.0.store", "live teachers")
+    data = raw_quickstart()
+    data["train"]["on_policy"] = {"fraction": 1.5}
+    assert_names(error_of(tmp_path, data), "train.on_policy.fraction")
+    data["train"]["on_policy"] = {"fraction": 1.0, "max_new_tokens": 400}
+    assert_names(error_of(tmp_path, data), "data.max_prompt_length", "train.on_policy.max_new_tokens")
+
+
 def test_loss_methods_come_from_the_registry(tmp_path: Path) -> None:
     import mlot
     data = raw_quickstart()

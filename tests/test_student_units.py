@@ -31,10 +31,18 @@ def test_step_stats_average_over_counted_micro_batches_and_bytes_per_teacher_tok
     stats.add_terms({"loss": torch.tensor(4.0), "ce": torch.tensor(3.0)})
     stats.add_io(Fetched(wait_s={"t": 0.5}, nbytes={"t": 1000}, answer_tokens={"t": 10}), tokens=50)
     stats.add_io(Fetched(wait_s={"t": 0.5}, nbytes={"t": 3000}, answer_tokens={"t": 30}), tokens=50)  # a skipped one
-    m = stats.metrics(elapsed=2.0, world=2)
+    m = stats.metrics(elapsed=2.0, world=2, micro_batches=2, on_policy=False)
     assert (m["train/loss"], m["train/ce"]) == (3.0, 2.0)
     assert m["train/t/payload_bytes_per_token"] == 100.0 and m["train/t/wait_s"] == 1.0
     assert m["train/teacher_wait_frac"] == 0.5 and m["train/tokens_per_s"] == 100.0
+    assert not any("generat" in k or "on_policy" in k for k in m)
+    # one of the two micro-batches on-policy: 2 sampled answers (3 and 5 tokens), 1 gold fallback
+    from workers.on_policy import Answer
+    stats.add_generation(0.5, [Answer("a b", True, (1, 2, 3)), Answer("c", False, (4,) * 5),
+                               Answer("gold", True, (9,), sampled=False)])
+    m = stats.metrics(elapsed=2.0, world=2, micro_batches=2, on_policy=True)
+    assert (m["train/on_policy_frac"], m["train/generation_s"], m["train/generation_frac"]) == (0.5, 0.5, 0.25)
+    assert (m["train/generated_tokens"], m["train/generation_fallbacks"]) == (4.0, 1)
 
 
 def test_answer_rows_finite_reads_only_rows_that_predict_an_answer_token():
