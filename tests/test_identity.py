@@ -115,14 +115,19 @@ def test_chunks_split_where_both_tokenizations_have_a_boundary():
         [float(t_tok[0] + t_tok[1]), float(t_tok[2]), float(t_tok[3])], abs=1e-12)
 
 
-def test_gradients_by_gradcheck_in_float64():
-    Vt, Vs = 6, 5
-    t_logits, t_labels = _batch(Vt, [3, 2], seed=7)
-    s_logits, s_labels = _batch(Vs, [3, 3], seed=8)
-    # classes: teacher 0,1 -> student 0; teacher 2 -> student 1 and 2 (two spellings); teacher 3 -> student 3
+def _toy_pair(seeds):
+    """A 6-token teacher and a 5-token student vocabulary, two answers each, with their bounds. Classes: teacher
+    0,1 -> student 0; teacher 2 -> student 1 and 2 (two spellings); teacher 3 -> student 3."""
+    t_logits, t_labels = _batch(6, [3, 2], seed=seeds[0])
+    s_logits, s_labels = _batch(5, [3, 3], seed=seeds[1])
     vmap = VocabMap(torch.tensor([0, 0, 1, 2, -1, -1]), torch.tensor([[0, -1], [1, 2], [3, -1]]),
                     torch.tensor([True, True, True, True, False]), {})
     t_bounds, s_bounds = pad_bounds([[0, 2, 3, 4], [0, 1, 3]]), pad_bounds([[0, 1, 3, 4], [0, 1, 2, 3]])
+    return t_logits, t_labels, s_logits, s_labels, vmap, t_bounds, s_bounds
+
+
+def test_gradients_by_gradcheck_in_float64():
+    t_logits, t_labels, s_logits, s_labels, vmap, t_bounds, s_bounds = _toy_pair(seeds=(7, 8))
     payload = compress_identity(t_logits, t_labels, t_bounds, vmap, top_k=2)
     x = s_logits.clone().requires_grad_()
     assert torch.autograd.gradcheck(lambda z: shared_vocab_kl(z, s_labels, s_bounds, payload, vmap).distill, (x,))
@@ -134,12 +139,7 @@ def test_identity_terms_are_the_weighted_sum_and_travel_with_the_payload():
     a method's loss), and the identity payload survives the teacher payload's wire format and batch selection."""
     import mlot
     from mlot.identity import IdentityConfig, identity_terms
-    Vt, Vs = 6, 5
-    t_logits, t_labels = _batch(Vt, [3, 2], seed=9)
-    s_logits, s_labels = _batch(Vs, [3, 3], seed=10)
-    vmap = VocabMap(torch.tensor([0, 0, 1, 2, -1, -1]), torch.tensor([[0, -1], [1, 2], [3, -1]]),
-                    torch.tensor([True, True, True, True, False]), {})
-    t_bounds, s_bounds = pad_bounds([[0, 2, 3, 4], [0, 1, 3]]), pad_bounds([[0, 1, 3, 4], [0, 1, 2, 3]])
+    t_logits, t_labels, s_logits, s_labels, vmap, t_bounds, s_bounds = _toy_pair(seeds=(9, 10))
     ident = compress_identity(t_logits, t_labels, t_bounds, vmap, top_k=2)
     ident.student_bounds = s_bounds
     got = identity_terms(s_logits, s_labels, ident, vmap, IdentityConfig(shared_weight=0.5, chunk_weight=2.0))

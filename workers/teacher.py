@@ -66,7 +66,6 @@ class TeacherActor:
             self.model.to(self.device)
         self.model.eval()
         self.template = teacher.template
-        self.payload_config = loss.payload_config()
         self.forward_rows = 0  # rows this replica ran a forward pass on (sharing / caching is measured by it)
         self.cache: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = {} if cache else None
         self._head_is_exact: bool | None = None  # checked once: logits == head(final hidden)?
@@ -93,7 +92,7 @@ class TeacherActor:
         ``seconds`` spent, ``answer_tokens``.
         """
         t0 = time.perf_counter()
-        cfg = self.payload_config if loss is None else self._config_for(loss)
+        cfg = self._config_for(loss or self.loss)
         with torch.inference_mode():
             logits, labels = self._answer_logits(rows) if answers is None else self._text_logits(rows, answers)
             payload = mlot.compress_teacher(logits, labels, config=cfg)
