@@ -9,7 +9,7 @@ process per measurement:
 * ``first``: an empty tokenisation cache; ``cached``: the same job again (the cache is hit);
 * ``--baseline REV``: the same job with the code of git revision REV (checked out in a worktree), the data
   path before the cached pass, for a ratio in the same run;
-* tokenising only (``workers.prepared.prepare``) at the smallest size with 1 and 2 processes, and the
+* tokenising only (``workers.data.prepared.prepare``) at the smallest size with 1 and 2 processes, and the
   projection to 1M rows.
 
 Start-up is from the process's start to the MLflow timestamp of step 1's metrics; the worker's peak RSS is
@@ -51,7 +51,7 @@ def child_startup(rows_file: Path, out: Path, name: str) -> dict[str, float]:
     from mlflow import MlflowClient
 
     from orchestrator.cli import bundled_config
-    from orchestrator.config import load_config
+    from orchestrator.configuration import load_config
     from orchestrator.driver import run_distill
 
     job = load_config(bundled_config("qed_small.yaml"), [*overrides(rows_file, out), f"name={name}"])
@@ -67,8 +67,8 @@ def child_startup(rows_file: Path, out: Path, name: str) -> dict[str, float]:
 
 def child_tokenise(rows_file: Path, out: Path, num_proc: int) -> dict[str, float]:
     from orchestrator.cli import bundled_config
-    from orchestrator.config import load_config
-    from workers.prepared import prepare
+    from orchestrator.configuration import load_config
+    from workers.data.prepared import prepare
 
     job = load_config(bundled_config("qed_small.yaml"), overrides(rows_file, out))
     data = prepare(job, str(out / f"cache-{num_proc}"), num_proc=num_proc, say=lambda msg: None)

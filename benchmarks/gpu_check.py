@@ -126,7 +126,7 @@ def run_distill_checks(device: str, quick: bool) -> list[dict]:
     import ray
     from mlflow import MlflowClient
 
-    from orchestrator.config import load_config
+    from orchestrator.configuration import load_config
     from orchestrator.driver import run_distill
 
     gpu = device.startswith("cuda")

@@ -24,12 +24,12 @@ import torch
 
 import mlot
 from orchestrator.cli import QUICKSTART, bundled_config
-from orchestrator.config import apply_overrides, load_config
-from workers.extras import teacher_map
+from orchestrator.configuration import apply_overrides, load_config
+from workers.data.prepared import STUDENT, Rows, open_data, prepare
 from workers.forward import answer_logits
 from workers.models import build_model, load_tokenizer
-from workers.prepared import STUDENT, Rows, open_data, prepare
-from workers.teacher import TeacherActor
+from workers.teacher.actor import TeacherActor
+from workers.vocab import teacher_map
 
 SETTINGS = {"MultiLevelOT": [], "+ aligned chunks": ["loss.params.chunk_weight=1.0"],
             "+ chunks + exact match": ["loss.params.chunk_weight=1.0", "loss.params.shared_weight=1.0"]}

@@ -3,7 +3,7 @@
     python benchmarks/known_truth.py [--out DIR] [--seeds 5] [--steps 200] [--tune-samples 6] [--identity] [--policy]
                                      [--quick]
 
-The task (``workers/known_truth.py``, task seed 0) has an explicit p*(answer | prompt) over 8 multi-word
+The task (``workers/data/known_truth.py``, task seed 0) has an explicit p*(answer | prompt) over 8 multi-word
 answers, so what a student learnt is measured against the truth on held-out prompts, whatever its
 tokenizer: KL(p* || q) over the answer set, NLL per answer, top-1 agreement with argmax p*, ECE.
 
@@ -12,16 +12,15 @@ tokenizer: KL(p* || q) over the answer set, NLL per answer, top-1 agreement with
 2. **Students** (tiny Llama, WordPiece) see 3 sampled answers per training prompt (drawn per seed) and, per
    arm, a teacher's signal: :data:`ARMS`. Every arm of a seed has the same student initialisation, label
    draws, batch order, steps and learning-rate schedule (the product's ``lr_lambda``), so arms are compared
-   per seed (paired). The loss is the product's own: ``ce_weight * CE + sum_t weight_t * method(payload)``
-   with the method from ``mlot.METHODS`` and the payload from ``mlot.compress_teacher`` with the method's
-   payload settings, exactly as ``workers/student.py`` and ``workers/teacher.py`` compute them; the loop
-   runs in-process (no Ray, no DeepSpeed) so that 8 arms x 5 seeds fit a 2-core machine.
+   per seed (paired). The loss is the product's own objective (``mlot.objective.Objective``), on payloads
+   from ``mlot.compress_teacher`` with the method's payload settings, as ``workers/teacher/actor.py`` computes
+   them; the loop runs in-process (no Ray, no DeepSpeed) so that 8 arms x 5 seeds fit a 2-core machine.
 3. **The product's sweep**: ``mlot tune`` (Ray Tune trials of real DeepSpeed jobs, teachers as Ray actors)
    over MultiLevelOT's knobs (``tune_spaces/multilevel_ot.yaml``) with the metric ``eval/truth_kl`` on the
    *validation* prompts; its best configuration is then run here on fresh seeds next to SFT and ULD.
 
 ``--identity`` adds the identity-aware arms (:data:`IDENTITY_ARMS`, ``mlot.identity``), ``--policy`` the
-on-policy and teacher-mixing arms (:data:`POLICY_ARMS`: ``workers.on_policy``, ``mlot.mixing``). Results:
+on-policy and teacher-mixing arms (:data:`POLICY_ARMS`: ``workers.student.on_policy``, ``mlot.mixing``). Results:
 ``results.json``, ``table.md`` and ``kl_over_steps.png`` in ``--out``, and one MLflow run (experiment
 ``mlot-known-truth``) with the table, the plot and each arm's mean held-out KL per step. ``docs/quality.md``
 has the numbers.
@@ -47,18 +46,21 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import mlot  # noqa: E402
-from mlot.identity import IdentityConfig, answer_bounds, compress_identity, identity_terms, vocab_map  # noqa: E402
-from mlot.mixing import PER_SAMPLE_MIXES, mixed_loss, nll_per_byte  # noqa: E402
-from orchestrator.config import OnPolicyConfig, TrainConfig  # noqa: E402
-from specs import Template  # noqa: E402
-from workers.data import BadRowError, answers_of, collate, encode_example  # noqa: E402
-from workers.engine import lr_lambda  # noqa: E402
-from workers.evaluate import generate_answers  # noqa: E402
-from workers.forward import answer_logits  # noqa: E402
-from workers.known_truth import ANSWERS, KnownTruth, answer_log_probs, builtin_rows, truth_metrics  # noqa: E402
-from workers.models import build_model, load_tokenizer  # noqa: E402
-from workers.on_policy import chosen, encode_answers, on_policy_batch, sampling_seed  # noqa: E402
+import mlot
+from mlot.identity import IdentityConfig, answer_bounds, compress_identity, vocab_map
+from mlot.mixing import PER_SAMPLE_MIXES, nll_per_byte
+from orchestrator.config import OnPolicyConfig, TrainConfig
+from specs import Template
+from workers.data.encoding import BadRowError, answers_of, collate, encode_example
+from workers.data.known_truth import ANSWERS, KnownTruth, answer_log_probs, builtin_rows, truth_metrics
+from workers.forward import answer_logits
+from workers.generation import (
+    encode_answers,
+    generate_answers,
+)
+from workers.models import build_model, load_tokenizer
+from workers.student.engine import lr_lambda
+from workers.student.on_policy import chosen, on_policy_batch, sampling_seed
 
 REPO = Path(__file__).resolve().parents[1]
 WORDPIECE, SENTENCEPIECE, TEKKEN = "builtin:wordpiece", "builtin:sentencepiece", "builtin:tekken"
@@ -162,7 +164,7 @@ def fit(model: Any, tokenizer: Any, rows: list[dict[str, Any]], budget: Budget, 
 
     ``loss_fn(logits, labels, indices, answers) -> (loss, parts)`` (default CE). ``on_policy``: the share of
     steps on which the student answers the batch's prompts itself (the product's ``train.on_policy``, the same
-    ``workers.on_policy`` code); ``answers`` are then its answers (None on the other steps). Returns the
+    ``workers.student.on_policy`` code); ``answers`` are then its answers (None on the other steps). Returns the
     held-out curve (when asked) and the mean of each loss part over the last 10 steps."""
     examples = [encode_example(r, tokenizer, TEMPLATE, MAX_PROMPT, MAX_ANSWER) for r in rows]
     settings = OnPolicyConfig(fraction=on_policy, max_new_tokens=MAX_ANSWER)
@@ -297,53 +299,38 @@ class TeacherSide:
 
 
 class ArmLoss:
-    """``workers/student.py``'s ``_loss_step`` for one arm: ``ce_weight * CE`` (none on an on-policy step) + the
-    teachers' losses mixed as ``arm.mix`` says (``mlot.mixing``; weight 1 each, the product's default), where
-    a teacher's loss is the method's ``alpha * distill`` on its payload, + for the first teacher the arm's
-    identity-aware terms (``mlot.identity.identity_terms``)."""
+    """The product's objective (``mlot.objective.Objective``, as ``workers/student/recipe.py`` calls it) for one
+    arm, on payloads made as the product's teachers make them (``mlot.compress_teacher`` with the method's
+    payload settings, the identity payload with both sides' bounds as ``workers.teacher.extras`` computes them,
+    the NLL per answer byte for per-sample mixes). Teachers are named ``t0``, ``t1``, ... (weight 1 each, the
+    product's default); no CE on an on-policy step."""
 
     def __init__(self, out: str, arm: Arm, rows: list[dict[str, Any]], tok: Any) -> None:
-        self.arm, self.method, self.tok, self.rows = arm, mlot.get_method(arm.method), tok, rows
-        uses_teacher = self.method.needs_teacher or arm.identity.on
+        self.arm, self.tok, self.rows = arm, tok, rows
+        method = mlot.get_method(arm.method)
+        self.objective = mlot.Objective(method, arm.mode, arm.params, arm.ce_weight, arm.identity, arm.mix)
+        uses_teacher = method.needs_teacher or arm.identity.on
         self.teachers = [TeacherSide(out, t, rows) for t in arm.teachers] if uses_teacher else []
-        self.payload_cfg = self.method.payload_config(arm.mode, arm.params) if self.method.needs_teacher else None
-        self.vmap = vocab_map(self.teachers[0].tok, tok) if arm.identity.shared else None
+        # A method without a payload of its own (SFT + identity terms): the identity payload rides on a default one.
+        self.payload_cfg = method.payload_config(arm.mode, arm.params) if method.needs_teacher else mlot.make_config()
+        self.vmaps = {"t0": vocab_map(self.teachers[0].tok, tok)} if arm.identity.shared else {}
 
     def __call__(self, logits: torch.Tensor, labels: torch.Tensor, idx: list[int],
                  answers: list[Any] | None = None) -> tuple[torch.Tensor, dict]:
-        ce = mlot.causal_lm_loss(logits, labels)
-        loss, parts = (0.0 if answers else self.arm.ce_weight) * ce, {"ce": ce.detach()}
-        results, nll = [], []
+        payloads = {}
         for j, teacher in enumerate(self.teachers):
             t_logits, t_labels = teacher.logits(idx, answers)
-            mine = {}
-            if self.payload_cfg is not None:
-                payload = mlot.compress_teacher(t_logits, t_labels, config=self.payload_cfg)
-                mine["distill"] = self.method(logits, labels, payload, self.arm.mode, self.arm.params)
-            if j == 0 and self.arm.identity.on:
-                mine["identity"] = self._identity(logits, labels, t_logits, t_labels, teacher.tok)
+            payload = mlot.compress_teacher(t_logits, t_labels, config=self.payload_cfg)
+            if self.arm.identity.on:
+                payload.identity = compress_identity(t_logits, t_labels,
+                                                     answer_bounds(teacher.tok, answers_of(t_labels.tolist())),
+                                                     self.vmaps.get("t0"), top_k=self.arm.identity.shared_top_k)
+                payload.identity.student_bounds = answer_bounds(self.tok, answers_of(labels.tolist()))
             if self.arm.mix in PER_SAMPLE_MIXES:
                 texts = [a.text for a in answers] if answers else [self.rows[i]["answer"] for i in idx]
-                nll.append(nll_per_byte(t_logits, t_labels, torch.tensor([len(t.encode()) for t in texts])))
-            for key, r in mine.items():
-                parts.update({f"t{j}/{key}": r.distill.detach(),
-                              **{f"t{j}/{k}": v.detach().mean() for k, v in r.terms.items() if v.dim() <= 1}})
-            results.append(list(mine.values()))
-        if results:
-            prior = torch.ones(len(results))
-            mixed, weights = mixed_loss(results, self.arm.mix, prior, torch.stack(nll, 1) if nll else None)
-            loss = loss + mixed
-            parts.update({f"t{j}/mix_weight": weights[:, j].mean() for j in range(len(results)) if nll})
-        return loss, parts
-
-    def _identity(self, logits: torch.Tensor, labels: torch.Tensor, t_logits: torch.Tensor, t_labels: torch.Tensor,
-                  t_tok: Any) -> mlot.DistillResult:
-        """The identity terms, both sides' bounds from the answer tokens of this batch (as ``workers.extras``)."""
-        cfg = self.arm.identity
-        payload = compress_identity(t_logits, t_labels, answer_bounds(t_tok, answers_of(t_labels.tolist())), self.vmap,
-                                    top_k=cfg.shared_top_k)
-        payload.student_bounds = answer_bounds(self.tok, answers_of(labels.tolist()))
-        return identity_terms(logits, labels, payload, self.vmap, cfg)
+                payload.nll_per_byte = nll_per_byte(t_logits, t_labels, torch.tensor([len(t.encode()) for t in texts]))
+            payloads[f"t{j}"] = payload
+        return self.objective(logits, labels, payloads, self.vmaps, ce=not answers)
 
 
 def run_arm(out: str, name: str, arm: Arm, seed: int, budget: Budget) -> dict[str, Any]:

@@ -23,10 +23,10 @@ from mlflow import MlflowClient
 
 import mlot
 from orchestrator.cli import QUICKSTART, bundled_config
-from orchestrator.config import load_config
+from orchestrator.configuration import load_config
 from orchestrator.driver import connect_ray, prepare_data, run_distill, start_teachers
-from workers.payload_stream import BatchOrder
-from workers.prepared import Rows
+from workers.data.prepared import Rows
+from workers.student.payload_stream import BatchOrder
 
 
 def metric(summary, key: str, skip: int = 2) -> list[float]:
@@ -43,7 +43,7 @@ def main() -> None:
     args = ap.parse_args()
     import ray
 
-    from workers.teacher import PayloadCache
+    from workers.teacher.actor import PayloadCache
 
     out = Path(tempfile.mkdtemp(prefix="mlot-pipeline-"))
     base = [f"output_dir={out}", f"tracking.uri=sqlite:///{out}/mlflow.db", f"train.steps={args.steps}",

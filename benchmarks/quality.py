@@ -68,7 +68,7 @@ def heldout_ce(model_dir: str, template: Any, rows: list[dict[str, Any]], max_pr
     from transformers import AutoModelForCausalLM
 
     import mlot
-    from workers.data import encode_batch
+    from workers.data.encoding import encode_batch
     from workers.forward import answer_logits
     from workers.models import load_tokenizer
 
@@ -138,13 +138,13 @@ def main() -> int:
         return 0
 
     from orchestrator.cli import bundled_config
-    from orchestrator.config import load_config
+    from orchestrator.configuration import load_config
     from orchestrator.driver import connect_ray, prepare_data, run_distill, start_teachers
-    from orchestrator.evaluation import run_eval, score_predictions
+    from orchestrator.evaluation import run_eval
     from orchestrator.generate import run_generate
     from specs import storage
-    from workers.evaluate import gold_answers
-    from workers.tasks import load_rows
+    from workers.data.metrics import gold_answers, score_predictions
+    from workers.data.tasks import load_rows
 
     t_start = time.time()
     out = Path(args.out or tempfile.mkdtemp(prefix="mlot-quality-")).resolve()

@@ -24,11 +24,11 @@ from pipeline import metric
 
 import mlot
 from orchestrator.cli import QUICKSTART, bundled_config
-from orchestrator.config import apply_overrides, load_config
+from orchestrator.configuration import apply_overrides, load_config
 from orchestrator.driver import connect_ray, prepare_data, run_distill, start_teachers
 from orchestrator.teach import run_teach
-from workers.payload_stream import BatchOrder
-from workers.prepared import Rows
+from workers.data.prepared import Rows
+from workers.student.payload_stream import BatchOrder
 
 FORMATS = {"payload (fp32)": {}, "payload (fp16)": {"compress": "fp16"},
            "hidden (bf16)": {"fmt": "hidden"}, "hidden (fp32)": {"fmt": "hidden", "hidden_dtype": "float32"}}
@@ -63,7 +63,7 @@ def main() -> None:
     args = ap.parse_args()
     import ray
 
-    from workers.teacher import PayloadCache
+    from workers.teacher.actor import PayloadCache
 
     out = Path(tempfile.mkdtemp(prefix="mlot-store-bench-"))
     base = [f"output_dir={out}", f"tracking.uri=sqlite:///{out}/mlflow.db", f"train.steps={args.steps}",

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from orchestrator.cli import QUICKSTART, bundled_config
-from orchestrator.config import load_config
+from orchestrator.configuration import load_config
 from orchestrator.tune import run_tune
 
 

@@ -13,14 +13,15 @@ from .baselines import causal_lm_loss, kl_distill, mined, mined_alignment, sft, 
 from .config import MultiLevelOTConfig, make_config
 from .methods import METHODS, Method, get_method, register
 from .multilevel import compress_teacher, multilevel_ot
+from .objective import Objective
 from .ot import sinkhorn_log, sinkhorn_plain
 from .payload import TeacherPayload, full_logits_bytes_per_token
 from .result import DistillResult
 from .spans import answer_spans, gather_rows
 
 __all__ = [
-    "METHODS", "DistillResult", "Method", "MultiLevelOTConfig", "TeacherPayload", "answer_spans", "causal_lm_loss",
-    "compress_teacher", "full_logits_bytes_per_token", "gather_rows", "get_method", "identity", "kl_distill", "mixing",
-    "make_config",
-    "mined", "mined_alignment", "multilevel_ot", "register", "sft", "sinkhorn_log", "sinkhorn_plain", "uld",
+    "METHODS", "DistillResult", "Method", "MultiLevelOTConfig", "Objective", "TeacherPayload", "answer_spans",
+    "causal_lm_loss", "compress_teacher", "full_logits_bytes_per_token", "gather_rows", "get_method", "identity",
+    "kl_distill", "make_config", "mined", "mined_alignment", "mixing", "multilevel_ot", "register", "sft",
+    "sinkhorn_log", "sinkhorn_plain", "uld",
 ]

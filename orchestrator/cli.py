@@ -10,7 +10,7 @@ import sys
 from importlib import resources
 from pathlib import Path
 
-from orchestrator.config import ConfigError, load_config
+from orchestrator.configuration import ConfigError, load_config
 from orchestrator.tune import SpaceError
 from specs import UserError
 

@@ -58,6 +58,10 @@ def connect_ray(job: Any) -> None:
     """Start a fresh local Ray, or join ``cluster.address``; a bad address or token is a clear error."""
     import ray
 
+    # Fail within a minute instead of hanging when the cluster cannot place a worker group; no usage reports.
+    # Set here, not at import: only a process that starts jobs needs them.
+    for key, value in (("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "60"), ("RAY_USAGE_STATS_ENABLED", "0")):
+        os.environ.setdefault(key, value)
     if ray.is_initialized():
         return
     kwargs: dict[str, Any] = {"runtime_env": job.cluster.runtime_env or None, "logging_level": "WARNING",
@@ -130,6 +134,45 @@ def teacher_options(teacher: Any) -> dict[str, Any]:
     if r.custom:
         opts["resources"] = dict(r.custom)
     return opts
+
+
+def launcher_nodes(path: str) -> list[dict[str, float]]:
+    """The nodes of a cluster-launcher config at full scale (each worker node type ``max_workers`` times, the
+    head node type once), as node resource dicts. A bad file is a clear error naming it."""
+    import yaml
+
+    try:
+        cfg = yaml.safe_load(Path(path).read_text())
+        types, head = cfg["available_node_types"], cfg["head_node_type"]
+        return [{k: float(v) for k, v in (node.get("resources") or {}).items()}
+                for name, node in types.items() for _ in range(1 if name == head else int(node.get("max_workers", 0)))]
+    except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError, AttributeError) as e:
+        raise UserError(f"cluster.launcher_config {path!r}: not a readable cluster-launcher YAML with "
+                        f"available_node_types and head_node_type ({type(e).__name__}: {e})") from e
+
+
+def copies_that_fit(nodes: list[dict[str, float]], fixed: list[dict[str, float]], copy: list[dict[str, float]],
+                    limit: int = 64) -> int:
+    """How many copies of the request list ``copy`` fit on ``nodes`` (each request on one node, first fit) after
+    ``fixed`` is placed; 0 when ``fixed`` itself does not fit. A sweep's concurrency: ``fixed`` are the shared
+    teachers' replicas, ``copy`` one trial's workers (and its own teachers when they are not shared)."""
+    free = [dict(n) for n in nodes]
+
+    def place(requests: list[dict[str, float]]) -> bool:
+        for request in requests:
+            node = next((n for n in free if all(n.get(k, 0.0) >= v - 1e-9 for k, v in request.items())), None)
+            if node is None:
+                return False
+            for k, v in request.items():
+                node[k] = node.get(k, 0.0) - v
+        return True
+
+    if not place(fixed):
+        return 0
+    count = 0
+    while count < limit and place(copy):
+        count += 1
+    return count
 
 
 def worker_request(train: Any) -> dict[str, float]:

@@ -1,13 +1,13 @@
 """The typed job config: one YAML file describes a distillation job.
 
-    from orchestrator.config import load_config, dump_config
+    from orchestrator.configuration import load_config, dump_config
     cfg = load_config("orchestrator/configs/quickstart.yaml", ["train.lr=3e-4", "teachers.0.weight=2"])
     cfg.train.lr, cfg.student.tokenizer_name, cfg.loss.payload_config(), cfg.to_flat_dict()
 
-Every entry point (distill, tune, generate, eval) reads this one schema; a sweep is a set of
-overrides of a job config (``apply_overrides``). A bad config raises ``ConfigError`` whose message
-names the field path (``train.lr``), the bad value and what is allowed: users see their mistake,
-never a pydantic traceback.
+This module is the schema; ``orchestrator.configuration`` loads, overrides and dumps it. Every entry
+point (distill, tune, generate, eval) reads this one schema; a sweep is a set of overrides of a job
+config (``apply_overrides``). A bad config raises ``ConfigError`` whose message names the field path
+(``train.lr``), the bad value and what is allowed: users see their mistake, never a pydantic traceback.
 
 Notes for callers:
 - The YAML key ``model_config`` (a transformers config dict) is the attribute ``hf_config`` in
@@ -20,22 +20,15 @@ Notes for callers:
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import difflib
 import json
 import os
-import re
-import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
-import annotated_types
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from pydantic.fields import FieldInfo
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from specs import (
     BUILTIN_DATASETS,
@@ -43,16 +36,14 @@ from specs import (
     DATA_FILE_FORMATS,
     FieldProblem,
     Template,
-    UserError,
     format_fields,
 )
 
 __all__ = [
-    "BUILTIN_DATASETS", "BUILTIN_TOKENIZERS", "DATA_FILE_SUFFIXES", "ClusterConfig", "ConfigError",
-    "ConfigIssue", "DataConfig", "DeepSpeedConfig", "EvalConfig", "JobConfig", "LossConfig", "ModelSpec",
-    "PretrainConfig", "StudentConfig", "TeacherConfig", "TeacherResources", "Template",
-    "TrackingConfig", "TrainConfig", "apply_overrides", "config_from_dict", "dump_config",
-    "load_config", "parse_override",
+    "BUILTIN_DATASETS", "BUILTIN_TOKENIZERS", "DATA_FILE_SUFFIXES", "ClusterConfig", "DataConfig",
+    "DeepSpeedConfig", "EvalConfig", "JobConfig", "LossConfig", "ModelSpec", "OnPolicyConfig",
+    "PretrainConfig", "StudentConfig", "SweepConfig", "TeacherConfig", "TeacherResources", "Template",
+    "TrackingConfig", "TrainConfig",
 ]
 
 #: Local file formats ``data.source`` may point to (a directory of them is fine too).
@@ -65,55 +56,6 @@ _UNSUPPORTED_DATA_SUFFIXES = (".txt", ".tsv", ".xls", ".xlsx", ".gz", ".zip", ".
 _RESERVED_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
 _POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length")
 _NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$"
-
-class _Missing:
-    """Marks an issue without a value (a missing field, a file-level problem)."""
-
-    def __repr__(self) -> str:
-        return "<missing>"
-
-
-_MISSING: Any = _Missing()
-
-
-# --------------------------------------------------------------------------------------------- errors
-
-
-@dataclasses.dataclass(frozen=True)
-class ConfigIssue:
-    """One problem in a config: where (dotted path), what value was found, and what is allowed."""
-
-    path: str
-    value: Any
-    message: str
-
-    def __str__(self) -> str:
-        where = self.path or "(top level)"
-        shown = _short_repr(self.value)
-        # mlot's own messages already end in "got <value>": do not repeat it.
-        got = "" if self.value is _MISSING or f"got {shown}" in self.message else f" (got {shown})"
-        return f"{where}: {self.message}{got}"
-
-
-class ConfigError(UserError, ValueError):
-    """A job config is invalid. ``issues`` lists each problem; ``str()`` is a readable report."""
-
-    def __init__(self, message: str, issues: Sequence[ConfigIssue] = ()) -> None:
-        super().__init__(message)
-        self.issues: list[ConfigIssue] = list(issues)
-
-    @classmethod
-    def from_issues(cls, issues: Sequence[ConfigIssue], source: str | None = None) -> ConfigError:
-        """Build the error with a header naming the config's source and one line per issue."""
-        head = f"invalid job config{f' {source}' if source else ''}"
-        n = len(issues)
-        lines = [f"{head}: {n} problem{'s' if n != 1 else ''}"] + [f"  - {i}" for i in issues]
-        return cls("\n".join(lines), issues)
-
-
-def _short_repr(value: Any, limit: int = 160) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 # --------------------------------------------------------------------------------------------- models
@@ -199,9 +141,12 @@ class ModelSpec(_Section):
 
 
 def _check_hf_config(d: dict[str, Any]) -> list[tuple[str, Any, str]]:
+    # Imported here: orchestrator.configuration imports this schema, so a module-level import is a circle.
+    from orchestrator.configuration.errors import MISSING
+
     model_type = d.get("model_type")
     if not isinstance(model_type, str) or not model_type:
-        return [("model_config.model_type", d.get("model_type", _MISSING), "required: the transformers model type, e.g. 'llama' or 'gpt2'")]
+        return [("model_config.model_type", d.get("model_type", MISSING), "required: the transformers model type, e.g. 'llama' or 'gpt2'")]
     # Imported here: transformers' config table costs ~2 s and is only needed for model_config jobs.
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
@@ -361,6 +306,13 @@ class LossConfig(_Section):
         """The ``mlot.MultiLevelOTConfig`` a teacher compresses with for this loss."""
         return self.spec.payload_config(self.mode, self.params)
 
+    def objective(self, weights: dict[str, float]) -> Any:
+        """The ``mlot.objective.Objective`` of this loss, with the teachers' ``weights`` as the mix's prior."""
+        from mlot.objective import Objective
+
+        return Objective(self.spec, self.mode, self.params, self.ce_weight, self.spec.identity_config(self.params),
+                         self.teacher_mix, self.mix_temperature, weights)
+
 
 class OnPolicyConfig(_Section):
     """On-policy distillation (GKD-style): on a fraction of micro-batches the student samples its own answers
@@ -450,6 +402,14 @@ class ClusterConfig(_Section):
     num_cpus: int | None = Field(None, ge=1, description="CPUs of a locally started Ray (logical; may exceed the machine's).")
     runtime_env: dict[str, Any] = Field(default_factory=dict, description="Ray runtime_env for the job (pip, env_vars, working_dir...).")
     autoscaling: bool = Field(False, description="The cluster adds nodes on demand (Ray autoscaler): skip the up-front check that every teacher replica and training worker fits an existing node.")
+    launcher_config: str | None = Field(None, description="The cluster-launcher YAML of an autoscaling cluster (e.g. cluster.yaml): a sweep sizes its concurrency from its node types' resources times max_workers, not from the nodes that exist now.")
+
+
+class SweepConfig(_Section):
+    """Settings of ``mlot tune`` (the YAML section ``tune``)."""
+
+    teacher_cache_bytes: int | None = Field(None, ge=1, description="Bytes each shared teacher replica may keep of cached hidden states (least recently used evicted first); null: half of the replica's teachers[*].resources.memory when set, else 10% of its node's memory.")
+    max_concurrent: int | None = Field(None, ge=1, description="Trials at once; null: as many as fit the cluster (cluster.launcher_config for an autoscaling cluster). --max-concurrent overrides it.")
 
 
 class JobConfig(_Section):
@@ -465,6 +425,7 @@ class JobConfig(_Section):
     eval: EvalConfig = Field(default_factory=EvalConfig, description="End-of-job scoring of the exported student.")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow tracking.")
     cluster: ClusterConfig = Field(default_factory=ClusterConfig, description="Ray cluster.")
+    tune: SweepConfig = Field(default_factory=SweepConfig, description="Sweeps (mlot tune).")
 
     @model_validator(mode="after")
     def _check_job(self) -> JobConfig:
@@ -548,315 +509,3 @@ def _on_policy_problems(job: JobConfig) -> list[tuple[str, Any, str]]:
         if t.store:
             out.append((f"teachers.{i}.store", t.store, "a teacher store holds outputs for the dataset's answers, not for text the student generates: on-policy training (train.on_policy.fraction > 0) needs live teachers"))
     return out
-
-
-# ------------------------------------------------------------------------------- schema navigation
-
-
-def _unwrap(ann: Any) -> Any:
-    """``X | None`` -> ``X`` (our schema has no other unions)."""
-    if typing.get_origin(ann) in (Union, types.UnionType):
-        args = [a for a in typing.get_args(ann) if a is not type(None)]
-        if len(args) == 1:
-            return args[0]
-    return ann
-
-
-def _is_model(ann: Any) -> bool:
-    return isinstance(ann, type) and issubclass(ann, BaseModel)
-
-
-def _field_of(model: type[BaseModel], key: str) -> tuple[str, FieldInfo] | None:
-    """The field a YAML key names (by alias or attribute name): (yaml key, FieldInfo)."""
-    for attr, info in model.model_fields.items():
-        if key in (attr, info.alias):
-            return (info.alias or attr), info
-    return None
-
-
-def _allowed_keys(model: type[BaseModel]) -> list[str]:
-    return [info.alias or attr for attr, info in model.model_fields.items()]
-
-
-def _step(ann: Any, seg: str | int) -> tuple[Any, FieldInfo | None] | None:
-    """The annotation one path segment below ``ann`` (None if the segment does not fit)."""
-    ann = _unwrap(ann)
-    if _is_model(ann):
-        found = _field_of(ann, str(seg))
-        return (found[1].annotation, found[1]) if found else None
-    origin, args = typing.get_origin(ann), typing.get_args(ann)
-    if origin is list:
-        return (args[0], None) if (isinstance(seg, int) or str(seg).isdigit()) else None
-    if origin is dict:
-        return (args[1] if args else Any, None)
-    if ann is Any or ann is dict:
-        return (Any, None)
-    return None
-
-
-def _locate(path: Sequence[str | int]) -> tuple[Any, FieldInfo | None]:
-    """Annotation and nearest FieldInfo at ``path`` from JobConfig (Any where the path leaves the schema)."""
-    ann: Any = JobConfig
-    info: FieldInfo | None = None
-    for seg in path:
-        nxt = _step(ann, seg)
-        if nxt is None:
-            return Any, None
-        ann, new_info = nxt
-        # Inside a list or free-form dict, the enclosing field still says what is expected.
-        info = new_info or info
-    return ann, info
-
-
-def _type_text(ann: Any) -> str:
-    if ann is type(None):
-        return "null"
-    origin, args = typing.get_origin(ann), typing.get_args(ann)
-    if origin in (Union, types.UnionType):
-        return " or ".join(_type_text(a) for a in args)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in args)
-    if origin is list:
-        return f"a list of {_type_text(args[0])}" if args else "a list"
-    if origin is dict:
-        return f"a mapping of {_type_text(args[0])} to {_type_text(args[1])}" if args else "a mapping"
-    if ann is Any:
-        return "any value"
-    if _is_model(ann):
-        return f"a mapping with keys {', '.join(_allowed_keys(ann))}"
-    return getattr(ann, "__name__", str(ann))
-
-
-_CONSTRAINT_TEXT = [(annotated_types.Gt, "gt", ">"), (annotated_types.Ge, "ge", ">="),
-                    (annotated_types.Lt, "lt", "<"), (annotated_types.Le, "le", "<=")]
-
-
-def _expected(info: FieldInfo) -> str:
-    """'float > 0 or null: Peak learning rate' — the type, constraints and description of a field."""
-    bounds = []
-    for m in info.metadata:
-        for cls, attr, op in _CONSTRAINT_TEXT:
-            if isinstance(m, cls):
-                bounds.append(f"{op} {getattr(m, attr)}")
-    ann = info.annotation
-    base = _unwrap(ann)
-    text = _type_text(base) + (" " + " and ".join(bounds) if bounds else "")
-    if base is not ann:
-        text += " or null"
-    return f"{text}{f' ({info.description})' if info.description else ''}"
-
-
-# ----------------------------------------------------------------------------------- error mapping
-
-
-def _issues_from(exc: ValidationError) -> list[ConfigIssue]:
-    issues: list[ConfigIssue] = []
-    for err in exc.errors():
-        loc = list(err["loc"])
-        base = ".".join(str(p) for p in loc)
-        ctx_error = (err.get("ctx") or {}).get("error")
-        if isinstance(ctx_error, FieldProblem):
-            for rel, value, message in ctx_error.problems:
-                path = ".".join(p for p in (base, rel) if p)
-                issues.append(ConfigIssue(path, value, message))
-            continue
-        kind = err["type"]
-        if kind == "extra_forbidden":
-            parent, key = loc[:-1], str(loc[-1])
-            ann, _ = _locate(parent)
-            model = _unwrap(ann)
-            allowed = _allowed_keys(model) if _is_model(model) else []
-            close = difflib.get_close_matches(key, allowed, n=1)
-            hint = f"did you mean {close[0]!r}? " if close else ""
-            where = ".".join(str(p) for p in parent) or "the top level"
-            issues.append(ConfigIssue(base, err["input"], f"unknown key {key!r} in {where}; {hint}allowed keys: {', '.join(allowed)}"))
-            continue
-        _, info = _locate(loc)
-        expected = f"; expected {_expected(info)}" if info is not None else ""
-        if kind == "string_type" and isinstance(err.get("input"), dict) and all(v is None for v in err["input"].values()):
-            expected += "; a format string like {prompt} must be quoted in YAML: '{prompt}'"
-        if kind == "missing":
-            issues.append(ConfigIssue(base, _MISSING, f"required field is missing{expected}"))
-        else:
-            msg = err["msg"].removeprefix("Value error, ")
-            issues.append(ConfigIssue(base, err.get("input", _MISSING), f"{msg}{expected}"))
-    return issues
-
-
-# ------------------------------------------------------------------------------------- YAML / I/O
-
-
-class _Loader(yaml.SafeLoader):
-    """SafeLoader with YAML 1.2 floats (``1e-4`` is a float, not the string PyYAML's 1.1 rules
-    give) and duplicate-key detection (PyYAML silently keeps the last one)."""
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-                   |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-                   |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
-                   |[-+]?\.(?:inf|Inf|INF)
-                   |\.(?:nan|NaN|NAN))$""", re.X),
-    list("-+0123456789."),
-)
-
-
-def _construct_mapping(loader: _Loader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-    seen: dict[Any, Any] = {}
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)
-        if key in seen:
-            raise yaml.constructor.ConstructorError(
-                "while constructing a mapping", node.start_mark, f"found duplicate key {key!r}", key_node.start_mark)
-        seen[key] = True
-    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
-
-
-_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
-
-
-def _parse_yaml(text: str, source: str) -> Any:
-    try:
-        return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
-        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark is not None else source
-        problem = getattr(exc, "problem", None) or str(exc)
-        context = getattr(exc, "context", None)
-        detail = f"{problem} ({context})" if context else problem
-        raise ConfigError(f"{where}: malformed YAML: {detail}",
-                          [ConfigIssue("", _MISSING, f"malformed YAML at {where}: {detail}")]) from None
-
-
-def _split_override(override: str) -> tuple[list[str], str]:
-    key, sep, raw = override.partition("=")
-    key = key.strip()
-    if not sep or not key or any(not s for s in key.split(".")):
-        raise ConfigError(f"override {override!r}: expected KEY=VALUE with a dotted KEY, e.g. train.lr=3e-4 or teachers.0.weight=2",
-                          [ConfigIssue(key, override, "malformed override")])
-    return key.split("."), raw
-
-
-def parse_override(override: str) -> tuple[list[str], Any]:
-    """``"a.b.0=3"`` -> (["a", "b", "0"], 3); the value is parsed as YAML (``3``, ``true``, ``[1,2]``,
-    ``null``, ``3e-4``; an empty value is null)."""
-    segs, raw = _split_override(override)
-    return segs, _parse_yaml(raw, f"override {override!r}")
-
-
-def _apply_override(data: dict[str, Any], override: str) -> None:
-    """Set one dotted path in the raw (pre-validation) dict, checking the path against the schema so
-    a typo fails here with the allowed keys rather than silently adding a key."""
-    segs, raw = _split_override(override)
-    parse_error: ConfigError | None = None
-    try:
-        value = _parse_yaml(raw, f"override {override!r}")
-    except ConfigError as exc:
-        # Not YAML, but maybe a string field's text (`template.prompt={prompt}?`): decided at the leaf.
-        value, parse_error = raw, exc
-    node: Any = data
-    ann: Any = JobConfig
-    for depth, seg in enumerate(segs):
-        here = ".".join(segs[:depth]) or "the top level"
-        path = ".".join(segs[: depth + 1])
-
-        def fail(message: str) -> typing.NoReturn:
-            raise ConfigError(f"override {override!r}: {message}", [ConfigIssue(path, value, message)])
-
-        target = _unwrap(ann)
-        key: str | int
-        if _is_model(target):
-            found = _field_of(target, seg)
-            if found is None:
-                close = difflib.get_close_matches(seg, _allowed_keys(target), n=1)
-                hint = f"did you mean {close[0]!r}? " if close else ""
-                fail(f"unknown key {seg!r} in {here}; {hint}allowed keys: {', '.join(_allowed_keys(target))}")
-            key, info = found
-            ann = info.annotation
-        elif typing.get_origin(target) is list:
-            if not seg.isdigit():
-                fail(f"{here} is a list: expected an index like {here}.0, not {seg!r}")
-            key = int(seg)
-            ann = typing.get_args(target)[0]
-        elif typing.get_origin(target) is dict or target is Any or target is dict:
-            key = seg
-            args = typing.get_args(target)
-            ann = args[1] if args else Any
-        else:
-            fail(f"{here} is a value ({_type_text(target)}), not a section: cannot set {seg!r} inside it")
-
-        last = depth == len(segs) - 1
-        if last and _unwrap(ann) is str and (parse_error is not None or not isinstance(value, str)) \
-                and not (value is None and _unwrap(ann) is not ann):
-            # A string field takes the text as typed: `template.prompt={question}` would otherwise be
-            # a YAML mapping (or not YAML at all), and `name=123` an int.
-            value, parse_error = raw.strip(), None
-        if last and parse_error is not None:
-            raise parse_error
-        if isinstance(node, dict):
-            if isinstance(key, int):
-                fail(f"{here} is a mapping here, not a list")
-            if last:
-                node[key] = value
-                return
-            child = node.get(key)
-            if child is None:
-                # An absent section is created, so `--set student.deepspeed.stage=3` works on a
-                # YAML without a deepspeed block. An absent list has no index to set.
-                if typing.get_origin(_unwrap(ann)) is list:
-                    fail(f"index {segs[depth + 1]} is out of range: {path} has no items")
-                child = {}
-                node[key] = child
-            node = child
-        elif isinstance(node, list):
-            if not isinstance(key, int):
-                fail(f"{here} is a list: expected an index, not {seg!r}")
-            if key >= len(node):
-                fail(f"index {key} is out of range: {here} has {len(node)} item(s)")
-            if last:
-                node[key] = value
-                return
-            node = node[key]
-        else:
-            fail(f"{here} is {_short_repr(node)}, not a section or list")
-
-
-def config_from_dict(data: Mapping[str, Any], overrides: Sequence[str] = (), source: str | None = None) -> JobConfig:
-    """Validate a raw (YAML-shaped) mapping after applying ``overrides``; raise ConfigError."""
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"invalid job config{f' {source}' if source else ''}: the top level must be a mapping of sections, got {type(data).__name__}",
-                          [ConfigIssue("", data, "the top level must be a mapping")])
-    raw = copy.deepcopy(dict(data))  # overrides edit it in place: never mutate the caller's dict
-    for ov in overrides:
-        _apply_override(raw, ov)
-    if overrides and source:
-        source = f"{source} (with overrides {list(overrides)})"
-    try:
-        return JobConfig.model_validate(raw)
-    except ValidationError as exc:
-        raise ConfigError.from_issues(_issues_from(exc), source) from None
-
-
-def load_config(path: str | Path, overrides: Sequence[str] = ()) -> JobConfig:
-    """Read a job YAML, apply ``--set`` style ``overrides`` (``"train.lr=3e-4"``, ``"teachers.0.weight=2"``)
-    and validate it. Raises ConfigError (a ValueError) naming the field path, bad value and what is allowed."""
-    source = str(path)
-    try:
-        text = Path(path).read_text()
-    except OSError as exc:
-        raise ConfigError(f"cannot read job config {source}: {exc.strerror or exc}", [ConfigIssue("", _MISSING, str(exc))]) from None
-    data = _parse_yaml(text, source)
-    if data is None:
-        data = {}
-    return config_from_dict(data, overrides, source)
-
-
-def apply_overrides(cfg: JobConfig, overrides: Sequence[str]) -> JobConfig:
-    """A new validated config: ``cfg`` with ``overrides`` applied (a sweep trial is exactly this)."""
-    return config_from_dict(cfg.model_dump(mode="json"), overrides, source=f"{cfg.name!r} with overrides")
-
-
-def dump_config(cfg: JobConfig) -> str:
-    """The config as YAML (every field, defaults included); ``load_config`` reads it back equal."""
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, default_flow_style=False, allow_unicode=True)

@@ -8,22 +8,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from orchestrator.cluster import check_placeable, connect_ray, outside_pg, reachable_from_workers, teacher_options
-from orchestrator.config import JobConfig, apply_overrides
+from orchestrator.config import JobConfig
+from orchestrator.configuration import apply_overrides
 from orchestrator.tracking import start_tracking
 from specs import UserError, storage
-
-# Fail in 30 s instead of hanging when the cluster cannot place the worker group.
-os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "60")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
 def say(msg: str) -> None:
@@ -34,9 +30,9 @@ def say(msg: str) -> None:
 
 
 def prepare_data(job: JobConfig) -> Any:
-    """The job's rows, tokenised for the student and every teacher in one cached pass (``workers.prepared``);
+    """The job's rows, tokenised for the student and every teacher in one cached pass (``workers.data.prepared``);
     returns its ``DataRef`` (where it is, rows per split, skipped/truncated counts, whether it was a cache hit)."""
-    from workers.prepared import prepare
+    from workers.data.prepared import prepare
 
     data = prepare(job, job.data_cache, job.data.num_proc, say=say)
     say(f"data: {data.sizes['train']} train / {data.sizes.get('eval', 0)} eval rows"
@@ -66,13 +62,14 @@ def fingerprint(job: JobConfig) -> str:
 
 def start_teachers(job: JobConfig, data: Any, cache: bool = False) -> dict[str, list[Any]]:
     """Start every teacher's replicas on its own resources; pretrain tiny teachers first (on ``data``'s training
-    rows, a ``workers.prepared.DataRef``) if asked.
+    rows, a ``workers.data.prepared.DataRef``) if asked.
 
-    ``cache``: keep hidden states so later requests for a batch (a sweep's other trials) skip the forward.
+    ``cache``: keep hidden states so later requests for a batch (a sweep's other trials) skip the forward, up to
+    ``tune.teacher_cache_bytes`` per replica.
     """
     import ray
 
-    from workers.teacher import TeacherActor
+    from workers.teacher.actor import TeacherActor
 
     check_placeable(job, workers=False)
     teachers: dict[str, list[Any]] = {}
@@ -94,8 +91,8 @@ def start_teachers(job: JobConfig, data: Any, cache: bool = False) -> dict[str, 
         # Replicas load saved weights through their constructor, so a replica that Ray restarts after
         # a crash comes back as the same teacher (the run directory must be on storage all nodes see).
         weights = saved if t.pretrain.steps else None
-        replicas = [actor.remote(t, job.data, job.loss, job.train.seed, weights, cache, job.student)
-                    for _ in range(t.replicas)]
+        replicas = [actor.remote(t, job.data, job.loss, job.train.seed, weights, cache, job.student,
+                                 job.tune.teacher_cache_bytes) for _ in range(t.replicas)]
         infos = ray.get([a.info.remote() for a in replicas])
         say(f"teacher {t.name}: {len(replicas)} replica(s) on {infos[0]['device']} ({infos[0]['dtype']}), "
             f"vocab {infos[0]['vocab_size']}"
@@ -109,8 +106,8 @@ def start_store_teacher(job: JobConfig, teacher: Any) -> list[Any]:
     like the teacher's actors would, with no model and no GPU."""
     import ray
 
-    from orchestrator.teach import check_store
-    from workers.store import StoreTeacher
+    from workers.teacher.store import StoreTeacher
+    from workers.teacher.store_format import check_store
 
     meta = check_store(job, teacher)
     readers = [ray.remote(StoreTeacher).options(num_cpus=0, max_restarts=2, max_task_retries=2,
@@ -118,7 +115,7 @@ def start_store_teacher(job: JobConfig, teacher: Any) -> list[Any]:
                                                                                          job.student)
                for _ in range(teacher.replicas)]
     ray.get([r.info.remote() for r in readers])
-    say(f"teacher {teacher.name}: served from its store {teacher.store} ({meta['format']}, {meta['rows']} rows), "
+    say(f"teacher {teacher.name}: served from its store {teacher.store} ({meta.format}, {meta.rows} rows), "
         f"{len(readers)} reader(s)")
     return readers
 
@@ -141,7 +138,7 @@ class DistillSummary:
 
 def run_distill(job: JobConfig, *, resume: bool = False, teachers: dict[str, list[Any]] | None = None,
                 parent_run_id: str | None = None, train_callbacks: list[Any] | None = None,
-                evaluate: bool = True, callbacks: list[Any] | None = None) -> DistillSummary:
+                evaluate: bool = True, callbacks: list[Any] | None = None, data: Any = None) -> DistillSummary:
     """Run one distillation job end to end (or continue it with ``resume``).
 
     Args:
@@ -149,14 +146,16 @@ def run_distill(job: JobConfig, *, resume: bool = False, teachers: dict[str, lis
             by default the job starts its own.
         parent_run_id: MLflow parent run (a sweep). train_callbacks: Ray Train RunConfig callbacks
             (a sweep's TuneReportCallback). evaluate: score the exported student by generation.
-        callbacks: ``workers.callbacks.TrainCallback``s run inside every training worker (fault tests).
+        callbacks: ``workers.student.callbacks.TrainCallback``s run inside every training worker (fault tests).
+        data: the job's prepared data (a ``DataRef``) when the caller prepared it (a sweep's driver: its trials
+            never open ``data.source``); a resumed job reuses the copy its run prepared.
     """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from workers.engine import deepspeed_config
-    from workers.student import StopSignal, train_loop_per_worker
+    from workers.student.engine import deepspeed_config
+    from workers.student.recipe import StopSignal, train_loop_per_worker
 
     run_path = job.run_path
     state_file = storage.join(run_path, "run.json")
@@ -167,16 +166,17 @@ def run_distill(job: JobConfig, *, resume: bool = False, teachers: dict[str, lis
         raise UserError(f"--resume: {run_path} was trained with other model/data/loss settings; "
                         "resume with the config it was started with (steps may change)")
 
-    data = prepare_data(job)
+    data = data or (_prepared_before(previous) if resume else None) or prepare_data(job)
     connect_ray(job)
     check_placeable(job, teachers=teachers is None and job.loss.spec.needs_teacher)
     uri, run_id = start_tracking(job, previous["run_id"] if resume else None, parent_run_id)
     ray_name = previous["ray_name"] if resume else f"{job.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    state = {"run_id": run_id, "ray_name": ray_name, "fingerprint": fingerprint(job)}
+    state = {"run_id": run_id, "ray_name": ray_name, "fingerprint": fingerprint(job), "data": asdict(data)}
     storage.write_text(state_file, json.dumps(state))
     from mlflow import MlflowClient
     client = MlflowClient(uri)
     _log_data(client, run_id, data)
+    client.set_tag(run_id, "mlot.driver_node", ray.get_runtime_context().get_node_id())  # where this run was driven
     try:
         if teachers is None:
             teachers = start_teachers(job, data) if job.loss.spec.needs_teacher else {}
@@ -222,6 +222,17 @@ def run_distill(job: JobConfig, *, resume: bool = False, teachers: dict[str, lis
             client.set_terminated(run_id, "FAILED")
         raise
     return DistillSummary(job.name, export_dir, run_id, uri, dict(result.metrics or {}), scores)
+
+
+def _prepared_before(state: dict[str, Any]) -> Any:
+    """The prepared data a run recorded, when it is still there (then a resumption never opens the source)."""
+    from workers.data.prepared import META, DataRef
+
+    ref = state.get("data")
+    if not ref or not storage.exists(storage.join(ref["path"], META)):
+        return None
+    say(f"data: the run's prepared rows at {ref['path']}")
+    return DataRef(**{**ref, "cache_hit": True, "seconds": 0.0})
 
 
 def _log_data(client: Any, run_id: str, data: Any) -> None:
@@ -277,8 +288,8 @@ def evaluate_export(job: JobConfig, export_dir: str, data: Any) -> dict[str, flo
     number of rows scored."""
     import ray
 
-    from workers.evaluate import gold_answers, score
-    from workers.prepared import open_data
+    from workers.data.metrics import gold_answers, score
+    from workers.data.prepared import open_data
 
     n_eval = data.sizes.get("eval", 0)
     if not n_eval:
@@ -294,7 +305,7 @@ def evaluate_export(job: JobConfig, export_dir: str, data: Any) -> dict[str, flo
         import torch
         from transformers import AutoModelForCausalLM
 
-        from workers.evaluate import greedy_answers
+        from workers.generation import greedy_answers
         from workers.models import load_tokenizer
 
         device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -5,7 +5,7 @@
         --template-prompt '{context}\\nQuestion: {question}\\nAnswer:' --metric qa
 
 Greedy decoding with the model's own prompt template, first line of the answer kept (as the paper
-does). Metrics: SQuAD-style exact match and token F1 (``workers.evaluate``; max over the gold answers)
+does). Metrics: SQuAD-style exact match and token F1 (``workers.data.metrics``; max over the gold answers)
 for QA, ROUGE-Lsum F-measure (Google's ``rouge-score``, which HF ``evaluate`` wraps; max over the
 references) for summaries; all in percent.
 """
@@ -13,7 +13,6 @@ references) for summaries; all in percent.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import time
 from collections.abc import Sequence
@@ -21,45 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from specs import Template, UserError
-
-METRICS = ("qa", "rouge", "all")
-
-
-@functools.lru_cache(maxsize=1)
-def _rouge_scorer() -> Any:
-    from rouge_score import rouge_scorer
-
-    # No stemming: the benchmark scripts behind the paper's numbers (ULD's, which MultiLevelOT reuses) call
-    # HF evaluate's "rouge" with its defaults, i.e. this scorer with use_stemmer=False.
-    return rouge_scorer.RougeScorer(["rougeLsum"], use_stemmer=False)
-
-
-def rouge_lsum(prediction: str, references: Sequence[str]) -> float:
-    """Summary-level ROUGE-L F-measure in [0, 1], max over ``references``.
-
-    Sentences are the lines of each text (ROUGE-Lsum's union-LCS runs over newline-separated
-    sentences); tokens are lower-cased ASCII alphanumeric runs (rouge-score's tokenizer drops other
-    characters), not stemmed.
-    """
-    scorer = _rouge_scorer()
-    return max((scorer.score(ref, prediction)["rougeLsum"].fmeasure for ref in references), default=0.0)
-
-
-def score_predictions(predictions: Sequence[str], golds: Sequence[Sequence[str]],
-                      metric: str = "all") -> dict[str, float]:
-    """Mean scores in percent: ``exact_match`` and ``f1`` for ``qa``, ``rougeLsum`` for ``rouge``,
-    all three for ``all``."""
-    from workers.evaluate import score
-
-    if metric not in METRICS:
-        raise UserError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
-    out: dict[str, float] = {}
-    if metric in ("qa", "all"):
-        out.update(score(predictions, golds))
-    if metric in ("rouge", "all"):
-        n = max(len(predictions), 1)
-        out["rougeLsum"] = 100 * sum(rouge_lsum(p, g) for p, g in zip(predictions, golds)) / n
-    return out
+from workers.data.metrics import METRICS, gold_answers, score_predictions
 
 
 def run_eval(model_path: str, data_source: str, columns: dict[str, str] | None = None, split: str = "validation",
@@ -70,7 +31,7 @@ def run_eval(model_path: str, data_source: str, columns: dict[str, str] | None =
 
     Args:
         model_path: a saved HF model + tokenizer (e.g. the ``final/`` folder ``mlot distill`` exports).
-        data_source, columns, split, data_name, limit: which rows, as ``workers.tasks.load_rows`` reads
+        data_source, columns, split, data_name, limit: which rows, as ``workers.data.tasks.load_rows`` reads
             them; ``columns`` maps template fields to dataset columns and must map ``answer`` (a list
             column gives several gold answers).
         template: the prompt template the model was trained with (default ``{prompt}``).
@@ -87,9 +48,9 @@ def run_eval(model_path: str, data_source: str, columns: dict[str, str] | None =
     import torch
     from transformers import AutoModelForCausalLM
 
-    from workers.evaluate import gold_answers, greedy_answers
+    from workers.data.tasks import load_rows
+    from workers.generation import greedy_answers
     from workers.models import load_tokenizer
-    from workers.tasks import load_rows
 
     if metric not in METRICS:
         raise UserError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.cluster import connect_ray
-from orchestrator.config import JobConfig, load_config
+from orchestrator.config import JobConfig
+from orchestrator.configuration import load_config
 from orchestrator.driver import prepare_data, say, start_teachers
 from specs import UserError
 
@@ -35,8 +36,8 @@ def prompt_problems(job: JobConfig, teacher_name: str, rows: list[dict[str, Any]
     Only the prompt matters here (the answer is what the teacher is about to write), so rows with a
     missing or empty gold answer are still labelled.
     """
-    from workers.data import BadRowError
-    from workers.evaluate import prompt_ids
+    from workers.data.encoding import BadRowError
+    from workers.generation import prompt_ids
     from workers.models import load_tokenizer
 
     spec = next(t for t in job.teachers if t.name == teacher_name)
@@ -76,8 +77,8 @@ def run_generate(job: JobConfig, output: str, field: str = "teacher_answer", tea
     """
     import ray
 
-    from workers.data import BadRowError
-    from workers.tasks import load_records, load_rows
+    from workers.data.encoding import BadRowError
+    from workers.data.tasks import load_records, load_rows
 
     names = [t.name for t in job.teachers]
     name = teacher or (names[0] if names else None)

@@ -1,5 +1,5 @@
-"""``mlot teach``: run every teacher over the job's rows once and write a store per teacher (``workers.store``),
-and the checks that let a job read a teacher from its store (``teachers[i].store``) instead of running it.
+"""``mlot teach``: run every teacher over the job's rows once and write a store per teacher (``workers.teacher.store``;
+its format, meta and the check that lets a job read it instead of running the teacher: ``store_format``).
 
 Teaching is batch inference on the teachers' own actors and resources: shards of ``shard_rows`` rows go to
 the replicas round-robin, each replica runs its shard in length-sorted batches and writes it. A shard that
@@ -8,8 +8,6 @@ exists is finished, so an interrupted ``mlot teach`` continues where it stopped.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import time
 from typing import Any
@@ -19,64 +17,7 @@ from orchestrator.config import JobConfig
 from orchestrator.driver import prepare_data, say, start_teachers
 from orchestrator.tracking import experiment_id
 from specs import UserError, storage
-
-STORE_FORMATS = ("payload", "hidden")
-
-
-def identity(job: JobConfig, teacher: Any) -> dict[str, Any]:
-    """What a store's outputs depend on, apart from the rows themselves (each row carries its tokens' hash):
-    the teacher's model, weights recipe and dtype, its tokenizer (full serialisation) and template, and the
-    data source and length limits. Not the student: any student can read the store."""
-    from workers.models import load_tokenizer
-    from workers.prepared import tokenizer_fingerprint
-
-    model = teacher.model_dump(mode="json", include={"model", "hf_config", "dtype", "pretrain", "trust_remote_code"})
-    if teacher.hf_config or teacher.pretrain.steps:  # random initial weights: the seed makes them
-        model["seed"] = job.train.seed
-    d = job.data
-    return {"teacher": model,
-            "tokenizer": tokenizer_fingerprint(load_tokenizer(teacher.tokenizer_name, teacher.trust_remote_code)),
-            "template": teacher.template.model_dump(mode="json"),
-            "data": d.model_dump(mode="json", include={"source", "name", "columns", "max_prompt_length",
-                                                       "max_answer_length"})}
-
-
-def check_store(job: JobConfig, teacher: Any) -> dict[str, Any]:
-    """The store's metadata, after refusing a store this job cannot read, naming what differs."""
-    from workers.store import META, STORE_VERSION, payload_mismatch, shared_needs_hidden
-
-    path = storage.join(teacher.store, META)
-    if not storage.exists(path):
-        raise UserError(f"teachers[{teacher.name}].store: {teacher.store!r} is not a teacher store (no {META}); "
-                        "make it with: mlot teach CONFIG --out DIR")
-    meta = json.loads(storage.read_text(path))
-    if meta.get("version") != STORE_VERSION:
-        raise UserError(f"teachers[{teacher.name}].store: {teacher.store!r} has store format version "
-                        f"{meta.get('version')!r}, this mlot reads {STORE_VERSION}; teach it again")
-    if not meta.get("complete"):
-        raise UserError(f"teachers[{teacher.name}].store: {teacher.store!r} is unfinished; run mlot teach again "
-                        "with the same config and --out to finish it")
-    want = identity(job, teacher)
-    diff = [k for k in want if meta["identity"].get(k) != want[k]]
-    if diff:
-        detail = "; ".join(f"{k}: store {_short(meta['identity'].get(k))}, job {_short(want[k])}" for k in diff)
-        raise UserError(f"teachers[{teacher.name}].store: {teacher.store!r} was made with another {', '.join(diff)} "
-                        f"({detail}); teach this job's teacher again")
-    if meta["format"] == "payload":
-        if job.loss.mode == "reference":
-            raise UserError(f"teachers[{teacher.name}].store: a payload store cannot serve loss.mode reference "
-                            "(its columns are ranked per micro-batch); make the store with --format hidden")
-        wanted = job.loss.payload_config().teacher_settings()
-        if meta["payload_settings"] != wanted:
-            raise UserError(payload_mismatch(teacher.name, meta["payload_settings"], wanted))
-        if job.loss.spec.identity_config(job.loss.params).shared:
-            raise UserError(f"teachers[{teacher.name}].store: {shared_needs_hidden(teacher.name)}")
-    return meta
-
-
-def _short(value: Any) -> str:
-    text = json.dumps(value, sort_keys=True, default=str)
-    return text if len(text) <= 80 else f"{text[:60]}... (sha {hashlib.sha256(text.encode()).hexdigest()[:8]})"
+from workers.teacher.store_format import HIDDEN, META, PAYLOAD, StoreMeta, check_format, shard_path, store_identity
 
 
 def run_teach(job: JobConfig, out: str | None = None, fmt: str = "payload", compress: str | None = None,
@@ -85,11 +26,7 @@ def run_teach(job: JobConfig, out: str | None = None, fmt: str = "payload", comp
     ``<run_path>/store``); returns {teacher name: store path}."""
     from mlflow import MlflowClient
 
-    if fmt not in STORE_FORMATS:
-        raise UserError(f"--format {fmt!r}: one of {', '.join(STORE_FORMATS)}")
-    if fmt == "payload" and job.loss.mode == "reference":
-        raise UserError("--format payload cannot serve loss.mode reference (columns are ranked per micro-batch): "
-                        "use --format hidden")
+    check_format(fmt, job.loss.mode)
     live = [t for t in job.teachers if not t.store]
     if not live:
         raise UserError(f"job {job.name!r} has no teacher to teach (every teacher reads a store already)")
@@ -124,23 +61,18 @@ def _teach_one(job: JobConfig, teacher: Any, replicas: list[Any], data: Any, pat
     import ray
     from tqdm import tqdm
 
-    from workers.prepared import Rows
-    from workers.store import META, STORE_VERSION, shard_path
+    from workers.data.prepared import Rows
 
-    meta = {"version": STORE_VERSION, "teacher": teacher.name, "identity": identity(job, teacher),
-            "format": opts["format"],
-            "compress": opts["compress"] if opts["format"] == "payload" else None,
-            "hidden_dtype": opts["hidden_dtype"] if opts["format"] == "hidden" else None,
-            "payload_settings": job.loss.payload_config().teacher_settings() if opts["format"] == "payload" else None,
-            "vocab_size": ray.get(replicas[0].info.remote())["vocab_size"], "data_fingerprint": data.fingerprint}
-    meta_path = storage.join(path, META)
-    if storage.exists(meta_path):
-        old = json.loads(storage.read_text(meta_path))
-        if {k: v for k, v in old.items() if k not in ("complete", "rows")} != meta:
-            raise UserError(f"--out: {path} holds a store made with other settings or data; choose another --out "
-                            "or remove it")
-    storage.write_text(meta_path, json.dumps({**meta, "complete": False}, indent=1))
-    if opts["format"] == "hidden":
+    fmt = opts["format"]
+    meta = StoreMeta(teacher.name, store_identity(job, teacher), fmt, ray.get(replicas[0].info.remote())["vocab_size"],
+                     data.fingerprint, compress=opts["compress"] if fmt == PAYLOAD else None,
+                     hidden_dtype=opts["hidden_dtype"] if fmt == HIDDEN else None,
+                     payload_settings=job.loss.payload_config().teacher_settings() if fmt == PAYLOAD else None)
+    if storage.exists(storage.join(path, META)) and not StoreMeta.read(path, "--out").same_recipe(meta):
+        raise UserError(f"--out: {path} holds a store made with other settings or data; choose another --out "
+                        "or remove it")
+    meta.write(path)
+    if fmt == HIDDEN:
         ray.get(replicas[0].write_head.remote(path, data))
 
     n = opts["shard_rows"]
@@ -156,13 +88,14 @@ def _teach_one(job: JobConfig, teacher: Any, replicas: list[Any], data: Any, pat
             if len(pending) >= 2 * len(replicas):  # two shards queued per replica keeps every replica busy
                 stats.append(_collect(pending, bar))
             actor = replicas[j % len(replicas)]
-            ref = actor.teach.remote(rows, shard_path(path, split, i), opts["format"], job.loss, opts["batch_size"],
+            ref = actor.teach.remote(rows, shard_path(path, split, i), fmt, job.loss, opts["batch_size"],
                                      opts["compress"], opts["hidden_dtype"])
             pending[ref] = j
         while pending:
             stats.append(_collect(pending, bar))
     wall = time.perf_counter() - t0
-    storage.write_text(meta_path, json.dumps({**meta, "complete": True, "rows": sum(data.sizes.values())}, indent=1))
+    meta.complete, meta.rows = True, sum(data.sizes.values())
+    meta.write(path)
     _log_teach(client, run_id, teacher.name, stats, wall)
     return path
 

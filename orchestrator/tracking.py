@@ -1,6 +1,6 @@
 """MLflow from the driver's side: experiments, the job's run, and what may be logged.
 
-The workers only log into a run that exists (``workers.tracking``); creating experiments and runs,
+The workers only log into a run that exists (``workers.student.tracking``); creating experiments and runs,
 and deciding what a run's params are, happens here.
 """
 
@@ -10,12 +10,23 @@ import re
 from pathlib import Path
 from typing import Any
 
-from orchestrator.config import JobConfig, dump_config
+from orchestrator.config import JobConfig
+from orchestrator.configuration import dump_config
+
+#: Names of settings that hold credentials (e.g. cluster.runtime_env.env_vars.AWS_SECRET_ACCESS_KEY).
+_SECRET_NAME = r"[\w.]*(?:SECRET|TOKEN|PASSWORD|ACCESS_KEY|SESSION_KEY|API_KEY)[\w.]*"
 
 
 def redact(text: str) -> str:
-    """Hide credentials written into URIs (scheme://user:secret@host) before anything is logged."""
-    return re.sub(r"(\w+://)[^/@\s]+@", r"\1***@", text)
+    """Hide credentials before anything is logged: written into URIs (scheme://user:secret@host), or as the
+    value of a setting whose name says it is one (YAML ``AWS_SECRET_ACCESS_KEY: ...``)."""
+    text = re.sub(r"(\w+://)[^/@\s]+@", r"\1***@", text)
+    return re.sub(rf"(?im)^(\s*{_SECRET_NAME}\s*:\s*)\S.*$", r"\1'***'", text)
+
+
+def redact_value(key: str, value: Any) -> str:
+    """A config value as an MLflow param: hidden when its dotted ``key`` names a credential."""
+    return "***" if re.fullmatch(_SECRET_NAME, key, re.I) else redact(str(value))
 
 
 def artifact_location(uri: str) -> str | None:
@@ -50,7 +61,7 @@ def start_tracking(job: JobConfig, run_id: str | None = None, parent_run_id: str
         run = client.create_run(experiment_id(client, job.tracking.experiment, uri),
                                 run_name=job.tracking.run_name or job.name, tags=tags)
         run_id = run.info.run_id
-        params = [Param(k, redact(str(v))[:6000]) for k, v in job.to_flat_dict().items()]
+        params = [Param(k, redact_value(k, v)[:6000]) for k, v in job.to_flat_dict().items()]
         for i in range(0, len(params), 100):
             client.log_batch(run_id, params=params[i:i + 100])
         client.log_text(run_id, redact(dump_config(job)), "config.yaml")

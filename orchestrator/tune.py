@@ -17,11 +17,13 @@ from typing import Any
 
 import yaml
 
-from orchestrator.cluster import connect_ray, teacher_request, worker_request
-from orchestrator.config import ConfigError, JobConfig, apply_overrides, dump_config
+from orchestrator.cluster import connect_ray, copies_that_fit, launcher_nodes, teacher_request, worker_request
+from orchestrator.config import JobConfig
+from orchestrator.configuration import ConfigError, apply_overrides, dump_config
 from orchestrator.driver import prepare_data, run_distill, say, start_teachers
 from orchestrator.tracking import experiment_id, redact
 from specs import UserError, storage
+from workers.data.prepared import data_inputs
 
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "randint", "grid")
 
@@ -58,9 +60,13 @@ def load_space(path: str | Path, job: JobConfig) -> dict[str, Any]:
                              "a non-empty list of values") + f", got {args!r}")
         for value in (args if not ranged else args[:1]):
             try:
-                apply_overrides(job, [_override(key, value)])
+                trial = apply_overrides(job, [_override(key, value)])
             except ConfigError as e:
                 raise SpaceError(f"{path}: {key}: value {value!r} is not accepted by the job config:\n{e}") from e
+            if data_inputs(trial) != data_inputs(job):
+                raise SpaceError(f"{path}: {key}: changes the prepared data (its rows, tokenizers or templates), "
+                                 "which a sweep prepares once for all its trials; sweep it in separate sweeps "
+                                 "(one job config each)")
         space[key] = {"choice": tune.choice, "grid": tune.grid_search}[dist](args) if not ranged else \
             {"uniform": tune.uniform, "loguniform": tune.loguniform, "randint": tune.randint}[dist](*args)
     return space
@@ -75,15 +81,16 @@ def trial_job(base: JobConfig, sample: dict[str, Any], name: str) -> JobConfig:
     return apply_overrides(base, [_override(k, v) for k, v in sample.items()] + [f"name={name}"])
 
 
-def _trial(sample: dict[str, Any], base: JobConfig, teachers: dict[str, list[Any]] | None, parent_run_id: str,
-           sweep: str) -> None:
-    """One Tune trial: a whole distillation job (its own Ray Train run and MLflow child run)."""
+def _trial(sample: dict[str, Any], base: JobConfig, data: Any, teachers: dict[str, list[Any]] | None,
+           parent_run_id: str, sweep: str) -> None:
+    """One Tune trial: a whole distillation job (its own Ray Train run and MLflow child run) on the sweep's
+    prepared data: a trial never opens ``data.source``, which may exist only where the sweep's driver runs."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     job = trial_job(base, sample, f"{sweep}-{tune.get_context().get_trial_id()}")
     run_distill(job, teachers=teachers, parent_run_id=parent_run_id, train_callbacks=[TuneReportCallback()],
-                evaluate=False)
+                evaluate=False, data=data)
 
 
 @dataclass
@@ -116,7 +123,7 @@ def run_tune(job: JobConfig, space_path: str, *, num_samples: int = 1, scheduler
         raise UserError(f"--resume: no earlier sweep of job {job.name!r} under {run_path}")
     t0 = time.time()
 
-    data = prepare_data(job)  # the trials find it in the cache
+    data = prepare_data(job)  # once: the trials read this copy (data.cache_dir: shared by every node, or a URI)
     connect_ray(job)
     client = MlflowClient(job.tracking.resolved_uri())
     if resume:
@@ -124,7 +131,9 @@ def run_tune(job: JobConfig, space_path: str, *, num_samples: int = 1, scheduler
         client.update_run(parent, status="RUNNING")
     else:
         exp_id = experiment_id(client, job.tracking.experiment, job.tracking.resolved_uri())
-        parent = client.create_run(exp_id, run_name=sweep, tags={"mlot.sweep": sweep, **job.tracking.tags}).info.run_id
+        parent = client.create_run(exp_id, run_name=sweep, tags={
+            "mlot.sweep": sweep, "mlot.driver_node": ray.get_runtime_context().get_node_id(), **job.tracking.tags,
+        }).info.run_id
         client.log_text(parent, Path(space_path).read_text(), "space.yaml")
         client.log_text(parent, redact(dump_config(job)), "base_config.yaml")
         for k, v in {"space": Path(space_path).name, "num_samples": num_samples, "scheduler": scheduler,
@@ -134,7 +143,7 @@ def run_tune(job: JobConfig, space_path: str, *, num_samples: int = 1, scheduler
 
     teachers = start_teachers(job, data, cache=True) if share_teachers and job.teachers else None
     trainable = tune.with_resources(
-        tune.with_parameters(_trial, base=job, teachers=teachers, parent_run_id=parent, sweep=sweep),
+        tune.with_parameters(_trial, base=job, data=data, teachers=teachers, parent_run_id=parent, sweep=sweep),
         # The trial function only drives a TorchTrainer: a sliver of a CPU, so it never holds one the workers
         # need, and any node of any cluster can host it (Tune refuses a trial that asks for nothing).
         {"cpu": 0.01})
@@ -156,7 +165,7 @@ def run_tune(job: JobConfig, space_path: str, *, num_samples: int = 1, scheduler
             algo = OptunaSearch()
         tuner = tune.Tuner(trainable, param_space=space, tune_config=tune.TuneConfig(
             metric=metric, mode=mode, scheduler=sched, search_alg=algo, num_samples=num_samples,
-            max_concurrent_trials=max_concurrent or _fitting_trials(job, teachers is not None)),
+            max_concurrent_trials=max_concurrent or job.tune.max_concurrent or _fitting_trials(job, bool(teachers))),
             run_config=tune.RunConfig(name=sweep, storage_path=tune_path))
     say(f"sweep {sweep}: {Path(space_path).name}, {num_samples} sample(s), scheduler {scheduler or 'none'}, "
         f"teachers {'shared' if teachers else 'per trial'}")
@@ -171,6 +180,8 @@ def run_tune(job: JobConfig, space_path: str, *, num_samples: int = 1, scheduler
     forward_rows = sum(ray.get(a.info.remote())["forward_rows"] for hs in teachers.values() for a in hs) \
         if teachers else None
     _log_results(client, parent, table, metric, forward_rows, data.sizes["train"])
+    if teachers:
+        _log_cache(client, parent, {t.name: teachers[t.name] for t in job.teachers if not t.store})
     client.set_terminated(parent, "FINISHED")
     return TuneSummary(table, best_path, parent, forward_rows, time.time() - t0, job.tracking.resolved_uri())
 
@@ -183,8 +194,9 @@ def _reports_per_trial(job: JobConfig) -> int:
 
 
 def _fitting_trials(job: JobConfig, shared_teachers: bool) -> int:
-    """How many trials' worker groups (and, unshared, their teachers) fit the cluster at once, counting
-    every resource they ask for (CPUs, GPUs, accelerator types, custom) after the shared teachers' (>= 1).
+    """How many trials' worker groups (and, unshared, their teachers) fit the cluster at once, node by node and
+    counting every resource they ask for (CPUs, GPUs, accelerator types, custom), after the shared teachers'
+    (>= 1). An autoscaling cluster counts its node types at full scale (``cluster.launcher_config``).
 
     A local Ray may declare more logical CPUs than the machine has (so actors and workers can share
     2 cores); concurrent trials there would only contend, so they are capped by the real cores.
@@ -192,17 +204,34 @@ def _fitting_trials(job: JobConfig, shared_teachers: bool) -> int:
     import os
 
     import ray
-    total = ray.cluster_resources()
-    per_trial = {k: v * job.train.num_workers for k, v in worker_request(job.train).items()}
-    reserved: dict[str, float] = {}
-    for t in (t for t in job.teachers if not t.store):  # a store needs no resources
-        side = reserved if shared_teachers else per_trial
-        for k, v in teacher_request(t).items():
-            side[k] = side.get(k, 0.0) + v * t.replicas
-    fit = min(int((total.get(k, 0.0) - reserved.get(k, 0.0)) // v) for k, v in per_trial.items() if v > 0)
+    nodes = _full_scale_nodes(job) if job.cluster.autoscaling else \
+        [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    teachers = [teacher_request(t) for t in job.teachers if not t.store for _ in range(t.replicas)]
+    workers = [worker_request(job.train)] * job.train.num_workers
+    fit = copies_that_fit(nodes, teachers if shared_teachers else [], workers + ([] if shared_teachers else teachers))
     if job.cluster.address is None:
         fit = min(fit, (os.cpu_count() or 1) // (2 * int(max(1, worker_request(job.train)["CPU"]))))
     return max(1, fit)
+
+
+def _full_scale_nodes(job: JobConfig) -> list[dict[str, float]]:
+    """An autoscaling cluster's nodes at its largest (its node types scale from 0: the nodes that exist now say
+    nothing), from its cluster-launcher YAML."""
+    if not job.cluster.launcher_config:
+        raise UserError("cluster.autoscaling: a sweep sizes its concurrency from the cluster's node types: set "
+                        "cluster.launcher_config to the cluster-launcher YAML (e.g. cluster.yaml), or set "
+                        "tune.max_concurrent (or --max-concurrent)")
+    return launcher_nodes(job.cluster.launcher_config)
+
+
+def _log_cache(client: Any, parent: str, teachers: dict[str, list[Any]]) -> None:
+    """Each shared teacher's hidden-state cache (summed over its replicas) on the sweep's parent run."""
+    import ray
+
+    for name, replicas in teachers.items():
+        stats = [s for s in ray.get([a.cache_stats.remote() for a in replicas]) if s]
+        for key in ("hits", "misses", "bytes", "evictions", "budget"):
+            client.log_metric(parent, f"teacher_cache/{name}/{key}", sum(s[key] for s in stats))
 
 
 def results_table(results: Any, metric: str, mode: str, full: int) -> list[dict[str, Any]]:
@@ -237,7 +266,7 @@ def _log_results(client: Any, parent: str, table: list[dict[str, Any]], metric: 
     """The results table (markdown) and metric-vs-parameter plots on the parent run; printed too."""
     import tempfile
 
-    from workers.plots import metric_vs_params_png
+    from workers.student.plots import metric_vs_params_png
 
     keys = sorted({k for row in table for k in row["config"]})  # trial_id stays out of the printed table
     lines = ["| " + " | ".join([*keys, metric, "iterations", "status"]) + " |",

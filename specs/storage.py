@@ -105,16 +105,22 @@ def node_cache(kind: str, key: str) -> Path:
 
 
 def node_copy(uri: str, kind: str, key: str) -> str:
-    """This node's copy of the folder at ``uri``, made once per ``key``: copied under a temporary name, then
-    renamed, so a copy that exists is whole (and processes racing to make it all end up with one)."""
+    """This node's copy of the folder at ``uri``, made once per ``key`` and node: the first process takes a file
+    lock and downloads, the others on the node wait for it and then use its copy. The copy is made under a
+    temporary name and renamed, so one that exists is whole (a download killed halfway leaves no copy)."""
+    import fcntl
+
+    import pyarrow.fs
+
     target = node_cache(kind, key)
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=f"{key}.", dir=target.parent)
-        with local_copy(uri) as local:
-            shutil.copytree(local, tmp, dirs_exist_ok=True)
-        try:
+    if target.exists():
+        return str(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f"{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
+        if not target.exists():
+            tmp = tempfile.mkdtemp(prefix=f"{key}.", dir=target.parent)
+            fs, p = _fs(uri)
+            pyarrow.fs.copy_files(p, tmp, source_filesystem=fs, destination_filesystem=pyarrow.fs.LocalFileSystem())
             os.replace(tmp, target)
-        except OSError:  # another process made it first
-            shutil.rmtree(tmp, ignore_errors=True)
     return str(target)

@@ -16,6 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("MLOT_SHARED", REPO.parent / "shared"))
 VECTORS = SHARED / "vectors" / "reference"
 QED = SHARED / "data" / "qed" / "validation.jsonl"
+S3_SECRET = "mlot-test-secret-do-not-log"  # what the S3 server's key is: tests check it is never logged
 
 
 @pytest.fixture(scope="session")
@@ -24,3 +25,44 @@ def vector_files() -> list[Path]:
     if not files:
         pytest.skip(f"reference vectors not found under {VECTORS} (set MLOT_SHARED to the shared/ folder)")
     return files
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """A real S3 HTTP server on loopback (moto's server mode) with one bucket, ``mlot``: the standard AWS
+    variables point this process (and every Ray started after it, which inherits them) at it. Stopped by its id.
+    Returns those variables."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import boto3
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 60
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            assert proc.poll() is None and time.time() < deadline, "moto_server did not start"
+            time.sleep(0.2)
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "mlot-test-key",
+           "AWS_SECRET_ACCESS_KEY": S3_SECRET, "AWS_DEFAULT_REGION": "us-east-1"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    boto3.client("s3").create_bucket(Bucket="mlot")
+    yield env
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from workers.callbacks import TrainCallback
+from workers.student.callbacks import TrainCallback
 
 
 def make_batch(lengths: list[int], prompt: list[int], vocab: int, *, seq_len: int | None = None, left_pad: bool = False,
@@ -38,7 +38,7 @@ def quickstart_job(tmp_path: Path, name: str, *extra: str, add_teacher: dict | N
     """The bundled quickstart job, small and fast, writing under tmp_path (runs and a sqlite MLflow store)."""
     import yaml
 
-    from orchestrator.config import config_from_dict
+    from orchestrator.configuration import config_from_dict
     data = yaml.safe_load(QUICKSTART.read_text())
     if add_teacher:
         data["teachers"].append(add_teacher)

@@ -8,8 +8,8 @@ import pytest
 
 from mlot.spans import IGNORE_INDEX
 from specs import Template
-from workers.answer_cut import ANSWER_CUT, cut_answer
-from workers.data import BadRowError, encode_example
+from workers.data.answer_cut import ANSWER_CUT, cut_answer
+from workers.data.encoding import BadRowError, encode_example
 from workers.models import load_tokenizer
 
 MODELS = {  # (tokenizer, template): WordPiece, SentencePiece, Tekken byte-BPE with its chat format

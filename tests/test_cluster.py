@@ -109,7 +109,7 @@ def test_distill_and_tune_join_an_existing_cluster_with_token_auth(tmp_path, ray
     assert tune.returncode == 0, tune.stdout[-3000:] + tune.stderr[-3000:]
     table = [line for line in tune.stdout.splitlines() if line.startswith("| ") and "completed" in line]
     assert len(table) == 2, tune.stdout[-3000:]
-    from orchestrator.config import load_config
+    from orchestrator.configuration import load_config
     best = load_config(tmp_path / "joined-sweep" / "best.yaml")  # an optuna sample, within the space
     assert best.loss.params["top_k"] in (5, 20) and 0.01 <= best.loss.params["sinkhorn_reg"] <= 1.0
 
@@ -120,7 +120,7 @@ def test_local_default_never_joins_a_foreign_ray(ray_head, monkeypatch):
     import ray
 
     from orchestrator.cluster import connect_ray
-    from orchestrator.config import load_config
+    from orchestrator.configuration import load_config
     monkeypatch.setenv("RAY_ADDRESS", ray_head)
     try:
         connect_ray(load_config(QUICKSTART, ["cluster.num_cpus=3"]))
@@ -165,7 +165,7 @@ def hetero_cluster():
 def test_teachers_and_students_land_on_their_accelerator_types(tmp_path, hetero_cluster):
     import ray
 
-    from orchestrator.config import apply_overrides
+    from orchestrator.configuration import apply_overrides
     from orchestrator.driver import prepare_data, run_distill, start_teachers
     address, teacher_node, student_node = hetero_cluster
     job = quickstart_job(tmp_path, "hetero", f"cluster.address={address}", "teachers.0.replicas=2",

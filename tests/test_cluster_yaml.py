@@ -12,7 +12,8 @@ import pytest
 import yaml
 
 from orchestrator.cluster import teacher_request, worker_request
-from orchestrator.config import JobConfig, load_config
+from orchestrator.config import JobConfig
+from orchestrator.configuration import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster.yaml"
@@ -127,3 +128,25 @@ def test_each_replica_and_worker_fits_a_node_type_with_enough_capacity() -> None
     assert _fits(_teacher_demand(job)[0][1], types["teacher_gpu"]["resources"])
     assert not _fits(_teacher_demand(job)[0][1], types["student_gpu"]["resources"])
     assert _fits(need, types["student_gpu"]["resources"]) and not _fits(need, types["teacher_gpu"]["resources"])
+
+
+def test_an_autoscaling_sweep_sizes_its_concurrency_from_the_node_types_at_full_scale():
+    """cluster.yaml scales from 0 nodes: the example job's sweep counts its node types at max_workers (4 student
+    nodes of 4 L40S: one 4-worker trial each, the 2 shared teacher replicas on a teacher node), node by node."""
+    from orchestrator.cluster import copies_that_fit, launcher_nodes
+    from orchestrator.configuration import apply_overrides
+    from orchestrator.tune import _fitting_trials
+    from specs import UserError
+
+    nodes = launcher_nodes(str(CLUSTER))
+    assert len(nodes) == 1 + 2 + 4 and sum(n.get("GPU", 0) for n in nodes) == 2 * 8 + 4 * 4
+    job = apply_overrides(load_config(EXAMPLE), [f"cluster.launcher_config={CLUSTER}"])
+    assert _fitting_trials(job, shared_teachers=True) == 4
+    # teachers per trial (not shared): each trial also needs its 2 replicas; the 2 teacher nodes hold 16 of them
+    assert _fitting_trials(job, shared_teachers=False) == 4
+    # packing is per node: 3 workers of 2 GPUs do not fit two nodes of 3 GPUs each, though 6 GPUs are there
+    assert copies_that_fit([{"GPU": 3}, {"GPU": 3}], [], [{"GPU": 2}] * 3) == 0
+    with pytest.raises(UserError, match="set cluster.launcher_config to the cluster-launcher YAML"):
+        _fitting_trials(apply_overrides(job, ["cluster.launcher_config=null"]), shared_teachers=True)
+    with pytest.raises(UserError, match="not a readable cluster-launcher YAML"):
+        _fitting_trials(apply_overrides(job, ["cluster.launcher_config=/nowhere.yaml"]), shared_teachers=True)

@@ -12,9 +12,9 @@ import pydantic
 import pytest
 import yaml
 
-from orchestrator.config import (
+from orchestrator.config import JobConfig
+from orchestrator.configuration import (
     ConfigError,
-    JobConfig,
     apply_overrides,
     config_from_dict,
     dump_config,

@@ -126,7 +126,7 @@ def test_zero2_two_workers_reference_mode_end_to_end(tmp_path, ray_cluster, monk
     # The same job from a teacher store (mlot teach; final hidden states in fp32 + the LM head: exact in
     # reference mode too, whose ranking couples each micro-batch, and for the identity terms): the same loss
     # at every step.
-    from orchestrator.config import apply_overrides
+    from orchestrator.configuration import apply_overrides
     from orchestrator.teach import run_teach
     store = run_teach(job, fmt="hidden", hidden_dtype="float32")["teacher-sp"]
     assert store == f"file://{tmp_path}/z2/store/teacher-sp"
@@ -153,7 +153,7 @@ def test_zero3_on_policy_accumulation_with_a_nan_micro_batch_uneven_eval_and_res
     its answers, all ranks generating together as ZeRO-3 needs, and both teachers score that text): the run logs
     exactly train.steps optimizer steps, its total is the weighted sum of its logged terms, and a stop + resume
     gives the same curve (the same samples)."""
-    from orchestrator.config import apply_overrides
+    from orchestrator.configuration import apply_overrides
     from orchestrator.driver import run_distill
     poison = PoisonLogits({3}, rank=1)  # micro-batch 3 = the second half of step 2, on rank 1 only
     common = ("train.num_workers=2", f"student.deepspeed.config_path={_zero3_release_after_use(tmp_path)}",

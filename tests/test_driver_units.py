@@ -2,18 +2,23 @@
 
 from pathlib import Path
 
-from orchestrator.config import apply_overrides, load_config
+from orchestrator.configuration import apply_overrides, dump_config, load_config
 from orchestrator.driver import fingerprint
-from orchestrator.tracking import artifact_location, redact
+from orchestrator.tracking import artifact_location, redact, redact_value
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "orchestrator" / "configs" / "quickstart.yaml"
 
 
-def test_credentials_in_uris_never_reach_logs():
-    job = load_config(QUICKSTART, ["tracking.uri=https://alice:tok3n@mlflow.example.com"])
-    flat = {k: redact(str(v)) for k, v in job.to_flat_dict().items()}
+def test_credentials_in_uris_and_secret_settings_never_reach_logs():
+    job = load_config(QUICKSTART, ["tracking.uri=https://alice:tok3n@mlflow.example.com",
+                                   "cluster.runtime_env.env_vars.AWS_SECRET_ACCESS_KEY=s3cr3t",
+                                   "cluster.runtime_env.env_vars.HF_HOME=/data/hf"])
+    flat = {k: redact_value(k, v) for k, v in job.to_flat_dict().items()}  # the run's params
     assert flat["tracking.uri"] == "https://***@mlflow.example.com"
-    assert "tok3n" not in str(flat)
+    assert flat["cluster.runtime_env.env_vars.AWS_SECRET_ACCESS_KEY"] == "***"
+    assert flat["cluster.runtime_env.env_vars.HF_HOME"] == "/data/hf"
+    text = redact(dump_config(job))  # the run's config.yaml artefact
+    assert "tok3n" not in str(flat) + text and "s3cr3t" not in str(flat) + text and "/data/hf" in text
 
 
 def test_artefacts_live_beside_a_sqlite_store(tmp_path):

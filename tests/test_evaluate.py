@@ -5,7 +5,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from specs import Template
-from workers.evaluate import exact_match, gold_answers, greedy_answers, normalize, score, token_f1
+from workers.data.metrics import exact_match, gold_answers, normalize, score, token_f1
+from workers.generation import greedy_answers
 from workers.models import load_tokenizer
 
 

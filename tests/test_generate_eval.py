@@ -20,7 +20,7 @@ QUICKSTART = Path(__file__).resolve().parents[1] / "orchestrator" / "configs" / 
 
 
 def test_rouge_lsum_hand_computed():
-    from orchestrator.evaluation import rouge_lsum
+    from workers.data.metrics import rouge_lsum
 
     # One sentence each: LCS("the cat on the mat", "the cat sat on the mat") = 5 tokens,
     # P = 5/5, R = 5/6, F = 2PR / (P + R) = 10/11.
@@ -36,7 +36,7 @@ def test_rouge_lsum_hand_computed():
 
 
 def test_score_predictions_metric_choice():
-    from orchestrator.evaluation import score_predictions
+    from workers.data.metrics import score_predictions
 
     preds, golds = ["The Cat", "dog"], [["cat"], ["a big dog", "hound"]]
     qa = score_predictions(preds, golds, "qa")
@@ -104,7 +104,7 @@ def ray_cluster():
 
 def _labeled_file(path: Path, n: int) -> Path:
     """Quickstart rows as a local jsonl with an id and a list of gold answers (like QED's)."""
-    from workers.tasks import quickstart_dataset
+    from workers.data.tasks import quickstart_dataset
 
     with path.open("w") as f:
         for i, row in enumerate(quickstart_dataset()[:n]):
@@ -113,7 +113,7 @@ def _labeled_file(path: Path, n: int) -> Path:
 
 
 def _job(tmp_path: Path, source: Path, *extra: str):
-    from orchestrator.config import load_config
+    from orchestrator.configuration import load_config
 
     return load_config(QUICKSTART, [
         "name=gen", f"output_dir={tmp_path}", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
@@ -138,7 +138,7 @@ def test_generate_distill_eval_end_to_end(tmp_path, ray_cluster, monkeypatch):
     from helpers import metric_history
     from mlflow import MlflowClient
 
-    from orchestrator.config import apply_overrides, config_from_dict
+    from orchestrator.configuration import apply_overrides, config_from_dict
     from orchestrator.driver import run_distill
     from orchestrator.evaluation import run_eval
     from orchestrator.generate import run_generate
@@ -196,6 +196,6 @@ def test_generate_distill_eval_end_to_end(tmp_path, ray_cluster, monkeypatch):
     lines = [json.loads(line) for line in predictions.read_text().splitlines()]
     assert len(lines) == 30 and lines[0]["gold"] == originals[0]["answers"]
     # The scores are those of the logged predictions (recomputed from the artefact).
-    from workers.evaluate import score
+    from workers.data.metrics import score
     again = score([x["prediction"] for x in lines], [x["gold"] for x in lines])
     assert (scores["exact_match"], scores["f1"]) == (again["exact_match"], again["f1"])

@@ -1,4 +1,4 @@
-"""The known-truth task (``workers.known_truth``): p* is what the rows are drawn from, the splits hold out whole
+"""The known-truth task (``workers.data.known_truth``): p* is what the rows are drawn from, the splits hold out whole
 (creature, place, season) triples, and the metrics are exact on cases worked out by hand."""
 
 import math
@@ -8,7 +8,15 @@ import pytest
 import torch
 
 from specs import Template, UserError
-from workers.known_truth import ANSWERS, FREQUENCY, KnownTruth, answer_log_probs, entropy, truth_metrics, uniform_kl
+from workers.data.known_truth import (
+    ANSWERS,
+    FREQUENCY,
+    KnownTruth,
+    answer_log_probs,
+    entropy,
+    truth_metrics,
+    uniform_kl,
+)
 from workers.models import load_tokenizer
 
 
@@ -60,7 +68,7 @@ def test_answer_log_probs_is_the_models_own_sequence_log_probability():
     prompts, answers = ["What does a fox near the river often eat in spring?"], list(ANSWERS[:3])
     got = answer_log_probs(model, tok, template, prompts, answers, 64, batch_size=2)
     for j, answer in enumerate(answers):  # one sequence at a time, no padding, by the chain rule
-        from workers.data import encode_example
+        from workers.data.encoding import encode_example
         ids, labels = encode_example({"prompt": prompts[0], "answer": answer}, tok, template, 64, 1 << 20)
         logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), -1)
         want = sum(float(logp[i - 1, t]) for i, t in enumerate(labels) if t != -100)
@@ -73,11 +81,11 @@ def test_builtin_known_truth_splits_load_prepare_and_score_a_student_against_p_s
     validation prompts and p*."""
     from helpers import quickstart_job
 
-    from workers.known_truth import BUILTIN_SAMPLES
+    from workers.data.known_truth import BUILTIN_SAMPLES
+    from workers.data.prepared import open_data, prepare
+    from workers.data.tasks import load_rows
     from workers.models import build_model
-    from workers.prepared import open_data, prepare
-    from workers.student_eval import evaluate_truth
-    from workers.tasks import load_rows
+    from workers.student.in_loop_eval import evaluate_truth
     task = KnownTruth(seed=0)
     for split, per_prompt in BUILTIN_SAMPLES.items():
         prompts = task.prompts["train" if split == "teacher" else split]
@@ -103,8 +111,8 @@ def test_builtin_known_truth_splits_load_prepare_and_score_a_student_against_p_s
 
 
 def test_truth_needs_the_builtins_own_prompts():
-    from orchestrator.config import ConfigError, config_from_dict
-    from workers.known_truth import builtin_truth
+    from orchestrator.configuration import ConfigError, config_from_dict
+    from workers.data.known_truth import builtin_truth
     task = KnownTruth(seed=0)
     prompt = task.prompts["test"][0]
     assert builtin_truth([prompt.text]) == pytest.approx(task.truth(prompt)[None])

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from workers.known_truth import KnownTruth, entropy
+from workers.data.known_truth import KnownTruth, entropy
 
 REPO = Path(__file__).resolve().parents[1]
 # One arm per code path (SeqKD's generation, each method, two teachers, the identity terms, on-policy, mixing).

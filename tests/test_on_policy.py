@@ -10,12 +10,14 @@ from helpers import TEKKEN, quickstart_job
 
 import mlot
 from mlot.mixing import mix_weights, mixed_loss
-from orchestrator.config import OnPolicyConfig, apply_overrides
-from workers.data import answers_of
+from orchestrator.config import OnPolicyConfig
+from orchestrator.configuration import apply_overrides
+from workers.data.encoding import answers_of
+from workers.data.prepared import STUDENT, Rows, open_data, prepare
+from workers.generation import Answer, encode_answers
 from workers.models import build_model, load_tokenizer
-from workers.on_policy import Answer, chosen, encode_answers, sample_answers, student_examples, to_answers
-from workers.prepared import STUDENT, Rows, open_data, prepare
-from workers.teacher import TeacherActor
+from workers.student.on_policy import chosen, sample_answers, student_examples, to_answers
+from workers.teacher.actor import TeacherActor
 
 
 @pytest.fixture(scope="module")

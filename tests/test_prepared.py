@@ -1,4 +1,4 @@
-"""The one tokenisation pass (``workers.prepared``): exactly what per-row encoding gives, the same answer text on
+"""The one tokenisation pass (``workers.data.prepared``): exactly what per-row encoding gives, the same answer text on
 every side (three real tokenizers, a chat template, cut answers), a fingerprint cache, parallel processes that
 change nothing, bad rows named by file and line, and a cache on a storage URI."""
 
@@ -11,11 +11,11 @@ import pytest
 from helpers import quickstart_job
 
 from mlot.spans import IGNORE_INDEX
-from workers.answer_cut import encode_for_all
-from workers.data import BadRowError, encode_example
+from workers.data.answer_cut import encode_for_all
+from workers.data.encoding import BadRowError, encode_example
+from workers.data.prepared import STUDENT, PreparedData, job_models, open_data, prepare, teacher_key
+from workers.data.tasks import load_rows
 from workers.models import load_tokenizer
-from workers.prepared import STUDENT, PreparedData, job_models, open_data, prepare, teacher_key
-from workers.tasks import load_rows
 
 QED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "qed" / "validation.jsonl"
 TEKKEN_CHAT = {"name": "teacher-tekken", "tokenizer": "builtin:tekken", "template": {"chat": True},

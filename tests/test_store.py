@@ -10,18 +10,20 @@ import torch
 from helpers import quickstart_job
 
 import mlot
-from orchestrator.config import apply_overrides
+from orchestrator.configuration import apply_overrides
 from specs import UserError
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def taught(tmp_path_factory):
-    """A quickstart job (200 rows) and its teacher's payload store, made by run_teach on a local Ray."""
+def taught(tmp_path_factory, s3):
+    """A quickstart job (200 rows) and its teacher's payload store, made by run_teach on a local Ray (started
+    after the S3 server, so its actors reach it)."""
     import ray
 
     from orchestrator.teach import run_teach
+    ray.shutdown()
     tmp = tmp_path_factory.mktemp("store")
     job = quickstart_job(tmp, "st", "data.limit=200")
     paths = run_teach(job, out=str(tmp / "stores"), shard_rows=64, batch_size=32)
@@ -46,15 +48,15 @@ def _same(a: mlot.TeacherPayload, b: mlot.TeacherPayload) -> None:
 
 
 def _live_and_store(job, store):
-    from workers.store import StoreTeacher
-    from workers.teacher import TeacherActor
+    from workers.teacher.actor import TeacherActor
+    from workers.teacher.store import StoreTeacher
     teacher = job.teachers[0]
     live = TeacherActor(teacher, job.data, job.loss, seed=job.train.seed, student=job.student)
     return live, StoreTeacher(teacher.model_copy(update={"store": store}), job.loss, job.student)
 
 
 def test_store_payloads_equal_the_live_teacher_for_any_student_tokenizer(taught):
-    from workers.prepared import Rows, prepare
+    from workers.data.prepared import Rows, prepare
     job, store, tmp = taught
     meta = json.loads(Path(store, "meta.json").read_text())
     assert meta["complete"] and meta["rows"] == 200 and meta["format"] == "payload"
@@ -88,7 +90,7 @@ def test_store_payloads_equal_the_live_teacher_for_any_student_tokenizer(taught)
     ("loss.params.shared_weight=0.5", "shared_weight needs the teacher's distribution"),
 ])
 def test_a_store_that_does_not_match_the_job_is_refused_naming_what_differs(taught, change, message):
-    from orchestrator.teach import check_store
+    from workers.teacher.store_format import check_store
     job, store, _ = taught
     other = apply_overrides(job, [f"teachers.0.store={store}", change])
     with pytest.raises(UserError, match=message):
@@ -96,7 +98,7 @@ def test_a_store_that_does_not_match_the_job_is_refused_naming_what_differs(taug
 
 
 def test_rows_whose_teacher_tokens_differ_from_the_store_are_refused(taught):
-    from workers.prepared import Rows, prepare
+    from workers.data.prepared import Rows, prepare
     job, store, _ = taught
     # A student whose answers are long enough to be cut: the cut applies to every model, so the teacher's
     # tokens of those rows are not the ones the store was made from.
@@ -131,11 +133,15 @@ def test_an_interrupted_teach_resumes_without_recomputing_finished_shards(taught
     assert rows[-1] == 52 and 200 in rows[:-1]  # the resumed run taught only the missing shard
 
 
-def test_a_hidden_store_is_exact_for_any_settings_and_fp16_payloads_are_within_their_rounding(taught):
+def test_a_hidden_store_on_s3_is_exact_for_any_settings_and_fp16_payloads_are_within_their_rounding(taught):
+    """The hidden store is written to and read from S3 (a real S3 HTTP server on loopback): shards, meta and
+    LM head go up, the reader copies them down once per node."""
     from orchestrator.teach import run_teach
-    from workers.prepared import Rows, prepare
+    from specs import storage
+    from workers.data.prepared import Rows, prepare
     job, _, tmp = taught
-    hidden = run_teach(job, out=str(tmp / "hidden"), fmt="hidden", hidden_dtype="float32")["teacher-sp"]
+    hidden = run_teach(job, out="s3://mlot/stores", fmt="hidden", hidden_dtype="float32")["teacher-sp"]
+    assert hidden == "s3://mlot/stores/teacher-sp" and storage.exists(f"{hidden}/head.safetensors")
     half = run_teach(job, out=str(tmp / "fp16"), compress="fp16")["teacher-sp"]
     live, from_hidden = _live_and_store(job, hidden)
     rows = Rows(prepare(job, job.data_cache), "train", (4, 90, 17, 160))

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from workers.payload_stream import BatchOrder, Fetched
-from workers.student import StepStats, answer_rows_finite
-from workers.student_eval import eval_batches
+from workers.student.in_loop_eval import eval_batches
+from workers.student.payload_stream import BatchOrder, Fetched
+from workers.student.recipe import StepStats, answer_rows_finite
 
 
 @pytest.mark.parametrize("n, world, batch", [(9, 2, 4), (33, 2, 8), (1, 3, 4), (16, 2, 8), (7, 4, 1)])
@@ -37,7 +37,7 @@ def test_step_stats_average_over_counted_micro_batches_and_bytes_per_teacher_tok
     assert m["train/teacher_wait_frac"] == 0.5 and m["train/tokens_per_s"] == 100.0
     assert not any("generat" in k or "on_policy" in k for k in m)
     # one of the two micro-batches on-policy: 2 sampled answers (3 and 5 tokens), 1 gold fallback
-    from workers.on_policy import Answer
+    from workers.generation import Answer
     stats.add_generation(0.5, [Answer("a b", True, (1, 2, 3)), Answer("c", False, (4,) * 5),
                                Answer("gold", True, (9,), sampled=False)])
     m = stats.metrics(elapsed=2.0, world=2, micro_batches=2, on_policy=True)
@@ -67,3 +67,38 @@ def test_storage_uri_round_trip(tmp_path):
     assert (tmp_path / "remote" / "job" / "final" / "config.json").read_text() == "{}"
     with storage.local_copy(storage.join(base, "job", "final")) as local:
         assert open(f"{local}/config.json").read() == "{}" and not local.startswith(str(tmp_path / "remote"))
+
+
+_COPIER = """
+import sys, time
+import pyarrow.fs
+from specs import storage
+real = pyarrow.fs.copy_files
+def counted(*args, **kwargs):  # one line per download, slow enough that the processes overlap
+    open(sys.argv[2], "a").write("download\\n")
+    time.sleep(0.5)
+    return real(*args, **kwargs)
+pyarrow.fs.copy_files = counted
+print(storage.node_copy(sys.argv[1], "data", "fp1"))
+"""
+
+
+def test_node_copy_downloads_once_per_node_while_processes_race(tmp_path):
+    """Four processes of one node ask for the same URI folder at once: one downloads, all get its whole copy."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "remote").mkdir()
+    (tmp_path / "remote" / "rows.arrow").write_bytes(b"x" * 1000)
+    env = {**os.environ, "TMPDIR": str(tmp_path / "node")}  # this "node"'s cache folder
+    (tmp_path / "node").mkdir()
+    log = tmp_path / "downloads.txt"
+    procs = [subprocess.Popen([sys.executable, "-c", _COPIER, f"file://{tmp_path}/remote", str(log)], env=env,
+                              stdout=subprocess.PIPE, text=True, cwd=os.getcwd()) for _ in range(4)]
+    paths = {p.communicate(timeout=120)[0].strip() for p in procs}
+    assert all(p.returncode == 0 for p in procs)
+    assert log.read_text().splitlines() == ["download"]
+    [path] = paths
+    assert (tmp_path / "node" / "mlot-data" / "fp1" / "rows.arrow").read_bytes() == b"x" * 1000
+    assert path == str(tmp_path / "node" / "mlot-data" / "fp1")

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 import mlot
-from orchestrator.config import apply_overrides, load_config
-from workers.prepared import Rows, prepare
-from workers.teacher import TeacherActor
+from orchestrator.configuration import apply_overrides, load_config
+from workers.data.prepared import Rows, prepare
+from workers.teacher.actor import TeacherActor
 
 QUICKSTART = "orchestrator/configs/quickstart.yaml"
 
@@ -44,6 +44,30 @@ def test_cached_hidden_states_give_identical_payloads_for_any_settings(job, data
     assert cached.info()["cached_batches"] == 1
 
 
+def test_a_small_cache_budget_evicts_the_least_recently_used_batch_and_stays_exact(job, data):
+    """A byte budget that holds two of three batches: the oldest unused one goes, a re-asked one is a miss
+    again (a new forward), and every payload still equals the plain forward's."""
+    plain = TeacherActor(job.teachers[0], job.data, job.loss, seed=1)
+    batches = [Rows(data, "train", tuple(range(i, i + 4))) for i in (0, 4, 8)]
+    probe = TeacherActor(job.teachers[0], job.data, job.loss, seed=1, cache=True)
+    sizes = []
+    for rows in batches:
+        before = probe.cache_stats()["bytes"]
+        probe.payload(rows)
+        sizes.append(probe.cache_stats()["bytes"] - before)
+    budget = max(sizes[i] + sizes[j] for i, j in ((0, 1), (0, 2), (1, 2)))  # any two batches fit, never three
+    small = TeacherActor(job.teachers[0], job.data, job.loss, seed=1, cache=True, cache_bytes=budget)
+    for rows in (batches[0], batches[1], batches[0], batches[2], batches[1], batches[0]):
+        a, b = _payload(plain.payload(rows)), _payload(small.payload(rows))
+        torch.testing.assert_close(b.probs, a.probs, rtol=1e-5, atol=1e-6)
+    stats = small.cache_stats()
+    # hits: the 3rd request (batch 0); batch 2 evicts batch 1 (least recently used), so batch 1 misses again and
+    # evicts batch 0, which misses again too
+    assert (stats["hits"], stats["misses"], stats["evictions"]) == (1, 5, 3)
+    assert stats["entries"] == 2 and stats["bytes"] <= stats["budget"]
+    assert small.info()["forward_rows"] == 5 * 4
+
+
 def test_payload_echoes_batch_id_and_matches_in_process_loss(job, data):
     rows = Rows(data, "eval", (3, 1, 4, 0))
     t = TeacherActor(job.teachers[0], job.data, job.loss, seed=0)
@@ -66,9 +90,9 @@ def test_identity_payload_is_the_in_process_one_with_both_sides_bounds(job, data
     """The identity-aware terms' payload (``mlot.identity``) through the wire format equals the in-process one:
     the teacher's logits of the rows, each side's character bounds of its own answer tokens, the pair's map."""
     from mlot.identity import char_bounds, compress_identity, pad_bounds, vocab_map
+    from workers.data.prepared import STUDENT, open_data, teacher_key
     from workers.forward import answer_logits
     from workers.models import load_tokenizer
-    from workers.prepared import STUDENT, open_data, teacher_key
 
     t = job.teachers[0]
     actor = TeacherActor(t, job.data, job.loss, seed=1, student=job.student)

@@ -4,7 +4,7 @@ from pathlib import Path
 
 from mlflow import MlflowClient
 
-from workers.tracking import MetricsBuffer
+from workers.student.tracking import MetricsBuffer
 
 
 class FlakyClient:

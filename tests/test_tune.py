@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.config import load_config
+from orchestrator.configuration import load_config
 from orchestrator.tune import SpaceError, load_space
 
 REPO = Path(__file__).resolve().parents[1]
@@ -68,7 +68,7 @@ def test_small_asha_sweep_shares_teacher_work_and_logs_runs(tmp_path):
     import ray
     from mlflow import MlflowClient
 
-    from orchestrator.config import load_config as load
+    from orchestrator.configuration import load_config as load
 
     # On the known-truth task, ranked by what each trial learnt of p* (its workers' eval/truth_kl).
     small = {"steps": 6, "eval_every": 2, "limit": 300, "batch": 8, "num_samples": 1, "scheduler": "asha",

@@ -15,7 +15,8 @@ import torch
 
 from mlot.spans import IGNORE_INDEX
 from specs import Template, UserError
-from workers.data import BadRowError, collate, encode_batch, encode_example
+from workers.data.encoding import BadRowError, collate, encode_batch, encode_example
+from workers.data.tasks import RECORD, load_rows, quickstart_dataset
 from workers.models import (
     _package_dir,
     build_model,
@@ -24,7 +25,6 @@ from workers.models import (
     model_vocab_size,
     trim_padded_vocab,
 )
-from workers.tasks import RECORD, load_rows, quickstart_dataset
 
 BUILTINS = {"builtin:wordpiece": 30_522, "builtin:sentencepiece": 32_000, "builtin:tekken": 131_072}
 QED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "qed" / "validation.jsonl"
@@ -244,7 +244,7 @@ def test_skip_mode_reports_indices(caplog):
     t = load_tokenizer("builtin:wordpiece")
     rows = [{"prompt": "a", "answer": "b"}, {"prompt": "a", "answer": ""}, {"prompt": "c", "answer": "d"},
             {"prompt": "a", "answer": 3}]
-    with caplog.at_level(logging.WARNING, logger="workers.data"):
+    with caplog.at_level(logging.WARNING, logger="workers.data.encoding"):
         batch, skipped = encode_batch(rows, t, Template(), 8, 8, on_bad_row="skip", first_index=100)
     assert skipped == [101, 103]
     assert batch["input_ids"].shape[0] == 2
@@ -400,7 +400,7 @@ def test_bad_row_error_crosses_process_boundaries_with_its_fields():
     """Raised inside Ray tasks and process pools: it must unpickle (its __init__ takes three arguments)."""
     import pickle
 
-    from workers.data import BadRowError
+    from workers.data.encoding import BadRowError
     err = pickle.loads(pickle.dumps(BadRowError(7, "answer", "empty or whitespace-only answer")))
     assert (err.index, err.field, err.reason, str(err)) == (
         7, "answer", "empty or whitespace-only answer", "row 7, field 'answer': empty or whitespace-only answer")

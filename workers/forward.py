@@ -1,6 +1,6 @@
 """The one forward pass both sides share: logits for the answer rows only.
 
-Batches are left-padded (``workers.data.collate``), so every answer ends at the right edge and the
+Batches are left-padded (``workers.data.encoding.collate``), so every answer ends at the right edge and the
 rows a loss needs are the last K = longest answer + 1 positions (the +1 is the causal shift: the row
 before the first answer token predicts it). HF models compute their LM head only there
 (``logits_to_keep``), which cuts the head's cost and the [B, L, V] logits to [B, K, V].

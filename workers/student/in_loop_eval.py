@@ -13,9 +13,9 @@ from typing import Any
 import torch
 
 import mlot
-from workers.engine import sum_over_ranks
+from workers.data.prepared import STUDENT, DataRef, PreparedData, Rows, open_data
 from workers.forward import answer_logits, to_device
-from workers.prepared import STUDENT, DataRef, PreparedData, Rows, open_data
+from workers.student.engine import sum_over_ranks
 
 
 def eval_batches(n_rows: int, rank: int, world: int, batch_size: int) -> list[tuple[list[int], bool]]:
@@ -54,10 +54,10 @@ def evaluate_ce(engine: Any, data: PreparedData, tokenizer: Any, job: Any, rank:
 @torch.no_grad()
 def evaluate_truth(engine: Any, data: PreparedData, tokenizer: Any, job: Any, device: torch.device) -> dict[str, float]:
     """``builtin:known_truth`` jobs: the student's answer distribution on the eval split's prompts against the
-    true one (``workers.known_truth``: KL, NLL per answer, top-1, ECE as ``eval/truth_*``): a sweep can pick
+    true one (``workers.data.known_truth``: KL, NLL per answer, top-1, ECE as ``eval/truth_*``): a sweep can pick
     the configuration that learns the truth best, not the one that fits one sampled label per prompt.
     Every rank scores every prompt (the same forwards on every rank, as ZeRO-3 needs)."""
-    from workers.known_truth import ANSWERS, answer_log_probs, builtin_truth, truth_metrics
+    from workers.data.known_truth import ANSWERS, answer_log_probs, builtin_truth, truth_metrics
 
     field = next(f for f, column in job.data.columns.items() if column == "prompt")
     rows = {r[field]: r for r in data.rows("eval", range(data.size("eval")))}  # one per distinct prompt

@@ -1,7 +1,7 @@
 """Datasets: the generated quickstart task, and rows from local files or the hub.
 
 Rows come back with the *template's* field names (``columns`` maps template field -> dataset
-column), so :mod:`workers.data` never needs to know how a dataset names its columns.
+column), so :mod:`workers.data.encoding` never needs to know how a dataset names its columns.
 """
 
 from __future__ import annotations
@@ -158,7 +158,7 @@ def load_records(
     import datasets
 
     if source.startswith("builtin:"):
-        from workers.known_truth import builtin_rows
+        from workers.data.known_truth import builtin_rows
 
         records = quickstart_dataset() if source == "builtin:quickstart" else builtin_rows(split)
         ds = datasets.Dataset.from_list(records[:limit] if limit is not None else records)
@@ -229,7 +229,7 @@ def load_rows(
 
     Args:
         source: ``builtin:quickstart`` (:func:`quickstart_dataset`, 2,000 rows, seed 0);
-            ``builtin:known_truth`` (:mod:`workers.known_truth`: splits train, teacher, validation, test); a local
+            ``builtin:known_truth`` (:mod:`workers.data.known_truth`: splits train, teacher, validation, test); a local
             ``.json``/``.jsonl``/``.parquet``/``.arrow``/``.csv`` file (one split: ``split`` is
             ignored); otherwise a dataset for ``datasets.load_dataset(source, name, split=split)``.
         name: the dataset's configuration name (hub datasets only).
@@ -241,7 +241,7 @@ def load_rows(
     Returns:
         One dict per row with the mapped field names. A column holding a list (e.g. several
         reference answers) gives its first element under the field (None if the list is empty, which
-        :func:`workers.data.encode_example` rejects as a bad row) and the whole list under
+        :func:`workers.data.encoding.encode_example` rejects as a bad row) and the whole list under
         ``<field>_all`` (for exact match against any reference).
 
     Raises:
@@ -268,7 +268,7 @@ def check_columns(columns: dict[str, str], available: list[str], label: str) -> 
 def map_columns(record: dict[str, Any], columns: dict[str, str], index: int) -> dict[str, Any]:
     """A record with template field names (``columns``: field -> column path), its ``RECORD`` number, and for a
     list-valued column its first element under the field and the whole list under ``<field>_all``. A value
-    that is absent is None (which :func:`workers.data.encode_example` rejects as a bad row)."""
+    that is absent is None (which :func:`workers.data.encoding.encode_example` rejects as a bad row)."""
     row: dict[str, Any] = {RECORD: index}
     for field, column in columns.items():
         _, value = _lookup(record, column)

@@ -1,42 +1,18 @@
-"""Greedy answers and SQuAD-style scores (normalised exact match and token F1)."""
+"""Generated answers, on both sides: a model's answers to its prompts (greedy or sampled: end-of-job scoring,
+``mlot generate``, SeqKD targets), and :class:`Answer`, a student's generated answer as a teacher receives it on
+an on-policy micro-batch, with :func:`encode_answers`, the teacher's encoding of it in its own tokens.
+"""
 
 from __future__ import annotations
 
-import collections
-import re
-import string
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
 
 from specs import Template
-from workers.data import collate, encode_example
-
-
-def normalize(text: str) -> str:
-    """SQuAD normalisation: lower case, no punctuation, no articles (a/an/the), single spaces."""
-    text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
-    text = re.sub(r"\b(a|an|the)\b", " ", text)
-    return " ".join(text.split())
-
-
-def exact_match(prediction: str, golds: Sequence[str]) -> float:
-    """1.0 if the normalised prediction equals any normalised gold answer."""
-    return float(any(normalize(prediction) == normalize(g) for g in golds))
-
-
-def token_f1(prediction: str, golds: Sequence[str]) -> float:
-    """Max over gold answers of the token-overlap F1 of the normalised strings (SQuAD v1.1)."""
-    def f1(pred: str, gold: str) -> float:
-        p, g = normalize(pred).split(), normalize(gold).split()
-        if not p or not g:
-            return float(p == g)
-        common = sum((collections.Counter(p) & collections.Counter(g)).values())
-        if common == 0:
-            return 0.0
-        precision, recall = common / len(p), common / len(g)
-        return 2 * precision * recall / (precision + recall)
-    return max((f1(prediction, g) for g in golds), default=0.0)
+from workers.data.answer_cut import FIELD
+from workers.data.encoding import ANSWER_CUT, collate, encode_example
 
 
 def prompt_ids(row: dict[str, Any], tokenizer: Any, template: Template, max_prompt_length: int) -> list[int]:
@@ -76,14 +52,26 @@ def greedy_answers(model: Any, tokenizer: Any, template: Template, rows: Sequenc
     return generate_answers(model, tokenizer, template, rows, max_prompt_length, max_new_tokens, device, batch_size)
 
 
-def score(predictions: Sequence[str], golds: Sequence[Sequence[str]]) -> dict[str, float]:
-    """Mean exact match and F1 (in percent) over paired predictions and gold-answer lists."""
-    n = max(len(predictions), 1)
-    return {"exact_match": 100 * sum(exact_match(p, g) for p, g in zip(predictions, golds)) / n,
-            "f1": 100 * sum(token_f1(p, g) for p, g in zip(predictions, golds)) / n}
+@dataclass(frozen=True)
+class Answer:
+    """One sample's answer on an on-policy micro-batch, as the teachers receive it.
+
+    Attributes:
+        text: the answer text the teachers encode (the decoded generation, stripped).
+        ended: it ended with the student's EOS (the teachers then end theirs with their own EOS).
+        ids: the student's answer tokens (its EOS included when ``ended``).
+        sampled: False when the generation was unusable and this is the row's gold answer instead.
+    """
+
+    text: str
+    ended: bool
+    ids: tuple[int, ...]
+    sampled: bool = True
 
 
-def gold_answers(row: dict[str, Any], field: str = "answer") -> list[str]:
-    """All gold answers of a row: ``<field>_all`` when the dataset had a list, else the one answer."""
-    golds = row.get(f"{field}_all") or [row[field]]
-    return [g for g in golds if isinstance(g, str)]
+def encode_answers(rows: Sequence[dict[str, Any]], answers: Sequence[Answer], tokenizer: Any, template: Any,
+                   max_prompt_length: int) -> list[tuple[list[int], list[int]]]:
+    """A teacher's (input_ids, labels) of each row's prompt with the student's answer text: its own template
+    and tokens, its EOS only where the student's answer ended, never cut (the span is the whole text)."""
+    return [encode_example({**row, FIELD: a.text, ANSWER_CUT: not a.ended}, tokenizer, template, max_prompt_length,
+                           1 << 30) for row, a in zip(rows, answers)]

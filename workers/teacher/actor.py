@@ -1,7 +1,7 @@
 """A teacher model hosted in a Ray actor, serving compact payloads to the student workers.
 
 The actor owns one HF causal LM and its own tokenizer and template. A request names rows of the job's
-prepared data by index (``workers.prepared.Rows``); the actor reads its own tokens of them (tokenised
+prepared data by index (``workers.data.prepared.Rows``); the actor reads its own tokens of them (tokenised
 once, before training), runs the forward in inference mode on its own device, and returns only what the
 loss needs (``mlot.compress_teacher``): ranked top-k probabilities, never full-vocabulary logits.
 Nothing here imports the driver: the actor class is plain Python that ``ray.remote`` wraps.
@@ -18,13 +18,16 @@ import torch
 
 import mlot
 from specs import storage
-from workers.data import collate
-from workers.extras import Extras
+from workers.data.encoding import collate
+from workers.data.prepared import DataRef, Rows, open_data, teacher_key
 from workers.forward import answer_hidden, answer_logits, to_device
+from workers.generation import encode_answers
 from workers.models import build_model, check_vocab, load_tokenizer
-from workers.on_policy import encode_answers
-from workers.prepared import DataRef, Rows, open_data, teacher_key
-from workers.store import HEAD, hidden_columns, payload_columns, write_shard
+from workers.serving import PayloadReply, PayloadSettings, ServerInfo, node_id
+from workers.teacher.extras import Extras
+from workers.teacher.hidden_cache import HiddenCache, default_budget
+from workers.teacher.store import hidden_columns, payload_columns, write_shard
+from workers.teacher.store_format import HEAD, PAYLOAD
 
 
 class TeacherActor:
@@ -41,13 +44,16 @@ class TeacherActor:
             for it, whatever their loss settings, with only the LM head recomputed. For sweeps, where
             every trial asks for the same batches: one forward pass per example for the whole sweep.
         student: the job's ``StudentConfig``: needed to serve the identity-aware terms (``mlot.identity``),
-            whose payload holds the student's character bounds too (``workers.extras``).
+            whose payload holds the student's character bounds too (``workers.teacher.extras``).
+        cache_bytes: the cache's budget (least recently used batches evicted first;
+            ``workers.teacher.hidden_cache``); None: half of ``resources.memory`` when set, else 10% of the
+            node's memory.
     """
 
     def __init__(self, teacher: Any, data: Any, loss: Any, seed: int = 0, weights_dir: str | None = None,
-                 cache: bool = False, student: Any = None) -> None:
+                 cache: bool = False, student: Any = None, cache_bytes: int | None = None) -> None:
         self.name, self.key = teacher.name, teacher_key(teacher.name)
-        self.loss = loss
+        self.loss, self.settings = loss, PayloadSettings(loss)
         self.extras = Extras(teacher, student, self.key)
         self.data = data
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -67,51 +73,47 @@ class TeacherActor:
         self.model.eval()
         self.template = teacher.template
         self.forward_rows = 0  # rows this replica ran a forward pass on (sharing / caching is measured by it)
-        self.cache: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = {} if cache else None
+        self.cache = HiddenCache(cache_bytes or default_budget(teacher.resources.memory)) if cache else None
         self._head_is_exact: bool | None = None  # checked once: logits == head(final hidden)?
-        self._configs: dict[str, Any] = {}
+        self.served_rows = 0
 
-    def info(self) -> dict[str, Any]:
-        import ray
-        return {"name": self.name, "device": str(self.device), "dtype": self.dtype, "vocab_size": self.vocab_size,
-                "node_id": ray.get_runtime_context().get_node_id() if ray.is_initialized() else None,
-                "padded_rows": self.padded_rows, "forward_rows": self.forward_rows,
-                "cached_batches": None if self.cache is None else len(self.cache)}
+    def info(self) -> ServerInfo:
+        return ServerInfo(name=self.name, device=str(self.device), dtype=self.dtype, vocab_size=self.vocab_size,
+                          node_id=node_id(), padded_rows=self.padded_rows, forward_rows=self.forward_rows,
+                          served_rows=self.served_rows, cached_batches=None if self.cache is None else len(self.cache),
+                          store=None)
+
+    def cache_stats(self) -> dict[str, int] | None:
+        """The hidden-state cache's hits, misses, bytes, entries, evictions and budget (None: no cache)."""
+        return None if self.cache is None else self.cache.stats()
 
     def payload(self, rows: Rows, batch_id: Any = None, loss: Any = None, answers: list[Any] | None = None
-                ) -> dict[str, Any]:
+                ) -> PayloadReply:
         """Run this teacher on its own tokens of ``rows`` and compress.
 
         Args:
             loss: a ``LossConfig`` whose payload to compute (a sweep's trial); default the actor's own.
-            answers: on an on-policy micro-batch, the student's answers (``workers.on_policy.Answer``): the
+            answers: on an on-policy micro-batch, the student's answers (``workers.generation.Answer``): the
                 teacher encodes each row's prompt with that answer text, in its own tokens and template.
 
-        Returns a plain dict (numpy arrays, no pickled classes): ``payload`` (``TeacherPayload.to_numpy``),
-        ``batch_id`` echoed back (the worker checks it: a payload never lands on another batch),
-        ``seconds`` spent, ``answer_tokens``.
+        Returns a ``workers.serving.PayloadReply``.
         """
         t0 = time.perf_counter()
-        cfg = self._config_for(loss or self.loss)
+        cfg = self.settings(loss)
         with torch.inference_mode():
             logits, labels = self._answer_logits(rows) if answers is None else self._text_logits(rows, answers)
             payload = mlot.compress_teacher(logits, labels, config=cfg)
             self.extras.add(payload, loss or self.loss, rows, answers, logits, labels)
-        return {"payload": payload.to("cpu").to_numpy(), "batch_id": batch_id, "seconds": time.perf_counter() - t0,
-                "answer_tokens": int(payload.lengths.sum())}
-
-    def _config_for(self, loss: Any) -> Any:
-        """The payload settings of a request's loss, built once per distinct loss (workers send it every time)."""
-        key = loss.model_dump_json()
-        if key not in self._configs:
-            self._configs[key] = loss.payload_config()
-        return self._configs[key]
+        self.served_rows += len(rows.indices)
+        return PayloadReply(payload=payload.to("cpu").to_numpy(), batch_id=batch_id,
+                            seconds=time.perf_counter() - t0, answer_tokens=int(payload.lengths.sum()))
 
     def _answer_logits(self, rows: Rows) -> tuple[torch.Tensor, torch.Tensor]:
         """Answer-window logits [B, K, V] and labels [B, K]; from the hidden-state cache when enabled."""
         key = rows.key() if self.cache is not None else None
-        if key is not None and key in self.cache:
-            hidden, labels = self.cache[key]
+        cached = self.cache.get(key) if key is not None else None
+        if cached is not None:
+            hidden, labels = cached
             return self._head(hidden.to(self.device)), labels.to(self.device)
         batch = to_device(self._batch(rows.data, rows.split, rows.indices), self.device)
         self.forward_rows += len(rows.indices)
@@ -126,7 +128,7 @@ class TeacherActor:
         if not self._head_is_exact:
             logits, _ = answer_logits(self.model, batch, self.vocab_size)
             hidden = logits  # cache what is exact
-        self.cache[key] = (hidden.cpu(), labels.cpu())
+        self.cache.put(key, hidden, labels)
         return logits, labels
 
     def _text_logits(self, rows: Rows, answers: list[Any]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,7 +144,7 @@ class TeacherActor:
         """Run this teacher over ``rows`` (one shard of a store) and write the shard to ``path``.
 
         Rows are batched ``batch_size`` at a time in order of length (little padding, whatever the students'
-        micro-batches); each keeps its key (origin, record) and the hash of its tokens (``workers.store``).
+        micro-batches); each keeps its key (origin, record) and the hash of its tokens (``workers.teacher.store``).
 
         Returns: rows, answer tokens, bytes written, seconds.
         """
@@ -157,9 +159,9 @@ class TeacherActor:
             pick = order[start:start + batch_size]
             batch = to_device(collate([examples[i] for i in pick], self.tokenizer.pad_token_id), self.device)
             with torch.inference_mode():
-                if fmt == "payload":
+                if fmt == PAYLOAD:
                     logits, labels = answer_logits(self.model, batch, self.vocab_size)
-                    part = payload_columns(mlot.compress_teacher(logits, labels, config=self._config_for(loss)),
+                    part = payload_columns(mlot.compress_teacher(logits, labels, config=self.settings(loss)),
                                            mlot.identity.gold_log_probs(logits, labels), compress)
                 else:
                     part = hidden_columns(*answer_hidden(self.model, batch), hidden_dtype)
@@ -238,7 +240,7 @@ class TeacherActor:
 
     def generate(self, rows: list[dict[str, Any]], max_new_tokens: int = 32) -> list[str]:
         """Greedy answers for ``rows`` (their prompts, templated), first line only."""
-        from workers.evaluate import greedy_answers
+        from workers.generation import greedy_answers
         return greedy_answers(self.model, self.tokenizer, self.template, rows, self.data.max_prompt_length,
                               max_new_tokens, self.device)
 
@@ -247,7 +249,7 @@ class PayloadCache:
     """Serves the payload of a batch it has seen before; asks its teacher for the others.
 
     Exact by construction: the key is the batch's rows (prepared data, split and indices) and the
-    request's payload settings. Same interface as :class:`TeacherActor` for the workers.
+    request's payload settings. A ``workers.serving.TeacherServer`` like :class:`TeacherActor`.
     """
 
     def __init__(self, teacher: Any) -> None:
@@ -256,7 +258,7 @@ class PayloadCache:
         self.hits = self.misses = 0
 
     def payload(self, rows: Rows, batch_id: Any = None, loss: Any = None, answers: list[Any] | None = None
-                ) -> dict[str, Any]:
+                ) -> PayloadReply:
         import ray
 
         if answers is not None:  # the student's own answers: new text every time, nothing to reuse
@@ -272,7 +274,7 @@ class PayloadCache:
     def stats(self) -> dict[str, int]:
         return {"hits": self.hits, "misses": self.misses, "entries": len(self.store)}
 
-    def info(self) -> dict[str, Any]:
+    def info(self) -> ServerInfo:
         """The teacher's own info (its forward rows), as for a TeacherActor."""
         import ray
         return ray.get(self.teacher.info.remote())

@@ -157,7 +157,7 @@ def answer_log_probs(model: Any, tokenizer: Any, template: Any, prompts: Sequenc
     its text (the ``prompt`` field) or a row of template fields."""
     import torch
 
-    from workers.data import collate, encode_example
+    from workers.data.encoding import collate, encode_example
     from workers.forward import answer_logits, to_device
 
     rows = [p if isinstance(p, dict) else {"prompt": p} for p in prompts]

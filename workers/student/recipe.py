@@ -2,7 +2,7 @@
 
 Reads top to bottom like a torchtune recipe: ``setup`` (model, engine, checkpoint, data order, teacher
 stream, tracking) -> ``train`` (one optimizer step per loop step, each ``grad_accum`` micro-steps) ->
-``cleanup`` (export, artefacts). The loss of a micro-batch is ``_loss_step``:
+``cleanup`` (export, artefacts). The loss of a micro-batch is ``_loss_step``, the job's ``mlot.objective``:
 ``ce_weight * CE + sum_j w_j * (alpha * distill_j + identity_j)`` over the registered method of
 ``loss.method``, where ``identity_j`` are the optional identity-aware terms (``mlot.identity.identity_terms``)
 and ``w_j`` the teachers' weights, or per-sample weights (``loss.teacher_mix``, ``mlot.mixing``). On an
@@ -23,8 +23,11 @@ from typing import Any
 import torch
 
 import mlot
-from workers import checkpoint
-from workers.engine import (
+from workers.data.prepared import STUDENT, open_data
+from workers.forward import answer_logits, to_device
+from workers.models import build_model, check_vocab, load_tokenizer
+from workers.student import checkpoint
+from workers.student.engine import (
     any_rank,
     build_engine,
     from_rank_zero,
@@ -33,14 +36,11 @@ from workers.engine import (
     worker_device,
     zero_contribution,
 )
-from workers.extras import teacher_map
-from workers.forward import answer_logits, to_device
-from workers.models import build_model, check_vocab, load_tokenizer
-from workers.on_policy import chosen, on_policy_batch, sampling_seed
-from workers.payload_stream import BatchOrder, Fetched, PayloadStream
-from workers.prepared import STUDENT, open_data
-from workers.student_eval import eval_plan, evaluate_ce, evaluate_truth
-from workers.tracking import open_buffer, say
+from workers.student.in_loop_eval import eval_plan, evaluate_ce, evaluate_truth
+from workers.student.on_policy import chosen, on_policy_batch, sampling_seed
+from workers.student.payload_stream import BatchOrder, Fetched, PayloadStream
+from workers.student.tracking import open_buffer, say
+from workers.vocab import teacher_map
 
 
 class StopSignal:
@@ -114,15 +114,14 @@ def answer_rows_finite(logits: torch.Tensor, labels: torch.Tensor) -> bool:
 class StudentRecipe:
     """One training worker. ``config``: job (JobConfig), data (the prepared rows' ``DataRef``),
     teachers ({name: [actor handles]}), run_id/tracking_uri (MLflow), export_dir, fingerprint,
-    stop_signal (a StopSignal actor), callbacks (``workers.callbacks.TrainCallback``s; tests only)."""
+    stop_signal (a StopSignal actor), callbacks (``workers.student.callbacks.TrainCallback``s; tests only)."""
 
     def __init__(self, config: dict[str, Any]) -> None:
         self.config, self.job = config, config["job"]
-        self.method = self.job.loss.spec
-        self.identity = self.method.identity_config(self.job.loss.params)
+        self.objective = self.job.loss.objective({t.name: t.weight for t in self.job.teachers})
+        self.method, self.identity = self.objective.method, self.objective.identity
         self.on_policy = self.job.train.on_policy
         self.callbacks = config.get("callbacks") or []
-        self.weights = {t.name: t.weight for t in self.job.teachers}
 
     def setup(self) -> None:
         import ray.train
@@ -156,6 +155,8 @@ class StudentRecipe:
             if self.rank == 0 and config["run_id"] else None
         # The exact-match term's side of the vocabulary maps (the teachers build the same ones).
         self.vmaps = {t.name: teacher_map(t, job.student) for t in job.teachers} if self.identity.shared else {}
+        if self.tracker:  # a restarted run (a resumption, or a restart that lost its checkpoint) logs no step twice
+            self.tracker.resume(self.start)
         if self.tracker and self.start == 0:  # params are write-once in MLflow: not again on resumption
             self.tracker.log_params({"student.params": self.n_params, "student.world": self.world,
                                      **{f"identity.{name}.shared_{side}": round(v, 4) for name, m in self.vmaps.items()
@@ -234,43 +235,9 @@ class StudentRecipe:
 
     def _loss_step(self, logits: torch.Tensor, labels: torch.Tensor, payloads: dict[str, mlot.TeacherPayload],
                    on_policy: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The training objective of one micro-batch and its named parts (detached, for logging)."""
-        loss_cfg = self.job.loss
-        ce = mlot.causal_lm_loss(logits, labels)
-        loss = (0.0 if on_policy and not self.on_policy.ce else loss_cfg.ce_weight) * ce
-        parts = {"ce": ce.detach()}
-        results = []
-        for name, payload in payloads.items():
-            payload = payload.to(self.device)
-            mine = [self.method(logits, labels, payload, loss_cfg.mode, loss_cfg.params)]
-            parts[f"{name}/distill"] = mine[0].distill.detach()
-            if self.identity.on:
-                if payload.identity is None:
-                    raise RuntimeError(f"teacher {name} sent no identity payload for loss.params "
-                                       f"shared_weight/chunk_weight (a teacher started without the job's student?)")
-                mine.append(mlot.identity.identity_terms(logits, labels, payload.identity, self.vmaps.get(name),
-                                                         self.identity))
-            parts.update({f"{name}/{k}": v.detach().mean() for r in mine for k, v in r.terms.items()})
-            results.append(mine)
-        if results:
-            loss = loss + self._mix(results, payloads, parts)
-        parts["loss"] = loss.detach()
-        return loss, parts
-
-    def _mix(self, results: list[list[mlot.DistillResult]], payloads: dict[str, mlot.TeacherPayload],
-             parts: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The teachers' distillation losses mixed as ``loss.teacher_mix`` says; per-sample weights are logged."""
-        cfg, names = self.job.loss, list(payloads)
-        prior = torch.tensor([self.weights[n] for n in names], device=self.device)
-        nll = None
-        if cfg.teacher_mix in mlot.mixing.PER_SAMPLE_MIXES:
-            nll = torch.stack([payloads[n].nll_per_byte.to(self.device) for n in names], 1)  # [B, J]
-        loss, weights = mlot.mixing.mixed_loss(results, cfg.teacher_mix, prior, nll, cfg.mix_temperature)
-        if nll is not None:
-            for j, name in enumerate(names):
-                parts.update({f"{name}/mix_weight": weights[:, j].mean(), f"{name}/nll_per_byte": nll[:, j].mean(),
-                              f"{name}/selected": (nll.argmin(1) == j).float().mean()})
-        return loss
+        """The training objective of one micro-batch (``mlot.objective``) and its named parts (detached)."""
+        payloads = {name: payload.to(self.device) for name, payload in payloads.items()}
+        return self.objective(logits, labels, payloads, self.vmaps, ce=not on_policy or self.on_policy.ce)
 
     def _count_skip(self, m: int, what: str) -> None:
         self.skipped += 1

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -40,16 +39,12 @@ import torch
 import mlot
 from mlot.spans import IGNORE_INDEX
 from specs import UserError, storage
-from workers.prepared import DataRef, Rows, open_data
+from workers.data.prepared import DataRef, Rows, open_data, teacher_key
+from workers.serving import PayloadReply, PayloadSettings, ServerInfo, node_id
+from workers.teacher.extras import Extras
+from workers.teacher.store_format import HEAD, HIDDEN, META, PAYLOAD, StoreMeta, check_payload_settings
 
-STORE_VERSION = 2  # 2: payload stores keep the gold tokens' log-probabilities
-META = "meta.json"
-HEAD = "head.safetensors"
 _HIDDEN_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-def shard_path(store: str, split: str, shard: int) -> str:
-    return storage.join(store, split, f"shard-{shard:05d}.arrow")
 
 
 # ---------------------------------------------------------------------------- writing (inside a teacher actor)
@@ -148,8 +143,8 @@ def _offsets_values(arr: Any) -> tuple[np.ndarray, np.ndarray]:
 
 
 class StoreTeacher:
-    """Serves a teacher's payloads from its store, with the interface of ``workers.teacher.TeacherActor``
-    (``payload``, ``info``): the students cannot tell it from a live teacher. Needs no GPU.
+    """Serves a teacher's payloads from its store (a ``workers.serving.TeacherServer``, like a live
+    ``workers.teacher.actor.TeacherActor``): the students cannot tell it from a live teacher. Needs no GPU.
 
     A job's rows are matched to the store once per (prepared data, split): by key, and by the hash of the
     teacher's tokens (refused where they differ); a request then only gathers rows.
@@ -161,49 +156,49 @@ class StoreTeacher:
     """
 
     def __init__(self, teacher: Any, loss: Any, student: Any = None) -> None:
-        from workers.extras import Extras
-        from workers.prepared import teacher_key
-
         self.name, self.key, self.loss = teacher.name, teacher_key(teacher.name), loss
         self.extras = Extras(teacher, student, self.key)
         self.root = _local_root(teacher.store)
-        self.meta = json.loads(Path(self.root, META).read_text())
+        self.meta = StoreMeta.read(self.root)
         self.shards = [_Shard(p) for p in sorted(Path(self.root).glob("*/shard-*.arrow"))]
         self.starts = np.cumsum([0] + [s.rows for s in self.shards])
         self.index = {key: int(start) + i for shard, start in zip(self.shards, self.starts)
                       for i, key in enumerate(shard.keys)}
         self.hashes = np.concatenate([s.hash for s in self.shards]) if self.shards else np.zeros(0, np.int64)
         self.head: torch.Tensor | None = None
-        if self.meta["format"] == "hidden":
+        if self.meta.format == HIDDEN:
             from safetensors.torch import load_file
             self.head = load_file(str(Path(self.root, HEAD)))["weight"]
-        self._configs: dict[str, Any] = {}
+        check = (lambda loss: check_payload_settings(self.name, self.meta, loss)) if self.meta.format == PAYLOAD \
+            else None
+        self.settings = PayloadSettings(loss, check)
         self._located: dict[tuple[str, str, str], np.ndarray] = {}
         self.served_rows = 0
 
-    def info(self) -> dict[str, Any]:
-        import ray
-        return {"name": self.name, "device": "store", "dtype": self.meta.get("hidden_dtype") or "payload",
-                "vocab_size": self.meta["vocab_size"], "padded_rows": 0, "forward_rows": 0,
-                "node_id": ray.get_runtime_context().get_node_id() if ray.is_initialized() else None,
-                "cached_batches": None, "served_rows": self.served_rows, "store": self.meta["format"]}
+    def info(self) -> ServerInfo:
+        return ServerInfo(name=self.name, device="store", dtype=self.meta.hidden_dtype or PAYLOAD,
+                          vocab_size=self.meta.vocab_size, node_id=node_id(), padded_rows=0, forward_rows=0,
+                          served_rows=self.served_rows, cached_batches=None, store=self.meta.format)
 
-    def payload(self, rows: Rows, batch_id: Any = None, loss: Any = None) -> dict[str, Any]:
+    def payload(self, rows: Rows, batch_id: Any = None, loss: Any = None, answers: list[Any] | None = None
+                ) -> PayloadReply:
         """The payload of ``rows`` for ``loss`` (default the job's), as a live teacher computes it."""
+        if answers is not None:
+            raise ValueError(f"teacher {self.name}: a store holds outputs for the dataset's answers only, not the "
+                             "student's own (the config refuses on-policy training from a store)")
         loss = loss or self.loss
+        cfg = self.settings(loss)
         found = [self._row(int(g)) for g in self._locate(rows.data, rows.split)[list(rows.indices)]]
-        if self.meta["format"] == "payload":
-            payload = self._stored_payload(found, loss)
-            if loss.spec.identity_config(loss.params).shared:
-                raise UserError(shared_needs_hidden(self.name))
+        if self.meta.format == PAYLOAD:
+            payload = self._stored_payload(found)
             self.extras.add(payload, loss, rows, token_logp=self._token_logp(found, payload.lengths))
         else:
             logits, labels = self._hidden_logits(found)
-            payload = mlot.compress_teacher(logits, labels, config=self._settings(loss))
+            payload = mlot.compress_teacher(logits, labels, config=cfg)
             self.extras.add(payload, loss, rows, logits=logits, labels=labels)
         self.served_rows += len(found)
-        return {"payload": payload.to_numpy(), "batch_id": batch_id, "seconds": 0.0,
-                "answer_tokens": int(payload.lengths.sum())}
+        return PayloadReply(payload=payload.to_numpy(), batch_id=batch_id, seconds=0.0,
+                            answer_tokens=int(payload.lengths.sum()))
 
     def _row(self, g: int) -> tuple[_Shard, int]:
         s = int(np.searchsorted(self.starts, g, side="right")) - 1
@@ -220,7 +215,7 @@ class StoreTeacher:
             if (where < 0).any():
                 record = int(records[np.flatnonzero(where < 0)[0]])
                 raise UserError(f"teacher {self.name}: its store has no row {record} of split {origin!r} "
-                                f"(made from {self.meta['identity']['data']['source']!r}); run mlot teach for this "
+                                f"(made from {self.meta.identity['data']['source']!r}); run mlot teach for this "
                                 "job's data")
             differ = np.flatnonzero(self.hashes[where] != opened.hashes(split, self.key))
             if len(differ):
@@ -232,19 +227,10 @@ class StoreTeacher:
             self._located[key] = where
         return self._located[key]
 
-    def _settings(self, loss: Any) -> Any:
-        key = loss.model_dump_json()
-        if key not in self._configs:
-            self._configs[key] = loss.payload_config()
-        return self._configs[key]
-
-    def _stored_payload(self, found: list[tuple[_Shard, int]], loss: Any) -> mlot.TeacherPayload:
-        cfg = self._settings(loss)
-        if cfg.teacher_settings() != self.meta["payload_settings"]:
-            raise UserError(payload_mismatch(self.name, self.meta["payload_settings"], cfg.teacher_settings()))
+    def _stored_payload(self, found: list[tuple[_Shard, int]]) -> mlot.TeacherPayload:
         lengths = [int(shard.length[row]) for shard, row in found]
         k, width = len(found[0][0].get("probs", found[0][1])) // lengths[0], max(lengths)
-        token_cols = self.meta["payload_settings"].get("ranking") == "token"
+        token_cols = self.meta.payload_settings.get("ranking") == "token"
         probs = np.zeros((len(found), width, k), np.float32)
         sd = np.zeros((len(found), width), np.float32) if "sd_log_shift" in found[0][0].lists else None
         columns = np.zeros((len(found), width, k) if token_cols else (len(found), k), np.int32)
@@ -255,7 +241,7 @@ class StoreTeacher:
             columns[b] = _pad_rows(shard.get("columns", row), n, k, width) if token_cols else shard.get("columns", row)
         return mlot.TeacherPayload("paper", torch.from_numpy(probs), None if sd is None else torch.from_numpy(sd),
                                    torch.from_numpy(columns), torch.tensor(lengths),
-                                   dict(self.meta["payload_settings"]))
+                                   dict(self.meta.payload_settings))
 
     @staticmethod
     def _token_logp(found: list[tuple[_Shard, int]], lengths: torch.Tensor) -> torch.Tensor:
@@ -268,7 +254,7 @@ class StoreTeacher:
     def _hidden_logits(self, found: list[tuple[_Shard, int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Answer-window logits and labels from the stored hidden rows: each row's padded on the left to the
         batch's window, as a live left-padded batch."""
-        dtype = _HIDDEN_DTYPES[self.meta["hidden_dtype"]]
+        dtype = _HIDDEN_DTYPES[self.meta.hidden_dtype]
         h = self.head.shape[1]
         rows = [(torch.frombuffer(bytearray(shard.get("hidden", row)), dtype=dtype).reshape(-1, h),
                  torch.from_numpy(shard.get("labels", row).astype(np.int64))) for shard, row in found]
@@ -279,26 +265,13 @@ class StoreTeacher:
             hidden[b, window - r.shape[0]:] = r.to(self.head.dtype)
             labels[b, window - r.shape[0]:] = lab
         with torch.no_grad():
-            return torch.nn.functional.linear(hidden, self.head)[..., :self.meta["vocab_size"]], labels
+            return torch.nn.functional.linear(hidden, self.head)[..., :self.meta.vocab_size], labels
 
 
 def _pad_rows(values: np.ndarray, n: int, k: int, width: int) -> np.ndarray:
     out = np.zeros((width, k), np.int32)
     out[:n] = values.reshape(n, k)
     return out
-
-
-def payload_mismatch(name: str, stored: dict[str, Any], wanted: dict[str, Any]) -> str:
-    diff = {k: (stored.get(k), wanted.get(k)) for k in sorted({*stored, *wanted}) if stored.get(k) != wanted.get(k)}
-    return (f"teacher {name}: its store holds payloads for other loss settings "
-            + ", ".join(f"{k}: store {a!r}, job {b!r}" for k, (a, b) in diff.items())
-            + "; teach again with these settings, or make the store with --format hidden (exact for any settings)")
-
-
-def shared_needs_hidden(name: str) -> str:
-    return (f"teacher {name}: loss.params.shared_weight needs the teacher's distribution over the tokens it shares "
-            "with the student's vocabulary, which a payload store does not keep: make the store with --format hidden "
-            "(exact for any student), or set shared_weight to 0 (chunk_weight works from a payload store)")
 
 
 def _local_root(store: str) -> str:

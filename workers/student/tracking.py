@@ -15,6 +15,7 @@ from typing import Any
 from specs import storage
 
 MLFLOW_BATCH = 1000  # MLflow's per-call metric limit
+REPLAY_KEY = "train/step_s"  # logged at every step: the steps a run holds
 
 
 def say(message: str) -> None:
@@ -32,11 +33,36 @@ class MetricsBuffer:
         self.client, self.run_id = client, run_id
         self.pending: list[Any] = []  # metrics not yet accepted by the tracking server
         self.gap_since = 0           # the step since which the server has been unreachable (0: it is up)
+        self.held: dict[int, float] = {}  # steps the run already holds (a restored run replays them): their loss
+
+    def resume(self, step: int) -> None:
+        """Training (re)starts after ``step`` (a checkpoint, or 0): the steps after it that the run already holds are
+        trained again, and are not logged twice (a loss curve must not zigzag back). Each replayed step logs
+        only ``train/replay_loss_diff``, |loss now - loss logged before| (0: the restore was exact), and the
+        run is tagged with the rewind."""
+        try:
+            held = [m for m in self.client.get_metric_history(self.run_id, REPLAY_KEY) if m.step > step]
+            if not held and not step:
+                return  # a new run
+            losses = {m.step: m.value for m in self.client.get_metric_history(self.run_id, "train/loss")}
+            rewinds = self.client.get_run(self.run_id).data.tags.get("mlot.rewinds")
+            self.client.set_tag(self.run_id, "mlot.rewinds", ",".join(filter(None, [rewinds, str(step)])))
+        except Exception as e:  # tracking must not stop training: then replayed steps are logged again
+            say(f"MLflow: could not read the run's logged steps ({type(e).__name__}); replayed steps log again")
+            return
+        self.held = {m.step: losses.get(m.step, float("nan")) for m in held}
+        if self.held:
+            say(f"resumed after step {step}: steps {min(self.held)}-{max(self.held)} are in the run already; "
+                "they train again and are not logged twice")
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         """Log now if the server answers; otherwise keep the metrics for the next call."""
         from mlflow.entities import Metric
         now = int(time.time() * 1000)
+        if step in self.held:
+            before = self.held.pop(step)
+            metrics = {"train/replay_loss_diff": abs(metrics["train/loss"] - before)} \
+                if "train/loss" in metrics and before == before else {}
         self.pending.extend(Metric(k, float(v), now, step) for k, v in metrics.items())
         if self._flush():
             if self.gap_since:
@@ -91,7 +117,7 @@ class MetricsBuffer:
         if not self.wait_for_server(step):
             return
         self.log({f"teacher/{name}/forward_rows": rows for name, rows in forward_rows.items()}, step)
-        from workers.plots import loss_curve_png, plan_heatmap_png
+        from workers.student.plots import loss_curve_png, plan_heatmap_png
         with tempfile.TemporaryDirectory() as d:
             if history:
                 self.client.log_artifact(self.run_id, loss_curve_png(history, Path(d) / "loss_curve.png"), "plots")

@@ -4,8 +4,8 @@ Student side: :func:`on_policy_batch`: :func:`sample_answers` generates from the
 student's own template and tokens, as in training), :func:`to_answers` turns the generated ids into
 :class:`Answer`s, and :func:`student_examples` makes the training examples (prompt + generated ids, labels
 on the answer).
-Teacher side: :func:`encode_answers` encodes each row's prompt with the answer *text*, in the teacher's own
-tokenizer and template, so both sides' answer spans cover the same text.
+Teacher side: ``workers.generation.encode_answers`` encodes each row's prompt with the answer *text*, in the
+teacher's own tokenizer and template, so both sides' answer spans cover the same text.
 
 A generation that is empty, EOS-only, or not valid text (a byte-level tokenizer can stop inside a UTF-8
 character) cannot be encoded by a teacher: that sample falls back to the row's gold answer, and is counted.
@@ -18,31 +18,14 @@ run makes the same choices and, with the same sampling seed per (seed, rank, mic
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
 
 from mlot.spans import IGNORE_INDEX
-from workers.answer_cut import FIELD
-from workers.data import ANSWER_CUT, answers_of, collate, encode_example
-
-
-@dataclass(frozen=True)
-class Answer:
-    """One sample's answer on an on-policy micro-batch, as the teachers receive it.
-
-    Attributes:
-        text: the answer text the teachers encode (the decoded generation, stripped).
-        ended: it ended with the student's EOS (the teachers then end theirs with their own EOS).
-        ids: the student's answer tokens (its EOS included when ``ended``).
-        sampled: False when the generation was unusable and this is the row's gold answer instead.
-    """
-
-    text: str
-    ended: bool
-    ids: tuple[int, ...]
-    sampled: bool = True
+from workers.data.answer_cut import FIELD
+from workers.data.encoding import ANSWER_CUT, answers_of, collate
+from workers.generation import Answer
 
 
 def _unit(*parts: int) -> float:
@@ -119,11 +102,3 @@ def on_policy_batch(model: Any, tokenizer: Any, examples: Sequence[tuple[list[in
     model.train(was_training)
     answers = to_answers(tokenizer, generated, rows, gold)
     return collate(student_examples(prompts, answers), tokenizer.pad_token_id), answers
-
-
-def encode_answers(rows: Sequence[dict[str, Any]], answers: Sequence[Answer], tokenizer: Any, template: Any,
-                   max_prompt_length: int) -> list[tuple[list[int], list[int]]]:
-    """A teacher's (input_ids, labels) of each row's prompt with the student's answer text: its own template
-    and tokens, its EOS only where the student's answer ended, never cut (the span is the whole text)."""
-    return [encode_example({**row, FIELD: a.text, ANSWER_CUT: not a.ended}, tokenizer, template, max_prompt_length,
-                           1 << 30) for row, a in zip(rows, answers)]

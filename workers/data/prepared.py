@@ -2,7 +2,7 @@
 
 :func:`prepare` reads the source with HF ``datasets`` (memory-mapped Arrow: local files, ``save_to_disk``
 folders, the hub), then runs *one* ``datasets.map`` pass over ``num_proc`` processes that maps columns to
-template fields, cuts each answer once for every model (:mod:`workers.answer_cut`), encodes the row with
+template fields, cuts each answer once for every model (:mod:`workers.data.answer_cut`), encodes the row with
 every model's tokenizer and template and marks rows that cannot be encoded. It splits train/eval (seeded),
 leaves bad rows out (or names the first one's file and line) and saves the result under
 ``<cache_dir>/<fingerprint>``. A later run with the same inputs (a rerun, a sweep's trials) opens that
@@ -36,9 +36,9 @@ import numpy as np
 
 from mlot.spans import IGNORE_INDEX
 from specs import UserError, storage
-from workers.answer_cut import encode_for_all
-from workers.data import ANSWER_CUT, BadRowError, collate
-from workers.tasks import RECORD, check_columns, load_records, map_columns
+from workers.data.answer_cut import encode_for_all
+from workers.data.encoding import ANSWER_CUT, BadRowError, collate
+from workers.data.tasks import RECORD, check_columns, load_records, map_columns
 
 FORMAT = 2  # bump when what is stored (or how it is computed) changes: old caches then miss
 STUDENT = "student"
@@ -56,7 +56,7 @@ def _col(key: str, what: str) -> str:
 
 def row_hash(ids: Sequence[int], prompt_len: int) -> int:
     """Identity of a row in one model's tokens (its ids and where its answer starts), as an int64: what a
-    teacher store checks a job's rows against (``workers.store``)."""
+    teacher store checks a job's rows against (``workers.teacher.store``)."""
     digest = hashlib.blake2b(np.asarray([prompt_len, *ids], dtype=np.int64).tobytes(), digest_size=8).digest()
     return int.from_bytes(digest, "little", signed=True)
 
@@ -104,6 +104,16 @@ def job_models(job: Any) -> list[Model]:
     """The student and every teacher of a job, as :class:`Model`s."""
     return [Model(STUDENT, job.student.tokenizer_name, job.student.trust_remote_code, job.student.template),
             *(Model(teacher_key(t.name), t.tokenizer_name, t.trust_remote_code, t.template) for t in job.teachers)]
+
+
+def data_inputs(job: Any) -> dict[str, Any]:
+    """What of a job's config its prepared data depends on (the data section, every model's tokenizer spec and
+    template, the split seed): jobs that agree on it can share one prepared copy (a sweep's trials)."""
+    d = job.data
+    return {"data": d.model_dump(mode="json", exclude={"num_proc", "cache_dir"}),
+            "split_seed": None if d.eval_split else job.train.seed,
+            "models": [(m.key, m.tokenizer, m.trust_remote_code, m.template.model_dump(mode="json"))
+                       for m in job_models(job)]}
 
 
 def prepare(job: Any, cache_dir: str, num_proc: int | None = None, say: Any = print) -> DataRef:
@@ -376,7 +386,7 @@ class PreparedData:
                                                                       got[_col(key, "prompt_len")])]
 
     def batch(self, split: str, indices: Sequence[int], key: str, pad_id: int) -> dict[str, Any]:
-        """A left-padded batch (:func:`workers.data.collate`) of rows ``indices`` for model ``key``."""
+        """A left-padded batch (:func:`workers.data.encoding.collate`) of rows ``indices`` for model ``key``."""
         return collate(self.examples(split, indices, key), pad_id)
 
     def column(self, split: str, name: str) -> np.ndarray:

@@ -3,7 +3,7 @@
 :class:`BatchOrder` is a pure function of (seed, rank, micro-batch): a resumed or restarted run sees
 exactly the batches it would have seen. :class:`PayloadStream` keeps ``depth`` micro-batches of payload
 requests in flight per teacher, so teacher inference overlaps the student step, and retries on another
-replica when a teacher dies. An on-policy micro-batch (``workers.on_policy``) cannot be asked for ahead: its
+replica when a teacher dies. An on-policy micro-batch (``workers.student.on_policy``) cannot be asked for ahead: its
 answers exist only once the student has generated them; its request goes out when :meth:`PayloadStream.get`
 receives them. A request names rows by index (each teacher reads its own tokens of them from
 the prepared data); payloads go teacher actor -> object store -> this worker.
@@ -19,7 +19,7 @@ from typing import Any, Callable
 import torch
 
 import mlot
-from workers.prepared import DataRef, Rows
+from workers.data.prepared import DataRef, Rows
 
 
 class BatchOrder:

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from mlot.spans import IGNORE_INDEX
-from workers.data import ANSWER_CUT, BadRowError, encode_example
+from workers.data.encoding import ANSWER_CUT, BadRowError, encode_example
 
 FIELD = "answer"  # data.columns must map it (the config checks): the field that is distilled
 

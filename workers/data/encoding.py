@@ -18,7 +18,7 @@ from specs import Template, UserError
 
 logger = logging.getLogger(__name__)
 
-#: Marks a row whose answer was cut to fit every model (``workers.answer_cut``): no EOS is appended to it.
+#: Marks a row whose answer was cut to fit every model (``workers.data.answer_cut``): no EOS is appended to it.
 ANSWER_CUT = "__answer_cut__"
 
 class BadRowError(UserError, ValueError):
@@ -136,13 +136,13 @@ def encode_example(
       special token (BERT's [SEP] is dropped). Too long: cut from the left, keeping the BOS.
     * Answer ids are the answer text encoded without special tokens, then eos if
       ``template.eos`` (not for a row whose answer was cut to fit every model, marked ``ANSWER_CUT``:
-      ``workers.answer_cut``). Still too long: cut from the right to ``max_answer_length`` (so the eos goes).
+      ``workers.data.answer_cut``). Still too long: cut from the right to ``max_answer_length`` (so the eos goes).
     * ``template.chat``: the conversation ``[user: prompt, assistant: answer]`` is rendered with the
       tokenizer's chat template; the answer is the suffix beyond the rendering of
       ``[user: prompt]`` with the generation prompt (that rendering must be a prefix).
 
     Args:
-        row: field name -> value (the *mapped* names of :func:`workers.tasks.load_rows`).
+        row: field name -> value (the *mapped* names of :func:`workers.data.tasks.load_rows`).
         tokenizer: a tokenizer with an eos (see :func:`workers.models.load_tokenizer`).
         index: the row's index, used only in error messages.
 

@@ -4,7 +4,7 @@
 Computed where the teacher's logits are (a teacher actor, or a store reader), per request. The character
 bounds of both models' answer tokens come from token ids (the prepared data's, or the student's generated
 ones on an on-policy micro-batch), so the student worker decodes nothing on its step. The vocabulary map of a
-(teacher, student) tokenizer pair is built once per process (:func:`pair_map`); the student worker builds
+(teacher, student) tokenizer pair is built once per process (``workers.vocab``); the student worker builds
 the same map for its side of the exact-match term.
 
 Cost, measured on the 2-core development CPU: about 1 ms of decoding per answer of ~50 tokens and per model
@@ -14,29 +14,17 @@ per vocabulary map (``benchmarks/identity.py``).
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Sequence
 
 import torch
 
 import mlot
-from mlot.identity import IdentityPayload, VocabMap, answer_bounds, compress_identity, vocab_map
+from mlot.identity import IdentityPayload, answer_bounds, compress_identity
 from mlot.mixing import PER_SAMPLE_MIXES, nll_per_byte
-from workers.data import answers_of
+from workers.data.encoding import answers_of
+from workers.data.prepared import STUDENT, Rows, open_data
 from workers.models import load_tokenizer
-from workers.prepared import STUDENT, Rows, open_data
-
-
-@functools.lru_cache(maxsize=8)
-def pair_map(teacher_tokenizer: str, teacher_trust: bool, student_tokenizer: str, student_trust: bool) -> VocabMap:
-    """The :func:`mlot.identity.vocab_map` of two tokenizer specs, built once per process."""
-    return vocab_map(load_tokenizer(teacher_tokenizer, teacher_trust), load_tokenizer(student_tokenizer, student_trust))
-
-
-def teacher_map(teacher: Any, student: Any) -> VocabMap:
-    """The map of a job's teacher (``TeacherConfig``) to its student (``StudentConfig``)."""
-    return pair_map(teacher.tokenizer_name, teacher.trust_remote_code, student.tokenizer_name,
-                    student.trust_remote_code)
+from workers.vocab import teacher_map
 
 
 class Extras:
@@ -57,7 +45,7 @@ class Extras:
         """Set what ``loss`` (a ``LossConfig``) needs on ``payload``, from the teacher's answer logits [B, K, V]
         and labels [B, K], or (a payload store) its gold tokens' log-probabilities [B, T].
 
-        ``answers``: the student's generated answers (``workers.on_policy.Answer``) on an on-policy micro-batch.
+        ``answers``: the student's generated answers (``workers.generation.Answer``) on an on-policy micro-batch.
         """
         identity = loss.spec.identity_config(loss.params)
         if identity.on:
