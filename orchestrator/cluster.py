@@ -175,6 +175,27 @@ def copies_that_fit(nodes: list[dict[str, float]], fixed: list[dict[str, float]]
     return count
 
 
+def with_replicas(job: Any) -> Any:
+    """``job`` with every ``replicas: auto`` teacher given a number: as many replicas as the cluster's nodes hold
+    after the training workers' and the earlier teachers' requests (node by node; an autoscaling cluster's node
+    types at full scale), between 1 and ``max_replicas``."""
+    live = [i for i, t in enumerate(job.teachers) if t.replicas == "auto" and not t.store]
+    if not live:
+        return job
+    import ray
+    nodes = launcher_nodes(job.cluster.launcher_config) if job.cluster.autoscaling and job.cluster.launcher_config \
+        else [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    placed = [worker_request(job.train)] * job.train.num_workers
+    teachers = []
+    for i, t in enumerate(job.teachers):
+        if i in live:
+            t = t.model_copy(update={"replicas": max(1, copies_that_fit(nodes, placed, [teacher_request(t)],
+                                                                         limit=t.max_replicas))})
+        placed += [teacher_request(t)] * (t.replicas if t.replicas != "auto" else 1)
+        teachers.append(t)
+    return job.model_copy(update={"teachers": teachers})
+
+
 def worker_request(train: Any) -> dict[str, float]:
     """The Ray resources of one training worker (Ray Train's defaults: 1 CPU, and 1 GPU with use_gpu)."""
     request = {"CPU": 1.0, **({"GPU": 1.0} if train.use_gpu else {}), **_accelerator(train.accelerator_type)}

@@ -200,10 +200,18 @@ class TeacherConfig(ModelSpec):
     dtype: Literal["float32", "bfloat16", "float16"] | None = Field(None, description="Inference dtype; null: bfloat16 on a GPU, float32 on the CPU.")
     name: str = Field(..., min_length=1, pattern=_NAME_RE, description="Unique teacher name (actor names, metrics); letters, digits, _ . -")
     weight: float = Field(1.0, ge=0, description="Weight of this teacher's distillation loss.")
-    replicas: int = Field(1, ge=1, description="Number of actor replicas serving this teacher.")
+    replicas: int | str = Field(1, description="Number of actor replicas serving this teacher; auto: as many as the cluster's nodes hold (after the training workers' and the earlier teachers' requests), at most max_replicas.")
+    max_replicas: int = Field(8, ge=1, description="The most replicas replicas: auto starts.")
     resources: TeacherResources = Field(default_factory=TeacherResources, description="Ray resources per replica.")
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig, description="Brief task pre-training (for tiny random teachers); null: none.")
     store: str | None = Field(None, min_length=1, description="A teacher store made by `mlot teach` (a folder or URI): read this teacher's outputs from it instead of running it (no teacher resources); refused if it does not match the job.")
+
+    @field_validator("replicas")
+    @classmethod
+    def _replicas(cls, v: int | str) -> int | str:
+        if v != "auto" and (isinstance(v, str) or v < 1):
+            raise ValueError("expected an integer >= 1, or auto (as many as the cluster holds)")
+        return v
 
     @field_validator("pretrain", mode="before")
     @classmethod

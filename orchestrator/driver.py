@@ -15,7 +15,14 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from orchestrator.cluster import check_placeable, connect_ray, outside_pg, reachable_from_workers, teacher_options
+from orchestrator.cluster import (
+    check_placeable,
+    connect_ray,
+    outside_pg,
+    reachable_from_workers,
+    teacher_options,
+    with_replicas,
+)
 from orchestrator.config import JobConfig
 from orchestrator.configuration import apply_overrides
 from orchestrator.tracking import start_tracking
@@ -154,6 +161,7 @@ def run_distill(job: JobConfig, *, resume: bool = False, teachers: dict[str, lis
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from workers.student import checkpoint
     from workers.student.engine import deepspeed_config
     from workers.student.recipe import StopSignal, train_loop_per_worker
 
@@ -168,6 +176,7 @@ def run_distill(job: JobConfig, *, resume: bool = False, teachers: dict[str, lis
 
     data = data or (_prepared_before(previous) if resume else None) or prepare_data(job)
     connect_ray(job)
+    job = with_replicas(job)  # replicas: auto, from the cluster's nodes
     check_placeable(job, teachers=teachers is None and job.loss.spec.needs_teacher)
     uri, run_id = start_tracking(job, previous["run_id"] if resume else None, parent_run_id)
     ray_name = previous["ray_name"] if resume else f"{job.name}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -188,6 +197,8 @@ def run_distill(job: JobConfig, *, resume: bool = False, teachers: dict[str, lis
                 "job": job, "data": data, "teachers": teachers,
                 "run_id": run_id, "tracking_uri": reachable_from_workers(job, uri), "export_dir": export_dir,
                 "fingerprint": fingerprint(job),
+                "resume_from": checkpoint.newest(storage.join(run_path, "ray", ray_name), job.train.num_workers)
+                if resume else None,
                 "stop_signal": stop_signal, "callbacks": callbacks or [],
             },
             scaling_config=ScalingConfig(num_workers=job.train.num_workers, use_gpu=job.train.use_gpu,

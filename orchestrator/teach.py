@@ -12,7 +12,7 @@ import math
 import time
 from typing import Any
 
-from orchestrator.cluster import connect_ray
+from orchestrator.cluster import connect_ray, with_replicas
 from orchestrator.config import JobConfig
 from orchestrator.driver import prepare_data, say, start_teachers
 from orchestrator.tracking import experiment_id
@@ -27,12 +27,13 @@ def run_teach(job: JobConfig, out: str | None = None, fmt: str = "payload", comp
     from mlflow import MlflowClient
 
     check_format(fmt, job.loss.mode)
-    live = [t for t in job.teachers if not t.store]
-    if not live:
+    if all(t.store for t in job.teachers):
         raise UserError(f"job {job.name!r} has no teacher to teach (every teacher reads a store already)")
     out = out or storage.join(job.run_path, "store")
     data = prepare_data(job)
     connect_ray(job)
+    job = with_replicas(job)  # replicas: auto, from the cluster's nodes
+    live = [t for t in job.teachers if not t.store]
     uri = job.tracking.resolved_uri()
     client = MlflowClient(uri)
     run_id = client.create_run(experiment_id(client, job.tracking.experiment, uri), run_name=f"{job.name}-teach",

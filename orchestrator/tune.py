@@ -17,7 +17,14 @@ from typing import Any
 
 import yaml
 
-from orchestrator.cluster import connect_ray, copies_that_fit, launcher_nodes, teacher_request, worker_request
+from orchestrator.cluster import (
+    connect_ray,
+    copies_that_fit,
+    launcher_nodes,
+    teacher_request,
+    with_replicas,
+    worker_request,
+)
 from orchestrator.config import JobConfig
 from orchestrator.configuration import ConfigError, apply_overrides, dump_config
 from orchestrator.driver import prepare_data, run_distill, say, start_teachers
@@ -125,6 +132,7 @@ def run_tune(job: JobConfig, space_path: str, *, num_samples: int = 1, scheduler
 
     data = prepare_data(job)  # once: the trials read this copy (data.cache_dir: shared by every node, or a URI)
     connect_ray(job)
+    job = with_replicas(job)  # replicas: auto, from the cluster's nodes
     client = MlflowClient(job.tracking.resolved_uri())
     if resume:
         parent = json.loads(storage.read_text(state_file))["parent_run_id"]

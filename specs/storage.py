@@ -42,6 +42,16 @@ def exists(path: str) -> bool:
     return fs.get_file_info(p).type != pyarrow.fs.FileType.NotFound
 
 
+def listdir(path: str) -> list[str]:
+    """The names in folder ``path`` (empty when it does not exist)."""
+    if not is_uri(path):
+        return sorted(p.name for p in Path(path).iterdir()) if Path(path).is_dir() else []
+    import pyarrow.fs
+    fs, p = _fs(path)
+    infos = fs.get_file_info(pyarrow.fs.FileSelector(p, allow_not_found=True))
+    return sorted(i.base_name for i in infos)
+
+
 def read_text(path: str) -> str:
     if not is_uri(path):
         return Path(path).read_text()

@@ -104,20 +104,6 @@ class OptimizerSteps(TrainCallback):
             f.write(f"{rank} {step} {engine.global_steps} {engine.micro_steps}\n")
 
 
-class RecordNode(TrainCallback):
-    """Each training worker writes the id of the node it runs on (one JSON line per rank and step)."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-
-    def on_step_end(self, step, rank, engine):
-        import json
-
-        import ray
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"rank": rank, "node": ray.get_runtime_context().get_node_id()}) + "\n")
-
-
 class RecordCollectives(TrainCallback):
     """Wraps the worker's torch.distributed collectives (the loop's own and DeepSpeed's) and writes, per call,
     the collective's name, its tensor's device and the worker's device (where its logits live)."""

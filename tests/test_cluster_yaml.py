@@ -120,7 +120,7 @@ def test_each_replica_and_worker_fits_a_node_type_with_enough_capacity() -> None
         return total
 
     for name, need in _teacher_demand(job):
-        replicas = next(t.replicas for t in job.teachers if t.name == name)
+        replicas = next(t.max_replicas if t.replicas == "auto" else t.replicas for t in job.teachers if t.name == name)
         assert capacity(need) >= replicas, f"teacher {name} ({need}) does not fit cluster.yaml"
     need = _worker_demand(job)
     assert capacity(need) >= job.train.num_workers, f"training workers ({need}) do not fit cluster.yaml"
@@ -132,21 +132,37 @@ def test_each_replica_and_worker_fits_a_node_type_with_enough_capacity() -> None
 
 def test_an_autoscaling_sweep_sizes_its_concurrency_from_the_node_types_at_full_scale():
     """cluster.yaml scales from 0 nodes: the example job's sweep counts its node types at max_workers (4 student
-    nodes of 4 L40S: one 4-worker trial each, the 2 shared teacher replicas on a teacher node), node by node."""
-    from orchestrator.cluster import copies_that_fit, launcher_nodes
+    nodes of 4 L40S: one 4-worker trial each, the 8 shared teacher replicas on a teacher node), node by node."""
+    from orchestrator.cluster import copies_that_fit, launcher_nodes, with_replicas
     from orchestrator.configuration import apply_overrides
     from orchestrator.tune import _fitting_trials
     from specs import UserError
 
     nodes = launcher_nodes(str(CLUSTER))
     assert len(nodes) == 1 + 2 + 4 and sum(n.get("GPU", 0) for n in nodes) == 2 * 8 + 4 * 4
-    job = apply_overrides(load_config(EXAMPLE), [f"cluster.launcher_config={CLUSTER}"])
-    assert _fitting_trials(job, shared_teachers=True) == 4
-    # teachers per trial (not shared): each trial also needs its 2 replicas; the 2 teacher nodes hold 16 of them
-    assert _fitting_trials(job, shared_teachers=False) == 4
+    job = with_replicas(apply_overrides(load_config(EXAMPLE), [f"cluster.launcher_config={CLUSTER}"]))
+    assert job.teachers[0].replicas == 8 and _fitting_trials(job, shared_teachers=True) == 4
+    # teachers per trial (not shared): each trial also needs its 8 replicas; the 2 teacher nodes hold 2 such sets
+    assert _fitting_trials(job, shared_teachers=False) == 2
     # packing is per node: 3 workers of 2 GPUs do not fit two nodes of 3 GPUs each, though 6 GPUs are there
     assert copies_that_fit([{"GPU": 3}, {"GPU": 3}], [], [{"GPU": 2}] * 3) == 0
     with pytest.raises(UserError, match="set cluster.launcher_config to the cluster-launcher YAML"):
         _fitting_trials(apply_overrides(job, ["cluster.launcher_config=null"]), shared_teachers=True)
     with pytest.raises(UserError, match="not a readable cluster-launcher YAML"):
         _fitting_trials(apply_overrides(job, ["cluster.launcher_config=/nowhere.yaml"]), shared_teachers=True)
+
+
+def test_replicas_auto_fills_the_teacher_nodes_after_the_workers_up_to_max_replicas():
+    """The example job with ``replicas: auto`` on cluster.yaml at full scale: one replica per H100 of the 2
+    teacher nodes (16), bounded by max_replicas; a teacher asking for any GPU leaves the workers theirs."""
+    from orchestrator.cluster import with_replicas
+    from orchestrator.configuration import apply_overrides
+
+    job = apply_overrides(load_config(EXAMPLE), [f"cluster.launcher_config={CLUSTER}", "teachers.0.max_replicas=8"])
+    assert with_replicas(job).teachers[0].replicas == 8  # max_replicas
+    assert with_replicas(apply_overrides(job, ["teachers.0.max_replicas=64"])).teachers[0].replicas == 16
+    # no accelerator type nor custom resource: any GPU, after the 4 workers' L40S GPUs: 16 H100 + 12 L40S
+    anywhere = ["teachers.0.max_replicas=64", "teachers.0.resources.accelerator_type=null",
+                "teachers.0.resources.custom={}"]
+    assert with_replicas(apply_overrides(job, anywhere)).teachers[0].replicas == 16 + 12
+    assert with_replicas(apply_overrides(job, ["teachers.0.replicas=2"])).teachers[0].replicas == 2  # a number stays

@@ -79,7 +79,7 @@ def test_quickstart_loads() -> None:
 def test_example_cluster_loads() -> None:
     cfg = load_config(EXAMPLE)
     [teacher] = cfg.teachers
-    assert teacher.replicas == 2 and teacher.resources.accelerator_type == "H100"
+    assert (teacher.replicas, teacher.max_replicas) == ("auto", 8) and teacher.resources.accelerator_type == "H100"
     assert teacher.resources.custom == {"teacher_node": 1.0}
     assert cfg.student.model == "EleutherAI/pythia-410m" and cfg.student.dtype == "bfloat16"
     assert cfg.student.deepspeed.stage == 3

@@ -35,10 +35,23 @@ BUCKET = "mlot"  # made by conftest's s3 fixture
 SECRET = S3_SECRET
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def _free_ports(n: int, low: int = 0) -> list[int]:
+    """``n`` distinct free ports, any (``low`` 0) or from ``low`` up: below the kernel's ephemeral range, where no
+    process that binds port 0 (as Ray's own components do) can take them before their owner starts."""
+    socks, port = [], low
+    try:
+        while len(socks) < n:
+            sock = socket.socket()
+            try:
+                sock.bind(("127.0.0.1", port))
+                socks.append(sock)
+            except OSError:
+                sock.close()
+            port += 1 if low else 0
+        return [sock.getsockname()[1] for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
 
 
 def _wait_listening(port: int, proc: subprocess.Popen, what: str, timeout: float = 120) -> None:
@@ -82,7 +95,8 @@ def cluster(s3):
     import ray
     ray.shutdown()
     temp = tempfile.mkdtemp(prefix="mlot-mn-", dir="/tmp")  # short: Ray's socket paths
-    port, dashboard = _free_port(), _free_port()
+    port, dashboard = _free_ports(2)
+    node_ports = _free_ports(2 * 6, low=24000 + os.getpid() % 4000)  # the nodes' worker ports: 20000-23999
     # Token authentication with this cluster's own token: every raylet, job driver and CLI call sends it.
     token = Path(temp, "auth_token")
     token.write_text(secrets.token_hex(32))
@@ -94,24 +108,25 @@ def cluster(s3):
                             env=env, cwd=temp, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     procs = [head]
+    c = {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dashboard}", "env": env}
     try:
         _wait_listening(port, head, "ray start --head")
         for i, (gpus, kind, cpus) in enumerate(((2, "A100", 1), (2, "H100", 3))):
-            # Two raylets on one host: each its own ports (Ray's fixed defaults would collide).
-            ports = [f"--{name}-port={_free_port()}" for name in (
+            # Two raylets on one host: each its own ports (Ray's fixed defaults would collide), one after the other.
+            ports = [f"--{name}-port={node_ports[6 * i + j]}" for j, name in enumerate((
                 "node-manager", "object-manager", "metrics-export", "dashboard-agent-listen",
-                "dashboard-agent-grpc", "runtime-env-agent")]
+                "dashboard-agent-grpc", "runtime-env-agent"))]
             workers = [f"--min-worker-port={20000 + 2000 * i}", f"--max-worker-port={21999 + 2000 * i}"]
             procs.append(subprocess.Popen(
                 [str(BIN / "ray"), "start", *common, f"--address=127.0.0.1:{port}", f"--num-cpus={cpus}",
                  f"--num-gpus={gpus}", "--resources", json.dumps({f"accelerator_type:{kind}": 1}), *ports, *workers],
                 env=env, cwd=temp, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True))
-        _wait_listening(dashboard, head, "the head's dashboard")
-        c = {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dashboard}", "env": env}
-        deadline = time.time() + 120
-        while len(nodes := _nodes(c)) < 3:
-            assert time.time() < deadline, f"the worker nodes did not join: {nodes}"
-            time.sleep(1)
+            _wait_listening(dashboard, head, "the head's dashboard")
+            deadline = time.time() + 120
+            while len(nodes := _nodes(c)) < 2 + i:
+                assert procs[-1].poll() is None, f"the {kind} node's ray start exited"
+                assert time.time() < deadline, f"the {kind} node did not join: {nodes}"
+                time.sleep(1)
         yield c
     finally:
         _stop(procs)
@@ -159,20 +174,31 @@ def _submit(c: dict, workdir: Path, *mlot_args: str) -> str:
     return sid
 
 
+def _job(c: dict, sid: str, what: str = "") -> dict:
+    """The job API (what ``ray job status`` / ``ray job logs`` ask), with the cluster's token."""
+    import requests
+
+    token = Path(c["env"]["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
+    reply = requests.get(f"{c['dashboard']}/api/jobs/{sid}{what}", headers={"Authorization": f"Bearer {token}"},
+                         timeout=30)
+    reply.raise_for_status()
+    return reply.json()
+
+
 def _wait_job(c: dict, sid: str, timeout: float = 600) -> str:
+    """The job's final status (or ``TIMEOUT``; ``timeout=0``: its status now, ``TIMEOUT`` while it runs)."""
     deadline = time.time() + timeout
     while True:
-        status = _ray_cli(c, "job", "status", f"--address={c['dashboard']}", sid)
-        for state in ("SUCCEEDED", "FAILED", "STOPPED"):
-            if f": {state}" in status:
-                return state
-        if time.time() > deadline:
+        status = _job(c, sid)["status"]
+        if status in ("SUCCEEDED", "FAILED", "STOPPED"):
+            return status
+        if time.time() >= deadline:
             return "TIMEOUT"
-        time.sleep(2)
+        time.sleep(1)
 
 
 def _logs(c: dict, sid: str) -> str:
-    return _ray_cli(c, "job", "logs", f"--address={c['dashboard']}", sid)
+    return _job(c, sid, "/logs")["logs"]
 
 
 @pytest.fixture(scope="module")
@@ -245,7 +271,7 @@ def test_a_killed_driver_resumes_from_s3_logs_each_step_once_and_exports_a_loada
 
     from specs import storage
 
-    cfg = _config(job_dir, "mn-distill", "train.steps=8")
+    cfg = _config(job_dir, "mn-distill", "train.steps=8", "student.dtype=bfloat16")  # bf16, fp32 master weights
     sid = _submit(cluster, job_dir, "distill", str(cfg))
     client, _ = _runs(job_dir)
     deadline = time.time() + 400
@@ -281,3 +307,14 @@ def test_a_killed_driver_resumes_from_s3_logs_each_step_once_and_exports_a_loada
         model = AutoModelForCausalLM.from_pretrained(local)
     assert sum(p.numel() for p in model.parameters()) == int(run.data.params["student.params"])
     assert storage.exists(f"s3://{BUCKET}/runs/mn-distill/ray")  # the checkpoints went to S3 too
+
+
+def test_a_request_no_node_can_hold_fails_at_once_naming_the_resource(cluster, job_dir):
+    """Joining this cluster from outside (its address, its token): a teacher that asks for an accelerator no node
+    has, and more workers than the student node holds, are refused before anything starts (exit 2, no hang)."""
+    cfg = _config(job_dir, "mn-refused", "train.steps=2", f"cluster.address={cluster['address']}")
+    for override, named in (("teachers.0.resources.accelerator_type=B200", "accelerator_type:B200"),
+                            ("train.num_workers=3", "train (one worker")):
+        run = subprocess.run([str(BIN / "mlot"), "distill", str(cfg), "--set", override], cwd=job_dir,
+                             env=cluster["env"], capture_output=True, text=True, timeout=300)
+        assert run.returncode == 2 and named in run.stderr, run.stdout[-2000:] + run.stderr[-2000:]

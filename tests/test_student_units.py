@@ -102,3 +102,24 @@ def test_node_copy_downloads_once_per_node_while_processes_race(tmp_path):
     [path] = paths
     assert (tmp_path / "node" / "mlot-data" / "fp1" / "rows.arrow").read_bytes() == b"x" * 1000
     assert path == str(tmp_path / "node" / "mlot-data" / "fp1")
+
+
+def test_the_newest_whole_checkpoint_is_found_on_storage(tmp_path):
+    """What ``--resume`` falls back to when the killed driver's Ray Train controller never recorded its last
+    checkpoints: the newest folder that holds every rank's ZeRO shard (a half-uploaded one is passed over)."""
+    from specs import storage
+    from workers.student.checkpoint import newest
+
+    def make(name: str, ranks: int) -> None:
+        folder = tmp_path / "run" / name / "mlot"
+        folder.mkdir(parents=True)
+        (folder.parent / "mlot_job.json").write_text('{"step": 2}')
+        for r in range(ranks):
+            (folder / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt").write_bytes(b"")
+
+    assert newest(str(tmp_path / "run"), world=2) is None  # no run folder yet
+    make("checkpoint_2026-12-01_10-00-00.000001", 2)
+    make("checkpoint_2026-12-01_10-00-09.000001", 2)
+    make("checkpoint_2026-12-01_10-00-15.000001", 1)  # one rank's shard still missing
+    assert newest(f"file://{tmp_path}/run", world=2) == f"file://{tmp_path}/run/checkpoint_2026-12-01_10-00-09.000001"
+    assert storage.listdir(str(tmp_path / "run"))[0] == "checkpoint_2026-12-01_10-00-00.000001"

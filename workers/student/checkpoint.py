@@ -28,19 +28,39 @@ def save(engine: Any, metrics: dict[str, float], step: int, fingerprint: str) ->
         ray.train.report({**metrics, "step": step}, checkpoint=Checkpoint.from_directory(d))
 
 
-def restore(engine: Any, fingerprint: str) -> int:
+def newest(run_dir: str, world: int) -> str | None:
+    """The newest whole checkpoint under a Ray Train run's folder (a local path or URI): every rank's ZeRO shard
+    is there. A driver that was killed may not have recorded its last checkpoints with Ray Train (its controller
+    died with it); they are on storage all the same, and ``--resume`` continues from them."""
+    for name in reversed(storage.listdir(run_dir)):
+        folder = storage.join(run_dir, name)
+        if name.startswith("checkpoint_") and storage.exists(storage.join(folder, "mlot_job.json")):
+            shards = [f for f in storage.listdir(storage.join(folder, CKPT_TAG)) if f.endswith("optim_states.pt")]
+            if len(shards) == world:
+                return folder
+    return None
+
+
+def _step(ckpt: Any) -> int:
+    with ckpt.filesystem.open_input_stream(f"{ckpt.path}/mlot_job.json") as f:
+        return json.loads(f.read())["step"]
+
+
+def restore(engine: Any, fingerprint: str, found: str | None = None) -> int:
     """Load the run's newest checkpoint, if any; return the optimizer step to start at.
 
-    Ray Train hands it over both after a worker-group restart and to a ``--resume`` (the driver reuses
-    the run's name and storage path). The step is an optimizer step: checkpoints are only written at
-    accumulation boundaries, so the engine's micro-step counter and the data order (a function of the
-    step) resume in lockstep.
+    Ray Train hands one over after a worker-group restart and to a ``--resume`` (the driver reuses the run's
+    name and storage path); ``found`` is the newest the driver found on storage (:func:`newest`): the later of
+    the two wins. The step is an optimizer step: checkpoints are only written at accumulation boundaries, so
+    the engine's micro-step counter and the data order (a function of the step) resume in lockstep.
     """
     import ray.train
+    from ray.train import Checkpoint
 
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is None:
+    candidates = [c for c in (ray.train.get_checkpoint(), Checkpoint(found) if found else None) if c is not None]
+    if not candidates:
         return 0
+    ckpt = max(candidates, key=_step)
     with ckpt.as_directory() as d:
         meta = json.loads(Path(d, "mlot_job.json").read_text())
         if meta["fingerprint"] != fingerprint:

@@ -113,7 +113,8 @@ def answer_rows_finite(logits: torch.Tensor, labels: torch.Tensor) -> bool:
 
 class StudentRecipe:
     """One training worker. ``config``: job (JobConfig), data (the prepared rows' ``DataRef``),
-    teachers ({name: [actor handles]}), run_id/tracking_uri (MLflow), export_dir, fingerprint,
+    teachers ({name: [actor handles]}), run_id/tracking_uri (MLflow), export_dir, fingerprint, resume_from (the
+    newest checkpoint the driver found on storage, or None),
     stop_signal (a StopSignal actor), callbacks (``workers.student.callbacks.TrainCallback``s; tests only)."""
 
     def __init__(self, config: dict[str, Any]) -> None:
@@ -144,7 +145,7 @@ class StudentRecipe:
         self.n_params = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them away
         self.steps = total_steps(job, self.data.size("train"), self.world)
         self.engine, self.scheduler = build_engine(job, model, self.steps)
-        self.start = checkpoint.restore(self.engine, config["fingerprint"])
+        self.start = checkpoint.restore(self.engine, config["fingerprint"], config.get("resume_from"))
         self.order = BatchOrder(self.data.size("train"), self.rank, self.world, job.train.batch_size, job.train.seed)
         self.stream = PayloadStream(config["teachers"], config["data"], self.order, self.rank, self.world,
                                     job.train.prefetch, job.loss, on_policy=self._is_on_policy) \
