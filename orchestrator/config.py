@@ -331,6 +331,7 @@ class OnPolicyConfig(_Section):
     temperature: float = Field(1.0, gt=0, description="Sampling temperature of the student's answers.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling of the student's answers (1: the full distribution).")
     ce: bool = Field(False, description="Also train CE on the generated answers (off: only the distillation terms learn from them).")
+    gather: Literal["once", "per_layer"] = Field("once", description="ZeRO-3: once gathers the whole student on every rank for a micro-batch's generation (one all-gather, then decoding with the KV cache and no collective per token: the student must fit one device); per_layer keeps it partitioned and gathers each layer at every decoded token, all ranks in step (for students that do not fit).")
 
 
 class TrainConfig(_Section):

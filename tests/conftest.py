@@ -32,27 +32,16 @@ def s3():
     """A real S3 HTTP server on loopback (moto's server mode) with one bucket, ``mlot``: the standard AWS
     variables point this process (and every Ray started after it, which inherits them) at it. Stopped by its id.
     Returns those variables."""
-    import signal
-    import socket
     import subprocess
     import sys
-    import time
 
     import boto3
+    from helpers import free_ports, stop, wait_listening
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    [port] = free_ports(1)
     proc = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 60
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            assert proc.poll() is None and time.time() < deadline, "moto_server did not start"
-            time.sleep(0.2)
+    wait_listening(port, proc, "moto_server", timeout=60)
     env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "mlot-test-key",
            "AWS_SECRET_ACCESS_KEY": S3_SECRET, "AWS_DEFAULT_REGION": "us-east-1"}
     saved = {k: os.environ.get(k) for k in env}
@@ -64,5 +53,4 @@ def s3():
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
+    stop([proc])

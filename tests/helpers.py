@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from pathlib import Path
 
@@ -25,6 +26,73 @@ def make_batch(lengths: list[int], prompt: list[int], vocab: int, *, seq_len: in
 
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "orchestrator" / "configs" / "quickstart.yaml"
+
+
+# ---------------------------------------------------------------------------- processes a test starts (servers, nodes)
+
+
+def free_ports(n: int, low: int = 0) -> list[int]:
+    """``n`` distinct free ports, any (``low`` 0) or from ``low`` up: below the kernel's ephemeral range, where no
+    process that binds port 0 (as Ray's own components do) can take them before their owner starts."""
+    import socket
+
+    socks, port = [], low
+    try:
+        while len(socks) < n:
+            sock = socket.socket()
+            try:
+                sock.bind(("127.0.0.1", port))
+                socks.append(sock)
+            except OSError:
+                sock.close()
+            port += 1 if low else 0
+        return [sock.getsockname()[1] for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def wait_listening(port: int, proc: subprocess.Popen, what: str, timeout: float = 180) -> None:
+    """Until something listens on loopback ``port``; fails if ``proc`` exits first or the time runs out."""
+    import socket
+    import time
+
+    deadline = time.time() + timeout
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            assert proc.poll() is None, f"{what} exited before it listened"
+            assert time.time() < deadline, f"{what} did not listen on port {port} within {timeout:.0f} s"
+            time.sleep(0.3)
+
+
+def stop(procs: list[subprocess.Popen]) -> None:
+    """SIGTERM, then SIGKILL, every process and its descendants, by id (never ``ray stop``: it would stop every
+    Ray on the machine)."""
+    import os
+    import signal
+    import time
+
+    import psutil
+
+    pids = []
+    for proc in procs:
+        try:
+            pids += [proc.pid, *(p.pid for p in psutil.Process(proc.pid).children(recursive=True))]
+        except psutil.NoSuchProcess:
+            pass
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        if sig == signal.SIGTERM:
+            time.sleep(2)
+    for proc in procs:
+        proc.wait(timeout=60)
 
 # A second, random-weight teacher with another tokenizer (Tekken byte-level BPE, 131,072 ids), weight 0.5.
 TEKKEN = {"name": "teacher-tekken", "tokenizer": "builtin:tekken", "weight": 0.5, "resources": {"num_cpus": 0.25},

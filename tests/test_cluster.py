@@ -4,68 +4,47 @@ submitted to a multi-node cluster: tests/test_multinode.py.
 """
 
 import os
-import signal
-import socket
+import secrets
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
-from helpers import QUICKSTART
+from helpers import QUICKSTART, free_ports, stop, wait_listening
 
 pytestmark = pytest.mark.cluster
 MLOT = str(Path(sys.executable).parent / "mlot")
 RAY = str(Path(sys.executable).parent / "ray")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _descendants(pid: int) -> list[int]:
-    import psutil
-    try:
-        return [p.pid for p in psutil.Process(pid).children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return []
-
-
 @pytest.fixture(scope="module")
 def ray_head():
-    """A real existing cluster: ``ray start --head --block`` in a subprocess, token auth on (Ray's default),
-    its own temp dir; stopped by its process ids (never ``ray stop``, which would stop every Ray here)."""
+    """A real existing cluster: ``ray start --head --block`` in a subprocess with token auth on and its own token
+    (in a file that RAY_AUTH_TOKEN_PATH names: whether ~/.ray/auth_token exists on this machine does not matter),
+    its own temp dir; stopped by its process ids (never ``ray stop``, which would stop every Ray here). Yields the
+    address and the token file."""
     import ray
     ray.shutdown()
-    port, temp = _free_port(), tempfile.mkdtemp(prefix="mlot-head-", dir="/tmp")  # short: Ray's socket paths
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_ADDRESS")}
+    port, dashboard = free_ports(2)
+    temp = tempfile.mkdtemp(prefix="mlot-head-", dir="/tmp")  # short: Ray's socket paths
+    token = Path(temp, "auth_token")
+    token.write_text(secrets.token_hex(32))
+    env = {**_without_ray_settings(), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
     proc = subprocess.Popen([RAY, "start", "--head", "--block", f"--port={port}", f"--temp-dir={temp}",
-                             "--num-cpus=4", "--dashboard-host=127.0.0.1", f"--dashboard-port={_free_port()}",
+                             "--num-cpus=4", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
                              "--disable-usage-stats"], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 180
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                break
-        except OSError:
-            assert proc.poll() is None, "ray start --head exited before it listened"
-            assert time.time() < deadline, f"ray start --head did not listen on port {port} within 180 s"
-            time.sleep(0.5)
-    yield f"127.0.0.1:{port}"
-    pids = [proc.pid, *_descendants(proc.pid)]
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        if sig == signal.SIGTERM:
-            time.sleep(3)
-    proc.wait(timeout=60)
+    try:
+        wait_listening(port, proc, "ray start --head")
+        yield f"127.0.0.1:{port}", token
+    finally:
+        stop([proc])
+
+
+def _without_ray_settings() -> dict[str, str]:
+    """This process's environment without Ray's address and auth settings (a user's shell, say)."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH") and k != "RAY_ADDRESS"}
 
 
 def _sets(tmp_path: Path, name: str, *extra: str) -> list[str]:
@@ -88,13 +67,15 @@ print(ray.get_runtime_context().gcs_address, ray.get(ray.remote(lambda: 40 + 2).
 
 
 def test_a_job_joins_an_existing_cluster_with_the_token_where_ray_keeps_it(ray_head):
-    """No RAY_AUTH_MODE in the environment: mlot finds the token in ~/.ray/auth_token and sends it. (Whole jobs on
-    an existing multi-node cluster, submitted through the job API: tests/test_multinode.py.)"""
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_ADDRESS")}
-    run = subprocess.run([sys.executable, "-c", _JOIN, str(QUICKSTART), ray_head], env=env, capture_output=True,
+    """No RAY_AUTH_MODE in the environment: mlot finds the token where Ray looks (here RAY_AUTH_TOKEN_PATH) and
+    sends it. (Whole jobs on an existing multi-node cluster, through the job API: tests/test_multinode.py.)"""
+    address, token = ray_head
+    env = {**_without_ray_settings(), "RAY_AUTH_TOKEN_PATH": str(token)}
+    run = subprocess.run([sys.executable, "-c", _JOIN, str(QUICKSTART), address], env=env, capture_output=True,
                          text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
-    assert run.stdout.split() == [ray_head, "42"]
+    gcs, answer = run.stdout.split()[-2:]
+    assert gcs.endswith(":" + address.rsplit(":", 1)[1]) and answer == "42"  # the head's GCS, a task ran there
 
 
 def test_local_default_never_joins_a_foreign_ray(ray_head, monkeypatch):
@@ -104,10 +85,11 @@ def test_local_default_never_joins_a_foreign_ray(ray_head, monkeypatch):
 
     from orchestrator.cluster import connect_ray
     from orchestrator.configuration import load_config
-    monkeypatch.setenv("RAY_ADDRESS", ray_head)
+    address, _ = ray_head
+    monkeypatch.setenv("RAY_ADDRESS", address)
     try:
         connect_ray(load_config(QUICKSTART, ["cluster.num_cpus=3"]))
-        assert not ray.get_runtime_context().gcs_address.endswith(":" + ray_head.rsplit(":", 1)[1])
+        assert not ray.get_runtime_context().gcs_address.endswith(":" + address.rsplit(":", 1)[1])
         assert ray.cluster_resources()["CPU"] == 3  # the foreign head declares 4
         assert ray.get(ray.remote(lambda: 1 + 1).remote()) == 2
     finally:
@@ -118,9 +100,8 @@ def test_a_wrong_token_is_a_clear_error(tmp_path, ray_head):
     """A wrong token: the CLI exits 2 and says how to get the right one (no traceback, no hang)."""
     bad = tmp_path / "token"
     bad.write_text("0" * 64)
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_ADDRESS")}
-    args = [MLOT, "distill", str(QUICKSTART), *_sets(tmp_path, "bad-token", f"cluster.address={ray_head}")]
-    run = subprocess.run(args, cwd=tmp_path, env={**env, "RAY_AUTH_TOKEN_PATH": str(bad)}, capture_output=True,
-                         text=True, timeout=300)
+    args = [MLOT, "distill", str(QUICKSTART), *_sets(tmp_path, "bad-token", f"cluster.address={ray_head[0]}")]
+    run = subprocess.run(args, cwd=tmp_path, env={**_without_ray_settings(), "RAY_AUTH_TOKEN_PATH": str(bad)},
+                         capture_output=True, text=True, timeout=300)
     assert run.returncode == 2, run.stdout[-2000:] + run.stderr[-2000:]
     assert "ray get-auth-token" in run.stderr and "Traceback" not in run.stderr

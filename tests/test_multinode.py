@@ -16,7 +16,6 @@ import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import pytest
 from conftest import S3_SECRET
+from helpers import free_ports, stop, wait_listening
 
 from orchestrator.configuration import dump_config, load_config
 
@@ -35,68 +35,14 @@ BUCKET = "mlot"  # made by conftest's s3 fixture
 SECRET = S3_SECRET
 
 
-def _free_ports(n: int, low: int = 0) -> list[int]:
-    """``n`` distinct free ports, any (``low`` 0) or from ``low`` up: below the kernel's ephemeral range, where no
-    process that binds port 0 (as Ray's own components do) can take them before their owner starts."""
-    socks, port = [], low
-    try:
-        while len(socks) < n:
-            sock = socket.socket()
-            try:
-                sock.bind(("127.0.0.1", port))
-                socks.append(sock)
-            except OSError:
-                sock.close()
-            port += 1 if low else 0
-        return [sock.getsockname()[1] for sock in socks]
-    finally:
-        for sock in socks:
-            sock.close()
-
-
-def _wait_listening(port: int, proc: subprocess.Popen, what: str, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return
-        except OSError:
-            assert proc.poll() is None, f"{what} exited before it listened"
-            assert time.time() < deadline, f"{what} did not listen on port {port} within {timeout:.0f} s"
-            time.sleep(0.3)
-
-
-def _stop(procs: list[subprocess.Popen]) -> None:
-    """SIGTERM, then SIGKILL, every process and its descendants, by id (never ``ray stop``: it would stop every
-    Ray on the machine)."""
-    import psutil
-
-    pids = []
-    for proc in procs:
-        try:
-            pids += [proc.pid, *(p.pid for p in psutil.Process(proc.pid).children(recursive=True))]
-        except psutil.NoSuchProcess:
-            pass
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        if sig == signal.SIGTERM:
-            time.sleep(2)
-    for proc in procs:
-        proc.wait(timeout=60)
-
-
 @pytest.fixture(scope="module")
 def cluster(s3):
     """``ray start --head`` (CPU 0) and two ``ray start --address`` nodes, token authentication on."""
     import ray
     ray.shutdown()
     temp = tempfile.mkdtemp(prefix="mlot-mn-", dir="/tmp")  # short: Ray's socket paths
-    port, dashboard = _free_ports(2)
-    node_ports = _free_ports(2 * 6, low=24000 + os.getpid() % 4000)  # the nodes' worker ports: 20000-23999
+    port, dashboard = free_ports(2)
+    node_ports = free_ports(2 * 6, low=24000 + os.getpid() % 4000)  # the nodes' worker ports: 20000-23999
     # Token authentication with this cluster's own token: every raylet, job driver and CLI call sends it.
     token = Path(temp, "auth_token")
     token.write_text(secrets.token_hex(32))
@@ -110,7 +56,7 @@ def cluster(s3):
     procs = [head]
     c = {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dashboard}", "env": env}
     try:
-        _wait_listening(port, head, "ray start --head")
+        wait_listening(port, head, "ray start --head")
         for i, (gpus, kind, cpus) in enumerate(((2, "A100", 1), (2, "H100", 3))):
             # Two raylets on one host: each its own ports (Ray's fixed defaults would collide), one after the other.
             ports = [f"--{name}-port={node_ports[6 * i + j]}" for j, name in enumerate((
@@ -121,7 +67,7 @@ def cluster(s3):
                 [str(BIN / "ray"), "start", *common, f"--address=127.0.0.1:{port}", f"--num-cpus={cpus}",
                  f"--num-gpus={gpus}", "--resources", json.dumps({f"accelerator_type:{kind}": 1}), *ports, *workers],
                 env=env, cwd=temp, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True))
-            _wait_listening(dashboard, head, "the head's dashboard")
+            wait_listening(dashboard, head, "the head's dashboard")
             deadline = time.time() + 120
             while len(nodes := _nodes(c)) < 2 + i:
                 assert procs[-1].poll() is None, f"the {kind} node's ray start exited"
@@ -129,7 +75,7 @@ def cluster(s3):
                 time.sleep(1)
         yield c
     finally:
-        _stop(procs)
+        stop(procs)
 
 
 def _ray_cli(c: dict, *args: str, timeout: int = 120) -> str:
@@ -238,7 +184,7 @@ def test_a_sweep_runs_its_trials_on_worker_nodes_from_data_prepared_once(cluster
     the A100 node, both trials and their workers on the H100 node, and no trial opens the source."""
     space = job_dir / "space.yaml"
     space.write_text("loss.params.top_k: {choice: [5, 20]}\n")
-    cfg = _config(job_dir, "mn-sweep", "train.steps=2")
+    cfg = _config(job_dir, "mn-sweep", "train.steps=2", "train.num_workers=1")  # both trials fit the H100 node at once
     sid = _submit(cluster, job_dir, "tune", str(cfg), "--space", str(space), "--num-samples", "2",
                   "--search", "optuna")
     assert _wait_job(cluster, sid) == "SUCCEEDED", _logs(cluster, sid)[-4000:]
@@ -271,7 +217,7 @@ def test_a_killed_driver_resumes_from_s3_logs_each_step_once_and_exports_a_loada
 
     from specs import storage
 
-    cfg = _config(job_dir, "mn-distill", "train.steps=8", "student.dtype=bfloat16")  # bf16, fp32 master weights
+    cfg = _config(job_dir, "mn-distill", "train.steps=6", "student.dtype=bfloat16")  # bf16, fp32 master weights
     sid = _submit(cluster, job_dir, "distill", str(cfg))
     client, _ = _runs(job_dir)
     deadline = time.time() + 400
@@ -295,7 +241,7 @@ def test_a_killed_driver_resumes_from_s3_logs_each_step_once_and_exports_a_loada
     [run] = [r for r in _runs(job_dir)[1] if r.info.run_name == "mn-distill"]
     assert run.info.status == "FINISHED"
     for key in ("train/loss", "train/step_s"):
-        assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == list(range(1, 9)), key
+        assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == list(range(1, 7)), key
     rewound_to = int(run.data.tags["mlot.rewinds"])  # the checkpoint it resumed from
     assert rewound_to in (2, 4, 6)
     replays = client.get_metric_history(run.info.run_id, "train/replay_loss_diff")

@@ -107,4 +107,4 @@ def test_small_asha_sweep_shares_teacher_work_and_logs_runs(tmp_path):
         ray.shutdown()
 
 
-# Optuna search runs on an existing cluster in tests/test_cluster.py (one sweep serves both checks).
+# Optuna search runs on a multi-node cluster in tests/test_multinode.py (one sweep serves both checks).

@@ -7,12 +7,13 @@ only, even though gloo (CPU training) accepts anything. Call these helpers inste
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import resource
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -108,6 +109,26 @@ def zero_contribution(engine: Any) -> torch.Tensor:
     if engine.zero_optimization_stage() == 3:
         return torch.zeros((), device=engine.device, requires_grad=True) * 0.0
     return sum(p.sum() for p in engine.module.parameters() if p.requires_grad) * 0.0
+
+
+@contextlib.contextmanager
+def generation_module(engine: Any, gather: str, world: int) -> Iterator[tuple[torch.nn.Module, bool]]:
+    """The module to sample from, and whether every rank must keep stepping until all are done (``synced_gpus``).
+
+    Under ZeRO-3 a forward gathers each layer from every rank, so decoding token by token would move the whole
+    model once per token. ``gather="once"`` gathers every parameter for the block (DeepSpeed's
+    ``unwrap_model_for_generation``: its hooks off, so ranks decode on their own with the KV cache, no
+    collective until the block ends, when the parameters are partitioned again); ``"per_layer"`` keeps the
+    partitioned module, all ranks in step. Other stages hold whole parameters already.
+    """
+    if engine.zero_optimization_stage() != 3:
+        yield engine.module, False
+    elif gather == "per_layer":
+        yield engine.module, world > 1
+    else:
+        from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation
+        with unwrap_model_for_generation(engine):
+            yield engine.module, False
 
 
 def worker_device(use_gpu: bool) -> torch.device:

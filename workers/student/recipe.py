@@ -31,6 +31,7 @@ from workers.student.engine import (
     any_rank,
     build_engine,
     from_rank_zero,
+    generation_module,
     peak_memory_mb,
     total_steps,
     worker_device,
@@ -150,8 +151,6 @@ class StudentRecipe:
         self.stream = PayloadStream(config["teachers"], config["data"], self.order, self.rank, self.world,
                                     job.train.prefetch, job.loss, on_policy=self._is_on_policy) \
             if self.method.needs_teacher else None
-        # Under ZeRO-3 each forward gathers parameters from every rank: all ranks generate step for step.
-        self.synced = self.world > 1 and self.engine.zero_optimization_stage() == 3
         self.tracker = open_buffer(config["tracking_uri"], config["run_id"]) \
             if self.rank == 0 and config["run_id"] else None
         # The exact-match term's side of the vocabulary maps (the teachers build the same ones).
@@ -225,9 +224,10 @@ class StudentRecipe:
         """Sample the student's answers to the prompts of ``rows`` (every rank generates on the same
         micro-batches); returns its training batch on them and the answers the teachers will score."""
         t0 = time.perf_counter()
-        batch, answers = on_policy_batch(self.engine.module, self.tokenizer, self.data.examples("train", rows, STUDENT),
-                                         self.data.rows("train", rows), self.on_policy,
-                                         sampling_seed(self.job.train.seed, self.rank, m), self.device, self.synced)
+        with generation_module(self.engine, self.on_policy.gather, self.world) as (module, synced):
+            batch, answers = on_policy_batch(module, self.tokenizer, self.data.examples("train", rows, STUDENT),
+                                             self.data.rows("train", rows), self.on_policy,
+                                             sampling_seed(self.job.train.seed, self.rank, m), self.device, synced)
         stats.add_generation(time.perf_counter() - t0, answers)
         return batch, answers
 
