@@ -353,6 +353,7 @@ class TrainConfig(_Section):
     resources_per_worker: dict[str, float] = Field(default_factory=dict, description="Ray resources per worker, e.g. {CPU: 4, student_node: 1}.")
     checkpoint_every: int = Field(50, ge=1, description="Checkpoint every N optimizer steps (and at the end).")
     eval_every: int | None = Field(None, ge=1, description="Evaluate every N optimizer steps; null: no periodic evaluation.")
+    eval_rows: int | None = Field(2000, ge=1, description="Eval CE during training on a fixed, seeded sample of at most this many eval rows (the same at every eval); null: the whole eval split.")
     prefetch: int = Field(2, ge=0, description="Teacher payload batches requested ahead of the current step.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping norm; null: no clipping.")
     max_nonfinite_steps: int = Field(10, ge=0, description="Consecutive non-finite micro-batches (student logits or loss) tolerated before the run fails; each is skipped on every rank with zero gradient contribution.")
@@ -384,7 +385,7 @@ class TrainConfig(_Section):
 class EvalConfig(_Section):
     """The end-of-job scoring of the exported student (greedy answers: exact match / F1)."""
 
-    max_rows: int | None = Field(200, ge=1, description="Score a seeded sample of at most this many eval rows (null: all); eval CE during training uses the whole eval split.")
+    max_rows: int | None = Field(200, ge=1, description="Score a seeded sample of at most this many eval rows (null: all); eval CE during training reads train.eval_rows of them.")
     num_tasks: int = Field(2, ge=1, description="Ray tasks the scored rows are split over (each loads the student once).")
 
 
@@ -459,6 +460,10 @@ class JobConfig(_Section):
                 unknown = sorted(set(format_fields(fmt)) - known)
                 if unknown:
                     problems.append((f"{prefix}.template.{key}", fmt, f"uses field(s) {unknown} that data.columns does not define; known: {sorted(known)}"))
+            if "answer" not in spec.template.answer_fields():
+                # The answer column is what is distilled, cut to fit every tokenizer and scored: a template that
+                # renders another field would train on text the cut never shortens and the scores never see.
+                problems.append((f"{prefix}.template.answer", spec.template.answer, "must render the {answer} field (the distilled and scored text); map the column you want with data.columns.answer, e.g. columns: {answer: summary} and answer: ' {answer}'"))
         for prefix, spec in [("student", self.student)] + [(f"teachers.{i}", t) for i, t in enumerate(self.teachers)]:
             # Known only for model_config models (a hub model's limit needs its downloaded config).
             positions = next((spec.hf_config[k] for k in _POSITION_KEYS if isinstance((spec.hf_config or {}).get(k), int)), None)

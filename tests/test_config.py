@@ -308,6 +308,18 @@ def test_template_fields_must_be_mapped_columns(tmp_path: Path) -> None:
     assert load_config(write(tmp_path, data)).data.columns["question"] == "q"
 
 
+def test_an_answer_template_must_render_the_answer_field(tmp_path: Path) -> None:
+    """A summary column rendered by the answer template under its own name would be distilled but never cut (the
+    cut shortens ``answer``) nor scored: refused, naming the fix (map the column to ``answer``)."""
+    data = raw_quickstart()
+    data["data"]["columns"] = {"prompt": "prompt", "summary": "answer", "answer": "answer"}
+    data["student"]["template"] = {"prompt": "{prompt}", "answer": " {summary}"}
+    assert_names(error_of(tmp_path, data), "student.template.answer", "{answer}", "data.columns.answer")
+    data["data"]["columns"] = {"prompt": "prompt", "answer": "answer"}
+    data["student"]["template"]["answer"] = " {answer}"
+    assert load_config(write(tmp_path, data)).student.template.answer == " {answer}"
+
+
 def test_columns_need_answer(tmp_path: Path) -> None:
     data = raw_quickstart()
     data["data"]["columns"] = {"prompt": "prompt"}

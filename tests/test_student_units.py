@@ -3,18 +3,26 @@
 import pytest
 import torch
 
-from workers.student.in_loop_eval import eval_batches
+from workers.student.in_loop_eval import eval_batches, eval_rows
 from workers.student.payload_stream import BatchOrder, Fetched
 from workers.student.recipe import StepStats, answer_rows_finite
 
 
 @pytest.mark.parametrize("n, world, batch", [(9, 2, 4), (33, 2, 8), (1, 3, 4), (16, 2, 8), (7, 4, 1)])
 def test_eval_batches_same_count_on_every_rank_and_every_row_counted_once(n, world, batch):
-    per_rank = [eval_batches(n, r, world, batch) for r in range(world)]
-    assert len({len(b) for b in per_rank}) == 1  # ZeRO-3: the same number of collective forwards
-    counted = sorted(i for batches in per_rank for chunk, counts in batches if counts for i in chunk)
-    assert counted == list(range(n))
-    assert all(chunk for batches in per_rank for chunk, _ in batches)  # padding batches still run a forward
+    for rows in (eval_rows(n, None, 0), eval_rows(n, max(1, n // 3), seed=7)):  # all rows, a seeded sample
+        per_rank = [eval_batches(rows, r, world, batch) for r in range(world)]
+        assert len({len(b) for b in per_rank}) == 1  # ZeRO-3: the same number of collective forwards
+        counted = sorted(i for batches in per_rank for chunk, counts in batches if counts for i in chunk)
+        assert counted == rows
+        assert all(chunk for batches in per_rank for chunk, _ in batches)  # padding batches still run a forward
+
+
+def test_the_in_loop_eval_sample_is_bounded_fixed_and_seeded():
+    sample = eval_rows(10_000, 2000, seed=3)
+    assert len(set(sample)) == 2000 and sample == sorted(sample) and max(sample) < 10_000
+    assert sample == eval_rows(10_000, 2000, seed=3) and sample != eval_rows(10_000, 2000, seed=4)
+    assert eval_rows(50, 2000, seed=3) == list(range(50))  # fewer rows than the bound: all of them
 
 
 def test_batch_order_is_a_pure_function_of_seed_rank_and_micro_batch():

@@ -8,6 +8,7 @@ fewer rows runs padding batches whose results do not count.
 from __future__ import annotations
 
 import math
+import random
 from typing import Any
 
 import torch
@@ -18,28 +19,37 @@ from workers.forward import answer_logits, to_device
 from workers.student.engine import sum_over_ranks
 
 
-def eval_batches(n_rows: int, rank: int, world: int, batch_size: int) -> list[tuple[list[int], bool]]:
+def eval_rows(n_rows: int, limit: int | None, seed: int) -> list[int]:
+    """The eval rows the loop scores: all ``n_rows``, or a fixed seeded sample of ``limit`` of them (sorted), the
+    same on every rank and at every eval, so the curve compares like with like at a bounded cost."""
+    if limit is None or limit >= n_rows:
+        return list(range(n_rows))
+    return sorted(random.Random(seed).sample(range(n_rows), limit))
+
+
+def eval_batches(rows: list[int], rank: int, world: int, batch_size: int) -> list[tuple[list[int], bool]]:
     """This rank's eval batches as (row indices, counts): the same number on every rank.
 
-    Rank r scores rows ``r, r + world, ...``; ranks whose share runs out early score row 0 instead, with
-    ``counts`` False so it is left out of the metric.
+    Rank r scores ``rows[r], rows[r + world], ...``; ranks whose share runs out early score ``rows[0]``
+    instead, with ``counts`` False so it is left out of the metric.
     """
-    shard = range(rank, n_rows, world)
-    n_batches = math.ceil(math.ceil(n_rows / world) / batch_size)
+    shard = rows[rank::world]
+    n_batches = math.ceil(math.ceil(len(rows) / world) / batch_size)
     out = []
     for i in range(n_batches):
-        chunk = list(shard[i * batch_size:(i + 1) * batch_size])
-        out.append((chunk, True) if chunk else ([0], False))
+        chunk = shard[i * batch_size:(i + 1) * batch_size]
+        out.append((chunk, True) if chunk else (rows[:1], False))
     return out
 
 
 @torch.no_grad()
 def evaluate_ce(engine: Any, data: PreparedData, tokenizer: Any, job: Any, rank: int, world: int,
                 device: torch.device, vocab: int) -> float:
-    """Mean answer-token CE of the student on the held-out rows, over all ranks."""
+    """Mean answer-token CE of the student on the held-out rows (at most ``train.eval_rows``), over all ranks."""
     engine.eval()
     total, count = 0.0, 0
-    for chunk, counts in eval_batches(data.size("eval"), rank, world, job.train.batch_size):
+    rows = eval_rows(data.size("eval"), job.train.eval_rows, job.train.seed)
+    for chunk, counts in eval_batches(rows, rank, world, job.train.batch_size):
         batch = data.batch("eval", chunk, STUDENT, tokenizer.pad_token_id)
         logits, labels = answer_logits(engine, to_device(batch, device), vocab)
         if counts:

@@ -6,6 +6,7 @@ step's; only the end of the run waits (bounded) for the server, so nothing is lo
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 import time
@@ -39,7 +40,7 @@ class MetricsBuffer:
         """Training (re)starts after ``step`` (a checkpoint, or 0): the steps after it that the run already holds are
         trained again, and are not logged twice (a loss curve must not zigzag back). Each replayed step logs
         only ``train/replay_loss_diff``, |loss now - loss logged before| (0: the restore was exact), and the
-        run is tagged with the rewind."""
+        run's tag ``mlot.rewinds`` lists the steps it restarted from."""
         try:
             held = [m for m in self.client.get_metric_history(self.run_id, REPLAY_KEY) if m.step > step]
             if not held and not step:
@@ -59,10 +60,10 @@ class MetricsBuffer:
         """Log now if the server answers; otherwise keep the metrics for the next call."""
         from mlflow.entities import Metric
         now = int(time.time() * 1000)
-        if step in self.held:
+        if step in self.held:  # trained again after a restart: only how far its loss is from the first time
             before = self.held.pop(step)
-            metrics = {"train/replay_loss_diff": abs(metrics["train/loss"] - before)} \
-                if "train/loss" in metrics and before == before else {}
+            comparable = "train/loss" in metrics and not math.isnan(before)  # NaN: no loss was logged before
+            metrics = {"train/replay_loss_diff": abs(metrics["train/loss"] - before)} if comparable else {}
         self.pending.extend(Metric(k, float(v), now, step) for k, v in metrics.items())
         if self._flush():
             if self.gap_since:
