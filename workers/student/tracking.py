@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -20,7 +21,10 @@ REPLAY_KEY = "train/step_s"  # logged at every step: the steps a run holds
 
 
 def say(message: str) -> None:
-    print(f"[mlot] {message}", flush=True)
+    # Not print(): inside a Ray Train worker print is patched to log *and* echo to a wrapped stdout, so every
+    # line would reach the console twice.
+    sys.stdout.write(f"[mlot] {message}\n")
+    sys.stdout.flush()
 
 
 class MetricsBuffer:
