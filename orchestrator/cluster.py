@@ -175,6 +175,15 @@ def copies_that_fit(nodes: list[dict[str, float]], fixed: list[dict[str, float]]
     return count
 
 
+def placement_nodes(job: Any) -> list[dict[str, float]]:
+    """The nodes requests are counted against, as resource dicts: an autoscaling cluster's node types at full scale
+    (``cluster.launcher_config``; the nodes that exist now say nothing), else the cluster's alive nodes."""
+    if job.cluster.autoscaling and job.cluster.launcher_config:
+        return launcher_nodes(job.cluster.launcher_config)
+    import ray
+    return [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+
+
 def with_replicas(job: Any) -> Any:
     """``job`` with every ``replicas: auto`` teacher given a number: as many replicas as the cluster's nodes hold
     after the training workers' and the earlier teachers' requests (node by node; an autoscaling cluster's node
@@ -182,9 +191,7 @@ def with_replicas(job: Any) -> Any:
     live = [i for i, t in enumerate(job.teachers) if t.replicas == "auto" and not t.store]
     if not live:
         return job
-    import ray
-    nodes = launcher_nodes(job.cluster.launcher_config) if job.cluster.autoscaling and job.cluster.launcher_config \
-        else [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    nodes = placement_nodes(job)
     placed = [worker_request(job.train)] * job.train.num_workers
     teachers = []
     for i, t in enumerate(job.teachers):
@@ -212,11 +219,9 @@ def check_placeable(job: Any, *, teachers: bool = True, workers: bool = True) ->
     """Fail now, naming the resource, when some teacher replica (``teachers``) or training worker
     (``workers``) can never be placed on this cluster's nodes. An autoscaling cluster
     (``cluster.autoscaling: true``) is not checked: its nodes appear on demand."""
-    import ray
-
     if job.cluster.autoscaling:
         return
-    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    nodes = placement_nodes(job)
     wants = [(f"teachers.{i}.resources ({t.name}, {t.replicas} replica(s))", teacher_request(t), t.replicas)
              for i, t in enumerate(job.teachers) if teachers and not t.store]
     if workers:

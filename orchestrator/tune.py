@@ -20,7 +20,7 @@ import yaml
 from orchestrator.cluster import (
     connect_ray,
     copies_that_fit,
-    launcher_nodes,
+    placement_nodes,
     teacher_request,
     with_replicas,
     worker_request,
@@ -211,25 +211,17 @@ def _fitting_trials(job: JobConfig, shared_teachers: bool) -> int:
     """
     import os
 
-    import ray
-    nodes = _full_scale_nodes(job) if job.cluster.autoscaling else \
-        [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    if job.cluster.autoscaling and not job.cluster.launcher_config:
+        raise UserError("cluster.autoscaling: a sweep sizes its concurrency from the cluster's node types: set "
+                        "cluster.launcher_config to the cluster-launcher YAML (e.g. cluster.yaml), or set "
+                        "tune.max_concurrent (or --max-concurrent)")
+    nodes = placement_nodes(job)
     teachers = [teacher_request(t) for t in job.teachers if not t.store for _ in range(t.replicas)]
     workers = [worker_request(job.train)] * job.train.num_workers
     fit = copies_that_fit(nodes, teachers if shared_teachers else [], workers + ([] if shared_teachers else teachers))
     if job.cluster.address is None:
         fit = min(fit, (os.cpu_count() or 1) // (2 * int(max(1, worker_request(job.train)["CPU"]))))
     return max(1, fit)
-
-
-def _full_scale_nodes(job: JobConfig) -> list[dict[str, float]]:
-    """An autoscaling cluster's nodes at its largest (its node types scale from 0: the nodes that exist now say
-    nothing), from its cluster-launcher YAML."""
-    if not job.cluster.launcher_config:
-        raise UserError("cluster.autoscaling: a sweep sizes its concurrency from the cluster's node types: set "
-                        "cluster.launcher_config to the cluster-launcher YAML (e.g. cluster.yaml), or set "
-                        "tune.max_concurrent (or --max-concurrent)")
-    return launcher_nodes(job.cluster.launcher_config)
 
 
 def _log_cache(client: Any, parent: str, teachers: dict[str, list[Any]]) -> None:
