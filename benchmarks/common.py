@@ -63,3 +63,45 @@ def timeit(fn: Callable[[], object], device: str, reps: int = 5, warmup: int = 1
         sync()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+class LiveTensorPeak:
+    """Peak bytes of the tensors created while the block runs and still alive, forward and backward.
+
+    A ``TorchDispatchMode`` sees every ATen op, autograd's backward ops included: each new storage is counted
+    until it is freed (a weak reference expires); views and in-place results are not new. What exists before the
+    block (inputs) is not counted, nor what a kernel allocates and frees inside itself. This is what the code
+    holds, independent of the allocator's caching and of which pages the OS has touched.
+    """
+
+    def __enter__(self) -> "LiveTensorPeak":
+        from torch.multiprocessing.reductions import StorageWeakRef
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_leaves
+
+        tracker = self
+        self.live: dict[int, tuple[object, int]] = {}
+        self.now = self.peak = 0
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                for key in [k for k, (ref, _) in tracker.live.items() if ref.expired()]:
+                    tracker.now -= tracker.live.pop(key)[1]
+                inputs = {StorageWeakRef(t.untyped_storage()).cdata for t in tree_leaves((args, kwargs))
+                          if isinstance(t, torch.Tensor)}
+                for t in tree_leaves(out):  # a view of or an in-place op on an input is no new storage
+                    if isinstance(t, torch.Tensor):
+                        ref = StorageWeakRef(t.untyped_storage())
+                        if ref.cdata not in tracker.live and ref.cdata not in inputs:
+                            tracker.live[ref.cdata] = (ref, t.untyped_storage().nbytes())
+                            tracker.now += t.untyped_storage().nbytes()
+                tracker.peak = max(tracker.peak, tracker.now)
+                return out
+
+        self._mode = _Mode()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._mode.__exit__(*exc)

@@ -59,10 +59,10 @@ def child_startup(rows_file: Path, out: Path, name: str) -> dict[str, float]:
     client = MlflowClient(s.tracking_uri)
     first = min(client.get_metric_history(s.run_id, "train/loss"), key=lambda m: m.step)
     worker = client.get_metric_history(s.run_id, "train/peak_mem_mb")[0].value
-    prepare = client.get_metric_history(s.run_id, "data/prepare_s")
+    prepare = client.get_run(s.run_id).data.tags.get("mlot.data_prepare_s")
     return {"startup_s": first.timestamp / 1000 - T0, "worker_rss_mb": worker,
             "driver_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "prepare_s": prepare[0].value if prepare else float("nan")}
+            "prepare_s": float(prepare) if prepare else float("nan")}
 
 
 def child_tokenise(rows_file: Path, out: Path, num_proc: int) -> dict[str, float]:

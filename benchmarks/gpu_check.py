@@ -17,6 +17,14 @@ Three sections, one table row per case (``section | case | metric = value ...``)
 3. ``distill``: a whole ``mlot distill`` of the quickstart models on one device shared by teacher and
    student (on a GPU: half a GPU each, fractional ``num_gpus``), ZeRO-2 and ZeRO-3, bf16 student and
    teacher: tokens/s, teacher wait fraction and peak device memory, read back from MLflow.
+4. ``serving``: one teacher replica (~1.1B parameters, bf16 on a GPU; ``--quick``: the quickstart teacher)
+   answering 64 requests of 4 rows, one by one (``TeacherActor``) and all at once (``BatchingTeacher``, 8192
+   tokens per forward): teacher tokens/s of each, their ratio, forwards, and the largest payload difference.
+5. ``vllm``: the same ~1.1B teacher on one GPU, served by the vLLM engine (``teachers[i].engine: vllm``, in the
+   runtime at ``--vllm-python``) and by the HF engine, 8 requests of 32 rows each (token ranking, which both serve
+   exactly): teacher tokens/s of each, their ratio, the vLLM replica's start-up and the largest payload difference
+   (bf16 kernels round differently). Skipped, with the reason printed, without a GPU or a vLLM runtime: the CPU
+   engine is checked by ``tests/test_vllm_engine.py``.
 """
 
 from __future__ import annotations
@@ -157,6 +165,109 @@ def run_distill_checks(device: str, quick: bool) -> list[dict]:
     return rows
 
 
+#: The serving benchmarks' teacher: the quickstart teacher grown to ~1.1B parameters (head size 128).
+BIG_TEACHER = [f"teachers.0.hf_config.{k}={v}" for k, v in (
+    ("hidden_size", 2048), ("num_hidden_layers", 16), ("intermediate_size", 5632), ("num_attention_heads", 16),
+    ("num_key_value_heads", 16))]
+
+
+def bench_serving(quick: bool) -> list[dict]:
+    """Teacher tokens/s of one replica serving requests alone and batched (no Ray: the actor classes in-process,
+    the batching replica's coroutines on one event loop as Ray runs them)."""
+    import asyncio
+
+    from orchestrator.config import ServingConfig
+    from orchestrator.configuration import load_config
+    from workers.data.prepared import Rows, prepare
+    from workers.teacher.actor import TeacherActor
+    from workers.teacher.batching import BatchingTeacher
+
+    big = [] if quick else BIG_TEACHER
+    job = load_config(REPO / "orchestrator" / "configs" / "quickstart.yaml", ["data.limit=400", *big])
+    n = 16 if quick else 64
+    with tempfile.TemporaryDirectory() as out:
+        data = prepare(job, out)
+        requests = [Rows(data, "train", tuple(range(4 * i, 4 * i + 4))) for i in range(n)]
+        t = job.teachers[0]
+        alone = TeacherActor(t, job.data, job.loss, seed=0)
+        batching = BatchingTeacher(t, job.data, job.loss, seed=0, serving=ServingConfig(max_batch_tokens=8192))
+        tokens = sum(len(ids) for r in requests for ids, _ in alone.examples(r))
+        alone.payload(requests[0])  # warm-up
+        t0 = time.perf_counter()
+        one_by_one = [alone.payload(r) for r in requests]
+        t_alone = time.perf_counter() - t0
+
+        async def at_once():
+            return await asyncio.gather(*(batching.payload(r) for r in requests))
+        asyncio.run(at_once())  # warm-up
+        forwards = batching.info()["forwards"]
+        t0 = time.perf_counter()
+        merged = asyncio.run(at_once())
+        t_batched = time.perf_counter() - t0
+    diff = max(float((mlot.TeacherPayload.from_numpy(a["payload"]).probs
+                      - mlot.TeacherPayload.from_numpy(b["payload"]).probs).abs().max())
+               for a, b in zip(one_by_one, merged))
+    return [{"section": "serving", "case": f"hf teacher, {n} requests x 4 rows", "alone_tok_s": tokens / t_alone,
+             "batched_tok_s": tokens / t_batched, "speedup": t_alone / t_batched,
+             "batched_forwards": batching.info()["forwards"] - forwards, "payload_diff": diff}]
+
+
+def bench_vllm(device: str, python: str) -> list[dict]:
+    """The ``vllm`` rows: on a GPU with a vLLM runtime, else none (the reason printed)."""
+    why = None if device.startswith("cuda") else "needs a GPU"
+    why = why or (None if Path(python).exists() else f"no vLLM runtime at {python} (--vllm-python)")
+    if why:
+        print(f"vllm     | skipped: {why}; the CPU engine is checked by tests/test_vllm_engine.py")
+        return []
+    from orchestrator.configuration import load_config
+    job = load_config(REPO / "orchestrator" / "configs" / "quickstart.yaml", [
+        "data.limit=400", *BIG_TEACHER, "teachers.0.dtype=bfloat16", "teachers.0.engine=vllm",
+        "teachers.0.resources.num_gpus=1", f"teachers.0.vllm.python={python}", "teachers.0.vllm.kv_cache_gb=16",
+        "loss.params.ranking=token", "loss.params.sd_temperature=1.0"])
+    return [vllm_vs_hf(job, requests=8, rows=32, case="~1.1B bf16 teacher, 8 requests x 32 rows")]
+
+
+def vllm_vs_hf(job, requests: int, rows: int, case: str) -> dict:
+    """Teacher tokens/s of ``job``'s first teacher (``engine: vllm``) served by a vLLM replica (a Ray actor in its
+    runtime) and by the HF engine in this process, on the same requests of ``rows`` rows each."""
+    import ray
+
+    from orchestrator.engines import start_replicas
+    from workers.data.prepared import Rows, prepare
+    from workers.teacher.actor import TeacherActor
+
+    def serve(fn, batches):
+        """Seconds for all of ``batches`` (after a warm-up request) and the replies."""
+        fn(batches[0])
+        t0 = time.perf_counter()
+        replies = [fn(b) for b in batches]
+        return time.perf_counter() - t0, replies
+
+    with tempfile.TemporaryDirectory() as out:
+        data = prepare(job, out)
+        batches = [Rows(data, "train", tuple(range(rows * i, rows * i + rows))) for i in range(requests)]
+        hf = TeacherActor(job.teachers[0], job.data, job.loss, seed=job.train.seed)
+        tokens = sum(len(ids) for b in batches for ids, _ in hf.examples(b))
+        hf_s, hf_out = serve(hf.payload, batches)
+        del hf
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        ray.init(address="local", num_cpus=4, num_gpus=int(torch.cuda.is_available()), include_dashboard=False)
+        try:
+            t0 = time.perf_counter()
+            [actor] = start_replicas(job, job.teachers[0], 0, None, cache=False)
+            ray.get(actor.info.remote())
+            start_s = time.perf_counter() - t0
+            vllm_s, vllm_out = serve(lambda b: ray.get(actor.payload.remote(b)), batches)
+        finally:
+            ray.shutdown()
+    diff = max(float((mlot.TeacherPayload.from_numpy(a["payload"]).probs
+                      - mlot.TeacherPayload.from_numpy(b["payload"]).probs).abs().max())
+               for a, b in zip(hf_out, vllm_out))
+    return {"section": "vllm", "case": case, "hf_tok_s": tokens / hf_s, "vllm_tok_s": tokens / vllm_s,
+            "speedup": hf_s / vllm_s, "vllm_start_s": start_s, "payload_diff": diff}
+
+
 def print_table(rows: list[dict]) -> None:
     for r in rows:
         metrics = "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
@@ -171,9 +282,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="small shapes, 3 training steps, ZeRO-3 only (the CPU smoke test)")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--out", default="gpu_check.json", help="where the JSON goes")
+    ap.add_argument("--vllm-python", default=str(REPO / ".venv-vllm" / "bin" / "python"),
+                    help="python of a vLLM runtime for the vllm rows (a GPU build of vLLM on a GPU machine)")
     args = ap.parse_args(argv)
     rows = check_parity(args.device, args.quick) + bench_loss(args.device, args.quick, args.reps)
-    rows += run_distill_checks(args.device, args.quick)
+    rows += run_distill_checks(args.device, args.quick) + bench_serving(args.quick)
+    rows += bench_vllm(args.device, args.vllm_python)
     print_table(rows)
     Path(args.out).write_text(json.dumps({"device": args.device, "torch": torch.__version__,
                                           "cuda": torch.cuda.get_device_name() if args.device.startswith("cuda")

@@ -15,19 +15,19 @@ from torch import Tensor
 from .config import make_config
 from .multilevel import compress_teacher, multilevel_ot
 from .payload import TeacherPayload
-from .ranking import take_columns
 from .result import DistillResult
-from .spans import IGNORE_INDEX, answer_spans, check_finite, compute_dtype, gather_rows
+from .rows import answer_rows, check_rows_finite
+from .spans import IGNORE_INDEX, answer_spans, check_finite, compute_dtype, gather_rows, row_index
 
 # ULD (Boizard et al. 2024) is MultiLevelOT reduced to its first term with token-wise ranking over
 # the full vocabularies (shorter one zero-padded), weighted 1.5.
 ULD_PARAMS: dict[str, Any] = {"ranking": "token", "top_k": None, "use_sl": False, "use_sd": False, "alpha": 1.5}
 
 
-def causal_lm_loss(logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
-    """The HF causal-LM cross-entropy: mean over label tokens, logits [B, L, V] shifted against labels [B, L]."""
-    shift_logits = logits[:, :-1].flatten(0, 1).to(compute_dtype(logits))
-    return torch.nn.functional.cross_entropy(shift_logits, labels[:, 1:].flatten(), ignore_index=ignore_index)
+def causal_lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """The HF causal-LM cross-entropy: mean over label tokens, logits [B, L, V] shifted against labels [B, L]
+    (-100: ignored). Read chunk by chunk (``mlot.rows``): no [B * L, V] copy, in fp32 (fp64 for fp64 logits)."""
+    return -answer_rows(logits, labels).gold_log_probs().mean()
 
 
 def sft(student_logits: Tensor, student_labels: Tensor, teacher_logits: Any = None, teacher_labels: Any = None,
@@ -74,21 +74,21 @@ def kl_distill(student_logits: Tensor, student_labels: Tensor, teacher_logits: T
                          f"{payload.probs.shape[-1] if top_k is None else 'ids >= ' + str(V)}"
                          f" entries, the student's {V}; use multilevel_ot or uld across tokenizers")
     width = max(int(s_len.max()), payload.probs.shape[1])
-    rows, s_mask = gather_rows(student_logits, start, s_len, width)
-    check_finite(rows, s_mask, "student_logits")
-    dtype = compute_dtype(student_logits)
-    log_q = torch.log_softmax(rows.to(dtype) / temperature, -1)
+    index, s_mask = row_index(start, s_len, width, student_logits.shape[1])
+    rows = answer_rows(student_logits, student_labels)
+    check_rows_finite(rows.lse_at(index, s_mask, temperature), s_mask, "student_logits")
+    dtype = rows.dtype
     t = torch.nn.functional.pad(payload.probs.to(dtype), (0, 0, 0, width - payload.probs.shape[1]))
     cols = torch.nn.functional.pad(t_cols, (0, 0, 0, width - t_cols.shape[1]))
-    log_q_k = take_columns(log_q, cols)
+    n = torch.minimum(s_len, payload.lengths.to(s_len.device))
+    pair = torch.arange(width, device=n.device)[None] < n[:, None]
+    log_q_k = rows.log_softmax_at(index, pair, cols, (temperature,))[0]  # the paired rows at the teacher's columns
     log_t = torch.log(t.clamp_min(torch.finfo(dtype).tiny))
     if direction == "forward":
         per_row = (t * (log_t - log_q_k)).sum(-1)
     else:  # top_k is None: columns are a permutation of the vocabulary
         q_k = log_q_k.exp()
         per_row = (q_k * (log_q_k - log_t)).sum(-1)
-    n = torch.minimum(s_len, payload.lengths.to(s_len.device))
-    pair = torch.arange(width, device=n.device)[None] < n[:, None]
     per_sample = (pair * per_row).sum(1) / n.clamp(min=1).to(dtype)
     return DistillResult(distill=per_sample.mean(), alpha=alpha, per_sample=per_sample, terms={"kl": per_sample})
 

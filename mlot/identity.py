@@ -34,7 +34,8 @@ import torch
 from torch import Tensor
 
 from .result import DistillResult
-from .spans import answer_spans, compute_dtype, gather_rows
+from .rows import AnswerRows, answer_rows
+from .spans import answer_spans, compute_dtype, gather_rows, row_index
 
 # ---------------------------------------------------------------------------- settings
 
@@ -281,6 +282,13 @@ def _gold(logp: Tensor, mask: Tensor, gold: Tensor) -> Tensor:
     return logp.gather(-1, gold[..., None])[..., 0].masked_fill(~mask, 0.0)
 
 
+def _student_rows(logits: Tensor, labels: Tensor) -> tuple[AnswerRows, Tensor, Tensor, Tensor]:
+    """The student's reader (``mlot.rows``), its answer rows' index and mask [B, T_s] and lengths [B]."""
+    start, length = answer_spans(labels, name="student_labels")
+    index, mask = row_index(start, length, int(length.max()), logits.shape[1])
+    return answer_rows(logits, labels), index, mask, length
+
+
 def _starts_match(t_bounds: Tensor, t_len: Tensor, s_bounds: Tensor, s_len: Tensor) -> Tensor:
     """[B, T_t, T_s] True where teacher token j and student token i start at the same character."""
     t_pos = torch.arange(t_bounds.shape[1] - 1, device=t_bounds.device)
@@ -300,18 +308,18 @@ def shared_vocab_kl(student_logits: Tensor, student_labels: Tensor, student_boun
     Returns ``distill`` = mean over samples of the mean over aligned positions (a sample with none adds 0);
     terms ``shared_kl`` [B] and ``aligned`` [B] (aligned positions per sample).
     """
-    logp, _, _, s_len = _answer_rows(student_logits, student_labels, "student_labels")
-    s_bounds = student_bounds[:, :logp.shape[1] + 1].to(logp.device).long()
-    match = _starts_match(payload.bounds.to(logp.device).long(), payload.lengths, s_bounds, s_len)  # [B, T_t, T_s]
+    rows, index, _, s_len = _student_rows(student_logits, student_labels)
+    device = index.device
+    s_bounds = student_bounds[:, :index.shape[1] + 1].to(device).long()
+    match = _starts_match(payload.bounds.to(device).long(), payload.lengths, s_bounds, s_len)  # [B, T_t, T_s]
     t_has = match.any(-1)                                                              # [B, T_t]
     s_at = match.float().argmax(-1)                                                    # [B, T_t]
-    rows = logp.gather(1, s_at[..., None].expand(-1, -1, logp.shape[-1]))             # [B, T_t, V_s]
-    shared = vmap.student_shared.to(logp.device)
-    log_norm = rows.masked_fill(~shared, float("-inf")).logsumexp(-1)                  # [B, T_t]
-    members = vmap.student_members.to(logp.device)[payload.classes.long().clamp(min=0)]  # [B, T_t, k, m]
-    picked = rows.gather(-1, members.clamp(min=0).flatten(2)).view(members.shape)
-    log_s = picked.masked_fill(members < 0, float("-inf")).logsumexp(-1) - log_norm[..., None]
-    p = payload.probs.to(logp.dtype)
+    members = vmap.student_members.to(device)[payload.classes.long().clamp(min=0)]  # [B, T_t, k, m]
+    # log softmax over the shared vocabulary, read at the members: z_c - logsumexp_shared(z), [B, T_t, k * m]
+    picked = rows.log_softmax_at(index.gather(1, s_at), t_has, members.clamp(min=0).flatten(2),
+                                 subset=vmap.student_shared.to(device))[0]
+    log_s = picked.view(members.shape).masked_fill(members < 0, float("-inf")).logsumexp(-1)  # [B, T_t, k]
+    p = payload.probs.to(rows.dtype)
     xlogx = torch.where(p > 0, p * p.clamp(min=torch.finfo(p.dtype).tiny).log(), 0.0)
     per_pos = (xlogx - torch.where(p > 0, p * log_s, 0.0)).sum(-1)                     # [B, T_t]
     count = t_has.sum(1)
@@ -337,24 +345,25 @@ def chunk_likelihood(student_logits: Tensor, student_labels: Tensor, student_bou
     ``distill`` (mean over samples of the mean over chunks) and terms ``chunk_kl`` [B], ``chunks`` [B],
     ``student_chunk_logp`` [B, K] and ``teacher_chunk_logp`` [B, K] (0 past a sample's chunks).
     """
-    logp, mask, gold, s_len = _answer_rows(student_logits, student_labels, "student_labels")
-    s_token = _gold(logp, mask, gold)
-    s_bounds = student_bounds[:, :logp.shape[1] + 1].to(logp.device).long()
-    t_bounds, t_len = payload.bounds.to(logp.device).long(), payload.lengths.to(logp.device)
+    rows, index, mask, s_len = _student_rows(student_logits, student_labels)
+    s_token = rows.gold_at(index, mask)                                                # [B, T_s]
+    device, dtype = index.device, rows.dtype
+    s_bounds = student_bounds[:, :index.shape[1] + 1].to(device).long()
+    t_bounds, t_len = payload.bounds.to(device).long(), payload.lengths.to(device)
     t_end = t_bounds.gather(1, t_len[:, None])
     in_s = (t_bounds[:, :, None] == s_bounds[:, None, :]).any(-1)
-    t_pos = torch.arange(t_bounds.shape[1], device=logp.device)[None]
+    t_pos = torch.arange(t_bounds.shape[1], device=device)[None]
     big = torch.iinfo(torch.long).max // 2
     common = torch.where(in_s & (t_pos <= t_len[:, None]), t_bounds, big).sort(-1).values  # [B, T_t + 1]
     n_chunks = (common < big).sum(1) - 1
     common = torch.where(common < big, common, t_end + 1)  # past the end: empty chunks
     s_chunk = _chunk_sums(s_bounds, s_len, common, s_token)
-    t_chunk = _chunk_sums(t_bounds, t_len, common, payload.token_logp.to(logp.dtype))
-    live = torch.arange(s_chunk.shape[1], device=logp.device)[None] < n_chunks[:, None]
+    t_chunk = _chunk_sums(t_bounds, t_len, common, payload.token_logp.to(dtype))
+    live = torch.arange(s_chunk.shape[1], device=device)[None] < n_chunks[:, None]
     kl = _binary_kl(t_chunk, s_chunk).masked_fill(~live, 0.0)
     per_sample = kl.sum(1) / n_chunks.clamp(min=1)
     return DistillResult(per_sample.mean(), alpha, per_sample,
-                         {"chunk_kl": per_sample, "chunks": n_chunks.to(logp.dtype),
+                         {"chunk_kl": per_sample, "chunks": n_chunks.to(dtype),
                           "student_chunk_logp": s_chunk * live, "teacher_chunk_logp": t_chunk * live})
 
 

@@ -26,7 +26,8 @@ from .ot import sinkhorn_log, sinkhorn_plain, uniform_log_marginal
 from .payload import TeacherPayload
 from .ranking import assignment_ranking
 from .result import DistillResult
-from .softmax import answer_log_softmax, answer_row_stats, reference_probs, reference_row_stats, take_logits
+from .rows import AnswerRows, answer_rows, check_rows_finite
+from .softmax import reference_probs, reference_row_stats
 from .spans import answer_spans, compute_dtype, row_index
 
 
@@ -51,12 +52,12 @@ def compress_teacher(
             index, mask = row_index(start, length, int(length.max()), teacher_logits.shape[1])
             dtype = compute_dtype(teacher_logits)
             stats = reference_row_stats(teacher_logits, index, mask, dtype)
-            _check_rows_finite(stats.lse, mask, "teacher_logits")
+            check_rows_finite(stats.lse, mask, "teacher_logits")
             columns = stats.totals.topk(_k(cfg, teacher_logits.shape[-1])).indices
             probs = reference_probs(teacher_logits, index, mask, columns, stats, dtype)
             return TeacherPayload("reference", probs, None, columns.int(), length, cfg.teacher_settings())
         # Paper mode: one chunked pass for normalisers and ranking statistics, then only k columns.
-        return _teacher_paper(teacher_logits, start, length, cfg)
+        return _teacher_paper(AnswerRows(teacher_logits, teacher_labels), start, length, cfg)
 
 
 def multilevel_ot(
@@ -107,26 +108,33 @@ def multilevel_ot(
 # ---------------------------------------------------------------------------- paper mode
 
 
-def _teacher_paper(logits: Tensor, start: Tensor, length: Tensor, cfg: MultiLevelOTConfig) -> TeacherPayload:
+def _teacher_paper(rows: AnswerRows, start: Tensor, length: Tensor, cfg: MultiLevelOTConfig) -> TeacherPayload:
     width = int(length.max())
-    index, mask = row_index(start, length, width, logits.shape[1])
-    dtype = compute_dtype(logits)
-    k = _k(cfg, logits.shape[-1])
+    index, mask = row_index(start, length, width, rows.logits.shape[1])
+    k = _k(cfg, rows.logits.shape[-1])
     sd_other = cfg.use_sd and cfg.sd_temperature != cfg.teacher_temperature
     temps = [cfg.teacher_temperature] + ([cfg.sd_temperature] if sd_other else [])
-    stats = answer_row_stats(logits, index, mask, temps, dtype, totals=cfg.ranking == "sequence",
-                             token_k=k if cfg.ranking == "token" else None)
-    _check_rows_finite(stats.lse[0], mask, "teacher_logits")
-    columns = stats.totals.topk(k, dim=-1).indices if cfg.ranking == "sequence" else stats.token_columns
-    rows_cols = _per_row(columns, width)
-    probs = torch.exp(take_logits(logits, index, rows_cols, dtype) / cfg.teacher_temperature - stats.lse[0][..., None])
-    probs = probs * mask[..., None]
+    columns, lse = _ranked_columns(rows, index, mask, temps, cfg.ranking, k, "teacher_logits")
+    probs = rows.log_softmax_at(index, mask, columns, temps[:1])[0].exp() * mask[..., None]
     sd_log_shift = None
     if sd_other:
         # softmax(z/tau_sd)_i = p_i ** r * exp(shift): the per-token shift is all SD needs beyond p.
         r = cfg.teacher_temperature / cfg.sd_temperature
-        sd_log_shift = (r * stats.lse[0] - stats.lse[1]) * mask
+        sd_log_shift = (r * lse - rows.lse_at(index, mask, cfg.sd_temperature)) * mask
     return TeacherPayload("paper", probs, sd_log_shift, columns.int(), length, cfg.teacher_settings())
+
+
+def _ranked_columns(rows: AnswerRows, index: Tensor, mask: Tensor, temps: list[float], ranking: str, k: int,
+                    name: str) -> tuple[Tensor, Tensor]:
+    """One chunked pass over the answer rows at ``index`` [B, W] where ``mask``: the normalisers of ``temps``
+    and the sort ranking at the first, ``ranking`` ``sequence`` (column totals per sample: [B, k] ids) or
+    ``token`` (per row: [B, W, k]). Returns (columns, lse [B, W] at the first temperature)."""
+    totals, top = rows.scan(temps, weights=rows.weights(index, mask) if ranking == "sequence" else None,
+                            top_k=k if ranking == "token" else None)
+    lse = rows.lse_at(index, mask, temps[0])
+    check_rows_finite(lse, mask, name)
+    columns = totals.topk(k, dim=-1).indices if ranking == "sequence" else rows.at(index, mask, top)
+    return columns, lse
 
 
 def _student_paper(logits: Tensor, labels: Tensor, payload: TeacherPayload, cfg: MultiLevelOTConfig) -> DistillResult:
@@ -134,7 +142,8 @@ def _student_paper(logits: Tensor, labels: Tensor, payload: TeacherPayload, cfg:
     t_len = payload.lengths
     width = max(int(s_len.max()), payload.probs.shape[1], 1)
     index, s_mask = row_index(start, s_len, width, logits.shape[1])
-    dtype = compute_dtype(logits)
+    rows = answer_rows(logits, labels)
+    dtype = rows.dtype
     t_mask = _length_mask(t_len, width)
     pair = _length_mask(torch.minimum(t_len, s_len), width)
     n_pair = pair.sum(1).clamp(min=1).to(dtype)
@@ -144,21 +153,15 @@ def _student_paper(logits: Tensor, labels: Tensor, payload: TeacherPayload, cfg:
     # One chunked pass over the student's answer rows: normalisers and ranking statistics.
     sd_other = cfg.use_sd and cfg.sd_temperature != cfg.student_temperature
     temps = [cfg.student_temperature] + ([cfg.sd_temperature] if sd_other else [])
-    stats = answer_row_stats(logits, index, s_mask, temps, dtype, totals=cfg.ranking == "sequence",
-                             token_k=k if cfg.ranking == "token" else None)
-    _check_rows_finite(stats.lse[0], s_mask, "student_logits")
-    if cfg.ranking == "token":
-        columns = stats.token_columns
-    elif cfg.student_ranking == "assignment":
+    assign = cfg.ranking == "sequence" and cfg.student_ranking == "assignment"
+    pool_k = min(cfg.assignment_candidates or 2 * k, logits.shape[-1]) if assign else k
+    columns, _ = _ranked_columns(rows, index, s_mask, temps, cfg.ranking, pool_k, "student_logits")
+    if assign:
         with torch.no_grad():
-            pool = stats.totals.topk(min(cfg.assignment_candidates or 2 * k, logits.shape[-1]), dim=-1).indices
-            pool_probs = torch.exp(take_logits(logits, index, _per_row(pool, width), dtype) / cfg.student_temperature
-                                   - stats.lse[0][..., None]) * s_mask[..., None]
-            columns = assignment_ranking(t_k, pool_probs, pool, pair)
-    else:
-        columns = stats.totals.topk(k, dim=-1).indices
-    # The only dense work with a gradient: log-softmax per temperature, read at the k kept columns.
-    log_p = answer_log_softmax(logits, index, s_mask, _per_row(columns, width), temps, stats.lse, dtype)
+            pool_probs = rows.log_softmax_at(index, s_mask, columns, temps[:1])[0].exp() * s_mask[..., None]
+            columns = assignment_ranking(t_k, pool_probs, columns, pair)
+    # The only reads with a gradient: log-softmax per temperature at the k kept columns (chunked, mlot.rows).
+    log_p = rows.log_softmax_at(index, s_mask, columns, temps)
     m = s_mask[..., None]
     # With top_k=None the vocabularies differ in size: zero-pad the shorter side (as ULD does);
     # a padded student column scores log 1 = 0 in SL, i.e. teacher mass there is not rewarded.
@@ -223,7 +226,7 @@ def _student_reference(logits: Tensor, labels: Tensor, payload: TeacherPayload,
     index, s_mask = row_index(start, s_len, width, logits.shape[1])
     dtype = compute_dtype(logits)
     stats = reference_row_stats(logits, index, s_mask, dtype)
-    _check_rows_finite(stats.lse, s_mask, "student_logits")
+    check_rows_finite(stats.lse, s_mask, "student_logits")
     columns = stats.totals.topk(min(payload.probs.shape[-1], logits.shape[-1])).indices
     # A vocabulary smaller than k (the released code would fail): zero-pad the shorter side, as paper mode does.
     s_k, t_k = _pad_to_same_k(reference_probs(logits, index, s_mask, columns, stats, dtype),
@@ -246,21 +249,8 @@ def _student_reference(logits: Tensor, labels: Tensor, payload: TeacherPayload,
 # ---------------------------------------------------------------------------- helpers
 
 
-def _per_row(columns: Tensor, width: int) -> Tensor:
-    """Column ids [B, k] (one order per sequence) or [B, T, k] (per row) -> [B, width, k] long."""
-    columns = columns.long()
-    return columns[:, None, :].expand(-1, width, -1) if columns.dim() == 2 else columns
-
-
 def _k(cfg: MultiLevelOTConfig, vocab: int) -> int:
     return vocab if cfg.top_k is None else min(cfg.top_k, vocab)
-
-
-def _check_rows_finite(lse: Tensor, mask: Tensor, name: str) -> None:
-    """NaN or +Inf anywhere in a row makes its logsumexp non-finite: name the samples. lse, mask [B, W]."""
-    bad = (~torch.isfinite(lse) & mask).any(1).nonzero().flatten().tolist()
-    if bad:
-        raise ValueError(f"{name}: non-finite values (NaN/Inf) in the answer logits of sample(s) {bad}")
 
 
 def _length_mask(lengths: Tensor, width: int) -> Tensor:

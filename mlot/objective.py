@@ -8,6 +8,9 @@ methods that train on labels alone), ``identity_j`` the optional identity-aware 
 (``mlot.identity.identity_terms``: aligned-chunk likelihood, exact match on the shared vocabulary) and ``mix``
 the teacher mix of ``mlot.mixing`` (a weighted sum by default; per-sample weights from each teacher's NLL per
 answer byte for ``best`` / ``confidence``).
+
+Every term reads the student's logits through one ``mlot.rows.AnswerRows`` per call: chunks of answer rows in
+fp32, no [rows, V] copy kept for backward, one gradient buffer for all terms and teachers.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from .methods import Method
 from .mixing import PER_SAMPLE_MIXES, mixed_loss
 from .payload import TeacherPayload
 from .result import DistillResult
+from .rows import answer_rows, sharing
 
 
 @dataclass(frozen=True)
@@ -62,11 +66,12 @@ class Objective:
         results (``<name>/had``, ``<name>/chunk_kl``, ...) and, for per-sample mixes, ``<name>/mix_weight``,
         ``<name>/nll_per_byte`` and ``<name>/selected``.
         """
-        ce_loss = causal_lm_loss(logits, labels)
+        with sharing(answer_rows(logits, labels)):  # one reader of the answer rows for every term (mlot.rows)
+            ce_loss = causal_lm_loss(logits, labels)
+            parts = {"ce": ce_loss.detach()}
+            results = [self._teacher(name, logits, labels, payload, (vmaps or {}).get(name), parts)
+                       for name, payload in payloads.items()]
         loss = (self.ce_weight if ce else 0.0) * ce_loss
-        parts = {"ce": ce_loss.detach()}
-        results = [self._teacher(name, logits, labels, payload, (vmaps or {}).get(name), parts)
-                   for name, payload in payloads.items()]
         if results:
             loss = loss + self._mix(results, payloads, parts)
         parts["loss"] = loss.detach()

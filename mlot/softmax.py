@@ -1,14 +1,12 @@
-"""Softmax over a large vocabulary on answer rows, read at a few columns, without [B, T, V] temporaries.
+"""Softmax over a large vocabulary on answer rows without [B, T, V] temporaries: the chunk budget, and the
+released code's arithmetic (reference mode).
 
-The losses need ``log_softmax(z / tau)`` at k of V columns (k=50, V=50k) on the answer rows of a
-[B, L, V] logits tensor, plus per-sequence column totals for the ranking. Plain autograd would build
-the gathered rows, a dense softmax, a zero-filled gather gradient and a dense softmax backward, each
-a fresh [B, T, V] buffer. Here everything dense runs over chunks of answer positions (a few MB, so
+Paper mode and every other loss read rows through ``mlot.rows.AnswerRows``, which chunks with :func:`_chunk`.
+Reference mode keeps its own passes here: a per-row temperature (the std of the row) makes its softmax
+backward differ from the plain one. Everything dense runs over chunks of answer positions (a few MB, so
 temporaries stay in cache and are recycled by the allocator; on a GPU, a few hundred MB, where one-row
-chunks would mean thousands of kernel launches), and the backward writes straight into the one
-gradient buffer the caller needs anyway:
-
-    d/dz_v = sum_tau (g_tau,v [v kept] - p_tau,v * sum_i g_tau,i) / tau
+chunks would mean thousands of kernel launches), and the backward writes straight into the one gradient
+buffer the caller needs anyway.
 """
 
 from __future__ import annotations
@@ -43,98 +41,10 @@ def _add_rows(grad: Tensor, index: Tensor, t0: int, t1: int, values: Tensor) -> 
     grad.scatter_add_(1, index[:, t0:t1, None].expand(-1, -1, grad.shape[-1]), values.to(grad.dtype))
 
 
-@dataclass
-class RowStats:
-    """What one pass over the answer rows yields (no gradient).
-
-    lse: per temperature, logsumexp(z / tau) [B, W]; non-finite where the row holds NaN/+Inf.
-    totals: [B, V] sum over each sequence's answer rows of softmax(z / tau_0), or None.
-    token_columns: [B, W, k] each row's k most probable ids at tau_0, or None.
-    """
-
-    lse: list[Tensor]
-    totals: Tensor | None
-    token_columns: Tensor | None
-
-
-@torch.no_grad()
-def answer_row_stats(logits: Tensor, index: Tensor, mask: Tensor, temperatures: list[float], dtype: torch.dtype,
-                     totals: bool = False, token_k: int | None = None) -> RowStats:
-    """Log-normalisers (and optionally ranking statistics) of the answer rows, chunk by chunk.
-
-    Args:
-        logits: [B, L, V]. index: [B, W] row of each answer position. mask: [B, W] real positions.
-        temperatures: taus; ``totals`` and ``token_k`` use the first.
-    """
-    B, W = index.shape
-    V = logits.shape[-1]
-    lse = [torch.empty(B, W, dtype=dtype, device=logits.device) for _ in temperatures]
-    tot = torch.zeros(B, V, dtype=dtype, device=logits.device) if totals else None
-    tok = torch.empty(B, W, token_k, dtype=torch.long, device=logits.device) if token_k else None
-    for t0, t1, z in _row_chunks(logits, index, dtype):
-        for j, tau in enumerate(temperatures):
-            zt = z if tau == 1 else z / tau
-            top = zt.amax(-1, keepdim=True)
-            e = (zt - top).exp_()
-            s = e.sum(-1, keepdim=True)
-            lse[j][:, t0:t1] = (top + s.log()).squeeze(-1)
-            if j == 0 and (tot is not None or tok is not None):
-                p = e.div_(s).mul_(mask[:, t0:t1, None])
-                if tot is not None:
-                    tot += p.sum(1)
-                if tok is not None:
-                    tok[:, t0:t1] = p.topk(token_k, dim=-1).indices
-    return RowStats(lse, tot, tok)
-
-
 def take_logits(logits: Tensor, index: Tensor, columns: Tensor, dtype: torch.dtype) -> Tensor:
     """logits[b, index[b, t], columns[b, t, i]] -> [B, W, k] (no [B, W, V] intermediate)."""
     b = torch.arange(logits.shape[0], device=logits.device)[:, None, None]
     return logits[b, index[:, :, None], columns].to(dtype)
-
-
-class _AnswerLogSoftmax(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits: Tensor, index: Tensor, mask: Tensor, columns: Tensor, temperatures: tuple[float, ...],
-                lse: tuple[Tensor, ...], dtype: torch.dtype) -> tuple[Tensor, ...]:  # type: ignore[override]
-        z_k = take_logits(logits, index, columns, dtype)
-        ctx.save_for_backward(logits, index, mask, columns, *lse)
-        ctx.temperatures, ctx.dtype = temperatures, dtype
-        return tuple(z_k / tau - lse_t[..., None] for tau, lse_t in zip(temperatures, lse))
-
-    @staticmethod
-    def backward(ctx, *grads: Tensor):  # type: ignore[override]
-        logits, index, mask, columns, *lse = ctx.saved_tensors
-        grad = torch.zeros_like(logits)
-        for t0, t1, z in _row_chunks(logits, index, ctx.dtype):
-            acc = None
-            for g, tau, lse_t in zip(grads, ctx.temperatures, lse):
-                if g is None:
-                    continue
-                g = g[:, t0:t1] / tau
-                e = (z / tau if tau != 1 else z) - lse_t[:, t0:t1, None]
-                e = e.exp_().mul_(-g.sum(-1, keepdim=True))
-                e.scatter_add_(-1, columns[:, t0:t1], g)
-                acc = e if acc is None else acc.add_(e)
-            if acc is None:
-                continue
-            acc.mul_(mask[:, t0:t1, None])  # padding positions repeat a real row: they must add nothing
-            _add_rows(grad, index, t0, t1, acc)
-        return grad, None, None, None, None, None, None
-
-
-def answer_log_softmax(logits: Tensor, index: Tensor, mask: Tensor, columns: Tensor, temperatures: list[float],
-                       lse: list[Tensor], dtype: torch.dtype) -> tuple[Tensor, ...]:
-    """``log_softmax(logits[b, index[b, t]] / tau)[columns[b, t]]`` for each tau, differentiable in logits.
-
-    Args:
-        logits: [B, L, V]. index, mask: [B, W]. columns: [B, W, k] (long).
-        lse: per tau, [B, W] from :func:`answer_row_stats`.
-
-    Returns:
-        one [B, W, k] tensor of log-probabilities per temperature.
-    """
-    return _AnswerLogSoftmax.apply(logits, index, mask, columns, tuple(temperatures), tuple(lse), dtype)
 
 
 # ---------------------------------------------------------------------------- reference mode

@@ -1,4 +1,4 @@
-"""The ``mlot`` command line: distill, validate, quickstart, tune, teach, generate, eval.
+"""The ``mlot`` command line: distill, validate, quickstart, tune, teach, generate, eval, inspect.
 
 Exit codes: 0 done, 2 bad input (a ``specs.UserError``: the message names what to fix), 130 interrupted;
 any other exception is a bug and keeps its traceback."""
@@ -9,7 +9,9 @@ import argparse
 import sys
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
+from orchestrator import console
 from orchestrator.configuration import ConfigError, load_config
 from orchestrator.tune import SpaceError
 from specs import UserError
@@ -34,10 +36,28 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _summary(s) -> None:
-    print(f"\n  student model : {s.export_dir}  (AutoModelForCausalLM.from_pretrained)")
-    print(f"  MLflow run    : {s.run_id}  at {s.tracking_uri}")
-    print(f"  open the UI   : mlflow ui --backend-store-uri {s.tracking_uri}")
+#: End-of-job scores as the summary table heads them (``eval.metric`` decides which a job has).
+SCORE_NAMES = {"exact_match": "exact match", "f1": "F1", "rougeLsum": "ROUGE-Lsum"}
+
+
+def summary_table(rows: list[tuple[str, Any]]) -> str:
+    """The end of every ``mlot distill``: each (label, DistillSummary)'s held-out scores, eval CE and scored rows,
+    then where the first one's student and MLflow run are and how to open them."""
+    scores = [k for k in SCORE_NAMES if any(k in s.eval for _, s in rows)]
+    width = max(len("student"), *(len(label) for label, _ in rows))
+    heads = [SCORE_NAMES[k] for k in scores] + ["eval CE", "rows"]
+    lines = [f"{'student':{width}s} " + " ".join(f"{h:>12s}" for h in heads)]
+    for label, s in rows:
+        ce = s.metrics.get("eval/loss", float("nan"))
+        values = [f"{s.eval.get(k, float('nan')):12.1f}" for k in scores] + [f"{ce:12.3f}",
+                                                                           f"{int(s.eval.get('n', 0)):12d}"]
+        lines.append(f"{label:{width}s} " + " ".join(values))
+    first = rows[0][1]
+    lines += ["", f"  student model : {first.export_dir}  (AutoModelForCausalLM.from_pretrained; "
+              f"mlot eval --model {first.export_dir} --data ...)",
+              f"  MLflow run    : {first.run_id}  at {first.tracking_uri}",
+              f"  open the UI   : mlflow ui --backend-store-uri {first.tracking_uri}"]
+    return "\n".join(lines)
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
@@ -46,24 +66,15 @@ def cmd_distill(args: argparse.Namespace) -> int:
     job = _load(args)
     if args.baseline:
         main, base = run_with_baseline(job, args.baseline)
-        print_comparison(main, base, args.baseline)
-        _summary(main)
-    else:
-        summary = run_distill(job, resume=args.resume)
-        _summary(summary)
-        if summary.stopped_at:
-            return 130  # interrupted (cleanly, with a checkpoint): the shell convention for Ctrl-C
+        print("\n" + summary_table([(f"{main.job} (distilled)", main),
+                                    (f"{base.job} ({args.baseline}, same budget)", base)]))
+        return 0
+    summary = run_distill(job, resume=args.resume)
+    if summary.stopped_at:
+        print(f"\n  stopped at step {summary.stopped_at}: mlot distill {args.config} --resume continues")
+        return 130  # interrupted (cleanly, with a checkpoint): the shell convention for Ctrl-C
+    print("\n" + summary_table([(summary.job, summary)]))
     return 0
-
-
-def print_comparison(main, base, baseline: str) -> None:
-    """Held-out exact match / F1 and eval CE of the distilled student next to the baseline."""
-    rows = [(f"{main.job} (distilled)", main), (f"{base.job} ({baseline}, same budget)", base)]
-    print(f"\n{'student':42s} {'exact match':>12s} {'F1':>7s} {'eval CE':>8s}")
-    for label, s in rows:
-        ce = s.metrics.get("eval/loss")
-        print(f"{label:42s} {s.eval.get('exact_match', float('nan')):12.1f} {s.eval.get('f1', float('nan')):7.1f} "
-              f"{ce if ce is not None else float('nan'):8.3f}")
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
@@ -145,8 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     from orchestrator.evaluation import add_eval_parser
     from orchestrator.generate import add_generate_parser
+    from orchestrator.inspect import add_inspect_parser
     add_generate_parser(sub)
     add_eval_parser(sub)
+    add_inspect_parser(sub)
 
     v = sub.add_parser("validate", help="check CONFIG and print what it would run")
     with_config(v)
@@ -156,11 +169,15 @@ def build_parser() -> argparse.ArgumentParser:
                        "tokenizers, local Ray on CPU; distils, trains an SFT baseline, compares")
     with_config(q, positional=False)
     q.set_defaults(func=cmd_quickstart)
+    for command in sub.choices.values():
+        command.add_argument("--verbose", action="store_true", help="also show the frameworks' output: Ray's "
+                             "forwarded worker logs, model-loading and dataset bars, Ray's and MLflow's info lines")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    console.set_verbose(args.verbose)
     try:
         return args.func(args)
     except ConfigError as e:

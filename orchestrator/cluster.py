@@ -16,6 +16,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
+from orchestrator import console
 from specs import UserError
 
 _TOKEN_FIX = ("copy the cluster's token (`ray get-auth-token` on the head node) to ~/.ray/auth_token on this "
@@ -64,8 +65,7 @@ def connect_ray(job: Any) -> None:
         os.environ.setdefault(key, value)
     if ray.is_initialized():
         return
-    kwargs: dict[str, Any] = {"runtime_env": job.cluster.runtime_env or None, "logging_level": "WARNING",
-                              "log_to_driver": True}
+    kwargs: dict[str, Any] = {"runtime_env": job.cluster.runtime_env or None, **console.ray_init_options()}
     if job.cluster.address:
         _check_reachable(job.cluster.address)
         if "RAY_AUTH_MODE" not in os.environ and auth_token_found():

@@ -43,7 +43,7 @@ __all__ = [
     "BUILTIN_DATASETS", "BUILTIN_TOKENIZERS", "DATA_FILE_SUFFIXES", "ClusterConfig", "DataConfig",
     "DeepSpeedConfig", "EvalConfig", "JobConfig", "LossConfig", "ModelSpec", "OnPolicyConfig",
     "PretrainConfig", "StudentConfig", "SweepConfig", "TeacherConfig", "TeacherResources", "Template",
-    "TrackingConfig", "TrainConfig",
+    "TrackingConfig", "TrainConfig", "VllmConfig",
 ]
 
 #: Local file formats ``data.source`` may point to (a directory of them is fine too).
@@ -163,6 +163,7 @@ class StudentConfig(ModelSpec):
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Training precision: bfloat16 / float16 train with DeepSpeed mixed precision and fp32 master weights (the loss softmax stays fp32).")
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig, description="DeepSpeed ZeRO settings.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass (less memory, about a third more compute).")
+    export_dtype: Literal["float32", "bfloat16", "float16"] | None = Field(None, description="dtype of the exported student (one safetensors model, gathered one layer at a time and written by rank 0); null: the training dtype (dtype). bfloat16 / float16 halve a float32 student's file and rank 0's copy.")
 
 
 class TeacherResources(_Section):
@@ -194,6 +195,23 @@ class PretrainConfig(_Section):
     batch_size: int = Field(16, ge=1, description="Pre-training batch size.")
 
 
+class ServingConfig(_Section):
+    """How a teacher replica takes requests (workers.teacher.batching)."""
+
+    max_batch_tokens: int | None = Field(None, ge=1, description="Merge the pending requests of all workers into forwards of at most this many padded tokens (rows x longest row; a request larger than it still goes alone); null: each request is its own forward.")
+    max_wait_ms: float = Field(2.0, ge=0, description="How long an idle replica waits for other requests to batch with the first.")
+
+
+class VllmConfig(_Section):
+    """The vLLM engine of a teacher (teachers[i].engine: vllm; workers.teacher.vllm_engine)."""
+
+    python: str = Field(".venv-vllm/bin/python", min_length=1, description="Python of the vLLM runtime the replicas run in (vLLM pins another transformers than the project: `bash scripts/setup_vllm.sh` creates .venv-vllm); a path relative to the repository root, or absolute. It must exist on every node that hosts a replica.")
+    max_model_len: int | None = Field(None, ge=2, description="Longest prompt + answer (tokens) the engine holds; null: the model's positions.")
+    kv_cache_gb: float = Field(1.0, gt=0, description="KV-cache memory per replica in GiB (scoring keeps a batch's prompts; 1 GiB holds ~700k tokens of a tiny model, ~8k of a 7B one in bf16).")
+    max_logprobs: int | None = Field(None, ge=1, description="Log-probabilities the engine returns per answer row; null: the job loss's top_k + 1. A sweep whose trials raise top_k needs it larger.")
+    enforce_eager: bool = Field(True, description="Run the model eagerly (no CUDA graphs / torch.compile): a faster start-up; scoring is prefill-only, which graphs speed up little.")
+
+
 class TeacherConfig(ModelSpec):
     """One teacher model served by a pool of Ray actors."""
 
@@ -205,6 +223,15 @@ class TeacherConfig(ModelSpec):
     resources: TeacherResources = Field(default_factory=TeacherResources, description="Ray resources per replica.")
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig, description="Brief task pre-training (for tiny random teachers); null: none.")
     store: str | None = Field(None, min_length=1, description="A teacher store made by `mlot teach` (a folder or URI): read this teacher's outputs from it instead of running it (no teacher resources); refused if it does not match the job.")
+    serving: ServingConfig = Field(default_factory=ServingConfig, description="Request batching of each replica.")
+    engine: Literal["hf", "vllm"] = Field("hf", description="What runs the teacher: hf (a transformers model; every loss) or vllm (vLLM's engine in its own runtime, teachers[i].vllm; top-K prompt log-probabilities: exact for token ranking and the gold log-probabilities, bounded for sequence ranking; refuses what needs full logits).")
+    vllm: VllmConfig = Field(default_factory=VllmConfig, description="The vLLM engine's settings (engine: vllm).")
+
+    @model_validator(mode="after")
+    def _check_engine(self) -> TeacherConfig:
+        if self.engine == "vllm" and self.serving.max_batch_tokens is not None:
+            raise FieldProblem(("serving.max_batch_tokens", self.serving.max_batch_tokens, "batches the requests of an hf replica; vLLM schedules its own batches: set it to null with engine: vllm"))
+        return self
 
     @field_validator("replicas")
     @classmethod
@@ -352,6 +379,7 @@ class TrainConfig(_Section):
     backend: Literal["nccl", "gloo"] | None = Field(None, description="torch.distributed backend; null: nccl with use_gpu, gloo otherwise.")
     resources_per_worker: dict[str, float] = Field(default_factory=dict, description="Ray resources per worker, e.g. {CPU: 4, student_node: 1}.")
     checkpoint_every: int = Field(50, ge=1, description="Checkpoint every N optimizer steps (and at the end).")
+    checkpoint_upload: Literal["sync", "async"] = Field("async", description="async: each rank writes its shard to local disk and Ray Train uploads the checkpoint in the background while training goes on; sync: training waits for the upload.")
     eval_every: int | None = Field(None, ge=1, description="Evaluate every N optimizer steps; null: no periodic evaluation.")
     eval_rows: int | None = Field(2000, ge=1, description="Eval CE during training on a fixed, seeded sample of at most this many eval rows (the same at every eval); null: the whole eval split.")
     prefetch: int = Field(2, ge=0, description="Teacher payload batches requested ahead of the current step.")
@@ -383,10 +411,11 @@ class TrainConfig(_Section):
 
 
 class EvalConfig(_Section):
-    """The end-of-job scoring of the exported student (greedy answers: exact match / F1)."""
+    """The end-of-job scoring of the exported student (greedy answers, scored as ``metric`` says)."""
 
     max_rows: int | None = Field(200, ge=1, description="Score a seeded sample of at most this many eval rows (null: all); eval CE during training reads train.eval_rows of them.")
     num_tasks: int = Field(2, ge=1, description="Ray tasks the scored rows are split over (each loads the student once).")
+    metric: Literal["qa", "rouge", "all"] = Field("qa", description="What the scoring measures: qa (exact match + F1), rouge (ROUGE-Lsum, for summaries) or all; the exported student's mlot eval uses it too.")
 
 
 class TrackingConfig(_Section):
@@ -474,6 +503,7 @@ class JobConfig(_Section):
                                  f"max_prompt_length + max(max_answer_length, train.on_policy.max_new_tokens) = {total} exceeds {prefix}'s {positions} positions (model_config); lower them or raise the model's positions"))
         if self.train.on_policy.fraction > 0:
             problems += _on_policy_problems(self)
+        problems += _vllm_problems(self)
         if self.train.eval_every is not None and self.data.eval_split is None and self.data.eval_fraction == 0:
             problems.append(("train.eval_every", self.train.eval_every, "needs evaluation data: set data.eval_split or data.eval_fraction > 0"))
         if problems:
@@ -522,4 +552,21 @@ def _on_policy_problems(job: JobConfig) -> list[tuple[str, Any, str]]:
     for i, t in enumerate(job.teachers):
         if t.store:
             out.append((f"teachers.{i}.store", t.store, "a teacher store holds outputs for the dataset's answers, not for text the student generates: on-policy training (train.on_policy.fraction > 0) needs live teachers"))
+    return out
+
+
+def _vllm_problems(job: JobConfig) -> list[tuple[str, Any, str]]:
+    """What of the loss a vLLM teacher cannot serve: it sees top-K log-probabilities, not logits (mlot.top_logprobs)."""
+    live = [i for i, t in enumerate(job.teachers) if t.engine == "vllm" and not t.store]
+    if not live or job.loss.spec.payload is None:
+        return []
+    from mlot.top_logprobs import top_logprobs_problems
+
+    engines = ", ".join(f"teachers.{i}.engine" for i in live)
+    fix = f"or set {engines} to hf"
+    out = [("loss.mode" if name == "mode" else f"loss.params.{name}", value,
+            f"{engines} is vllm, which serves top-K log-probabilities: {why}; {fix}")
+           for name, value, why in top_logprobs_problems(job.loss.payload_config())]
+    if job.loss.spec.identity_config(job.loss.params).shared:
+        out.append(("loss.params.shared_weight", job.loss.params["shared_weight"], f"{engines} is vllm: the exact-match term needs the teacher's mass on every shared token (its whole distribution); set it to 0 ({fix})"))
     return out

@@ -51,10 +51,10 @@ def prepare_data(job: JobConfig) -> Any:
 def fingerprint(job: JobConfig) -> str:
     """What a checkpoint must agree on to be resumed: models, tokenizers, data, loss, batch shape, seed.
 
-    Steps, schedule length, tracking and cluster may change between a run and its resumption.
+    Steps, schedule length, tracking, cluster and the export dtype may change between a run and its resumption.
     """
     keep = {
-        "student": job.student.model_dump(mode="json", exclude={"deepspeed"}),
+        "student": job.student.model_dump(mode="json", exclude={"deepspeed", "export_dtype"}),
         "teachers": [t.model_dump(mode="json", include={"name", "model", "hf_config", "tokenizer", "template"})
                      for t in job.teachers],
         "data": job.data.model_dump(mode="json", exclude={"num_proc", "cache_dir"}),
@@ -76,20 +76,24 @@ def start_teachers(job: JobConfig, data: Any, cache: bool = False) -> dict[str, 
     """
     import ray
 
+    from orchestrator.engines import start_replicas, vllm_python
     from workers.teacher.actor import TeacherActor
 
     check_placeable(job, workers=False)
+    for i, t in enumerate(job.teachers):  # a missing vLLM runtime fails before any teacher pretrains
+        if t.engine == "vllm" and not t.store:
+            vllm_python(t, i)
     teachers: dict[str, list[Any]] = {}
-    for t in job.teachers:
+    for i, t in enumerate(job.teachers):
         if t.store:
             teachers[t.name] = start_store_teacher(job, t)
             continue
-        actor = ray.remote(TeacherActor).options(**teacher_options(t))
         saved = storage.join(job.run_path, "teachers", t.name)
         if t.pretrain.steps and not storage.exists(storage.join(saved, "config.json")):
             say(f"teacher {t.name}: pretraining {t.pretrain.steps} steps on the task")
             t0 = time.time()
-            trainer = actor.remote(t, job.data, job.loss, job.train.seed)
+            trainer = ray.remote(TeacherActor).options(**teacher_options(t)).remote(t, job.data, job.loss,
+                                                                                    job.train.seed)
             ray.get(trainer.pretrain.remote(data, t.pretrain.steps, t.pretrain.lr, t.pretrain.batch_size,
                                             job.train.seed))
             ray.get(trainer.save.remote(saved))
@@ -98,8 +102,7 @@ def start_teachers(job: JobConfig, data: Any, cache: bool = False) -> dict[str, 
         # Replicas load saved weights through their constructor, so a replica that Ray restarts after
         # a crash comes back as the same teacher (the run directory must be on storage all nodes see).
         weights = saved if t.pretrain.steps else None
-        replicas = [actor.remote(t, job.data, job.loss, job.train.seed, weights, cache, job.student,
-                                 job.tune.teacher_cache_bytes) for _ in range(t.replicas)]
+        replicas = start_replicas(job, t, i, weights, cache)
         infos = ray.get([a.info.remote() for a in replicas])
         say(f"teacher {t.name}: {len(replicas)} replica(s) on {infos[0]['device']} ({infos[0]['dtype']}), "
             f"vocab {infos[0]['vocab_size']}"
@@ -162,6 +165,7 @@ def run_distill(job: JobConfig, *, resume: bool = False, teachers: dict[str, lis
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from workers.student import checkpoint
+    from workers.student.console import Console
     from workers.student.engine import deepspeed_config
     from workers.student.recipe import StopSignal, train_loop_per_worker
 
@@ -184,22 +188,26 @@ def run_distill(job: JobConfig, *, resume: bool = False, teachers: dict[str, lis
     storage.write_text(state_file, json.dumps(state))
     from mlflow import MlflowClient
     client = MlflowClient(uri)
-    _log_data(client, run_id, data)
+    _log_data(client, run_id, data, new_run=not resume)
     client.set_tag(run_id, "mlot.driver_node", ray.get_runtime_context().get_node_id())  # where this run was driven
     try:
         if teachers is None:
             teachers = start_teachers(job, data) if job.loss.spec.needs_teacher else {}
         export_dir = storage.join(run_path, "final")
         stop_signal = ray.remote(StopSignal).options(num_cpus=0, scheduling_strategy=outside_pg()).remote()
+        # Only a driver in its main thread drains a console (a sweep's trials run in threads of Tune's actors).
+        console = ray.remote(Console).options(num_cpus=0, scheduling_strategy=outside_pg()).remote() \
+            if threading.current_thread() is threading.main_thread() else None
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={
                 "job": job, "data": data, "teachers": teachers,
                 "run_id": run_id, "tracking_uri": reachable_from_workers(job, uri), "export_dir": export_dir,
+                "export_recipe": export_recipe(job),
                 "fingerprint": fingerprint(job),
                 "resume_from": checkpoint.newest(storage.join(run_path, "ray", ray_name), job.train.num_workers)
                 if resume else None,
-                "stop_signal": stop_signal, "callbacks": callbacks or [],
+                "stop_signal": stop_signal, "console": console, "callbacks": callbacks or [],
             },
             scaling_config=ScalingConfig(num_workers=job.train.num_workers, use_gpu=job.train.use_gpu,
                                          resources_per_worker=job.train.resources_per_worker or None,
@@ -212,7 +220,7 @@ def run_distill(job: JobConfig, *, resume: bool = False, teachers: dict[str, lis
         zero = deepspeed_config(job)["zero_optimization"].get("stage", 0)
         say(f"training: {job.train.num_workers} worker(s), ZeRO-{zero}, "
             f"loss {job.loss.method} ({job.loss.mode})" + (" - resuming" if resume else ""))
-        result = _fit_stoppable(trainer, stop_signal)
+        result = _fit_stoppable(trainer, stop_signal, console)
         if result.error:
             raise result.error
         stopped = (result.metrics or {}).get("train/stopped_at_step")
@@ -222,9 +230,10 @@ def run_distill(job: JobConfig, *, resume: bool = False, teachers: dict[str, lis
             return DistillSummary(job.name, export_dir, run_id, uri, dict(result.metrics), {}, int(stopped))
         scores = evaluate_export(job, export_dir, data) if evaluate else {}
         if scores:
-            from mlflow.entities import Metric
+            from mlflow.entities import Metric, Param
             now = int(time.time() * 1000)
-            client.log_batch(run_id, metrics=[Metric(f"final/{k}", v, now, 0) for k, v in scores.items()])
+            client.log_batch(run_id, metrics=[Metric(f"final/{k}", v, now, 0) for k, v in scores.items() if k != "n"],
+                             params=[Param("final.scored_rows", str(int(scores["n"])))])
         client.set_terminated(run_id, "FINISHED")
     except BaseException:
         # Inside a sweep the trial may be stopped by the scheduler (which surfaces here as an error):
@@ -246,26 +255,28 @@ def _prepared_before(state: dict[str, Any]) -> Any:
     return DataRef(**{**ref, "cache_hit": True, "seconds": 0.0})
 
 
-def _log_data(client: Any, run_id: str, data: Any) -> None:
-    """What the data pass produced, and whether it was read from the cache (``data/cache_hit``)."""
-    from mlflow.entities import Metric, RunTag
+def _log_data(client: Any, run_id: str, data: Any, new_run: bool) -> None:
+    """What the data pass produced: the row counts as params (once: they are the run's, and a one-point metric
+    would be a chart of its own on the run page), this pass's cache hit and seconds as tags (a resumption's own)."""
+    from mlflow.entities import Param, RunTag
 
-    now = int(time.time() * 1000)
-    values = {"data/skipped_rows": data.counts["skipped"], "data/truncated_answers": data.counts["truncated"],
-              "data/train_rows": data.sizes["train"], "data/eval_rows": data.sizes.get("eval", 0),
-              "data/cache_hit": float(data.cache_hit), "data/prepare_s": data.seconds}
-    client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in values.items()],
-                     tags=[RunTag("mlot.data_fingerprint", data.fingerprint)])
+    counts = {"data.prepared.train_rows": data.sizes["train"], "data.prepared.eval_rows": data.sizes.get("eval", 0),
+              "data.prepared.skipped_rows": data.counts["skipped"],
+              "data.prepared.truncated_answers": data.counts["truncated"]}
+    client.log_batch(run_id, params=[Param(k, str(v)) for k, v in counts.items()] if new_run else [],
+                     tags=[RunTag("mlot.data_fingerprint", data.fingerprint),
+                           RunTag("mlot.data_cache_hit", str(data.cache_hit).lower()),
+                           RunTag("mlot.data_prepare_s", f"{data.seconds:.2f}")])
 
 
-def _fit_stoppable(trainer: Any, stop_signal: Any) -> Any:
+def _fit_stoppable(trainer: Any, stop_signal: Any, console: Any) -> Any:
     """``trainer.fit()``, where the first Ctrl-C asks the workers to checkpoint and stop (fit then
-    returns normally) and a second one aborts.
+    returns normally) and a second one aborts; meanwhile the workers' lines in ``console`` are printed.
 
     fit runs in a helper thread: in the main thread Ray Train would install its own Ctrl-C handler,
     which aborts the run without a final checkpoint.
     """
-    if threading.current_thread() is not threading.main_thread():
+    if console is None:  # not the main thread: no signal handler either
         return trainer.fit()
     box: dict[str, Any] = {}
 
@@ -286,6 +297,8 @@ def _fit_stoppable(trainer: Any, stop_signal: Any) -> Any:
     try:
         while worker.is_alive():
             worker.join(0.5)  # short waits: the main thread must stay free to run the handler
+            _print_lines(console)
+        _print_lines(console)
     finally:
         signal.signal(signal.SIGINT, previous)
     if "error" in box:
@@ -293,13 +306,30 @@ def _fit_stoppable(trainer: Any, stop_signal: Any) -> Any:
     return box["result"]
 
 
-def evaluate_export(job: JobConfig, export_dir: str, data: Any) -> dict[str, float]:
-    """Greedy exact match / F1 of the exported student on a seeded sample of at most ``eval.max_rows`` rows of
-    ``data``'s eval split, split over ``eval.num_tasks`` Ray tasks (each reads its rows itself); ``n`` is the
-    number of rows scored."""
+def _print_lines(console: Any) -> None:
     import ray
 
-    from workers.data.metrics import gold_answers, score
+    for line in ray.get(console.drain.remote()):
+        print(line, flush=True)
+
+
+def export_recipe(job: JobConfig) -> Any:
+    """How the exported student is prompted (``specs.recipe.Recipe``, saved beside its weights)."""
+    from specs.recipe import Recipe
+
+    return Recipe(job=job.name, template=job.student.template, columns=dict(job.data.columns),
+                  max_prompt_length=job.data.max_prompt_length, max_new_tokens=job.data.max_answer_length,
+                  metric=job.eval.metric)
+
+
+def evaluate_export(job: JobConfig, export_dir: str, data: Any) -> dict[str, float]:
+    """The exported student's greedy answers scored as ``eval.metric`` says (exact match / F1, ROUGE-Lsum) on a
+    seeded sample of at most ``eval.max_rows`` rows of ``data``'s eval split, split over ``eval.num_tasks`` Ray
+    tasks (each reads its rows itself); ``n`` is the number of rows scored."""
+    import ray
+
+    from specs.progress import Progress
+    from workers.data.metrics import gold_answers, score_predictions
     from workers.data.prepared import open_data
 
     n_eval = data.sizes.get("eval", 0)
@@ -328,10 +358,15 @@ def evaluate_export(job: JobConfig, export_dir: str, data: Any) -> dict[str, flo
                                  job.data.max_answer_length, device)
         return answers, [gold_answers(r) for r in rows]
 
-    replies = ray.get([_answers.remote(export_dir, chunk) for chunk in chunks])
+    refs = [_answers.remote(export_dir, chunk) for chunk in chunks]
+    progress, pending = Progress("scored", len(picks)), list(refs)
+    while pending:
+        _, pending = ray.wait(pending, num_returns=1)
+        say(progress.line(sum(len(c) for r, c in zip(refs, chunks) if r not in pending)))
+    replies = ray.get(refs)
     predictions = [a for answers, _ in replies for a in answers]
     golds = [g for _, chunk_golds in replies for g in chunk_golds]
-    return {**score(predictions, golds), "n": float(len(picks))}
+    return {**score_predictions(predictions, golds, job.eval.metric), "n": float(len(picks))}
 
 
 def run_with_baseline(job: JobConfig, baseline: str = "sft") -> tuple[DistillSummary, DistillSummary]:

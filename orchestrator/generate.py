@@ -1,7 +1,10 @@
-"""``mlot generate``: a teacher writes pseudo-labels for the training prompts (the unlabeled setting).
+"""``mlot generate``: a teacher writes pseudo-labels for the training prompts (the unlabeled setting), or a saved
+model answers a dataset's prompts.
 
     mlot generate CONFIG --output teacher_labels.jsonl --field teacher_answer
     mlot distill  CONFIG --set data.source=teacher_labels.jsonl --set data.columns.answer=teacher_answer
+
+    mlot generate --model runs/<job>/final --data test.jsonl --output answers.jsonl   # prompted as it was trained
 
 The teacher's replicas greedy-decode an answer (first line) for every row of the job's training split;
 the output has every original column of those rows plus the answer column ``field``, so the same job
@@ -129,45 +132,86 @@ def run_generate(job: JobConfig, output: str, field: str = "teacher_answer", tea
     if not labeled:
         raise UserError(f"teacher {name} answered all {len(keep)} prompts with an empty line: nothing to train on "
                          "(an untrained teacher stops at once; give it teachers.N.pretrain.steps or a trained model)")
+    write_jsonl(output, ({**records[i], field: answer} for i, answer in labeled))
+    say(f"generate: wrote {len(labeled)} rows to {output}" + (f"; skipped {len(bad)} bad prompt(s)" if bad else "")
+        + (f"; left out {empty} empty answer(s)" if empty else ""))
+    return output
+
+
+def run_model_generate(model_path: str, data_source: str, output: str, field: str, recipe: Any, split: str,
+                       data_name: str | None = None, limit: int | None = None) -> str:
+    """A saved model's greedy answers (first line) to a dataset's prompts, prompted as ``recipe`` (a
+    ``specs.recipe.Recipe``, e.g. ``orchestrator.evaluation.model_recipe``) says; every row is written with its
+    original columns plus ``field``. Returns ``output``."""
+    from orchestrator.evaluation import model_answers
+    from workers.data.tasks import load_records, load_rows
+
+    records, columns, label = load_records(data_source, data_name, split, limit)
+    if field in columns:
+        raise UserError(f"--field {field!r} is already a column of {label} (columns {columns}); choose another name")
+    # Only the prompt's fields are needed: a dataset without the answer column can be answered.
+    mapping = {k: v for k, v in recipe.columns.items() if k in recipe.template.prompt_fields()}
+    rows = load_rows(data_source, data_name, split, mapping, limit)
+    answers = model_answers(model_path, recipe, rows)
+    write_jsonl(output, ({**records[i], field: a} for i, a in enumerate(answers)))
+    say(f"generate: {model_path} answered {len(answers)} prompts of {label}; wrote {output}")
+    return output
+
+
+def write_jsonl(output: str, records: Any) -> None:
+    """Write dicts as JSON lines, atomically: a half-written file never sits where training would pick it up."""
     out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=out.name + ".")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for i, answer in labeled:
-                f.write(json.dumps({**records[i], field: answer}, ensure_ascii=False) + "\n")
-        os.replace(tmp, out)  # never leave a half-written file where training would pick it up
+            for record in records:
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    say(f"generate: wrote {len(labeled)} rows to {out}" + (f"; skipped {len(bad)} bad prompt(s)" if bad else "")
-        + (f"; left out {empty} empty answer(s)" if empty else ""))
-    return str(out)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    """``mlot generate``: load the job, write the pseudo-labels, say how to train on them."""
+    """``mlot generate``: load the job, write the pseudo-labels, say how to train on them; or (``--model``) write a
+    saved model's answers."""
+    if (args.config is None) == (args.model is None):
+        raise UserError("mlot generate: give a job CONFIG (its teacher labels the training prompts) or --model DIR "
+                        "--data SOURCE (a saved model answers the rows), not both")
+    if args.model:
+        if not args.data:
+            raise UserError("mlot generate --model: --data is required (the rows whose prompts the model answers)")
+        from orchestrator.evaluation import recipe_from_args
+        path = run_model_generate(args.model, args.data, args.output, args.field or "prediction",
+                                  recipe_from_args(args), args.split, args.name, args.limit)
+        print(f"\n  answers : {path}  (column {args.field or 'prediction'!r})")
+        return 0
     job = load_config(args.config, args.set or [])
-    path = run_generate(job, args.output, args.field, args.teacher, args.max_new_tokens)
-    print(f"\n  pseudo-labels : {path}  (column {args.field!r})")
+    field = args.field or "teacher_answer"
+    path = run_generate(job, args.output, field, args.teacher, args.max_new_tokens)
+    print(f"\n  pseudo-labels : {path}  (column {field!r})")
     # The same overrides keep the job's name and output_dir, so distill finds the teacher saved here.
     same = "".join(f" --set {kv}" for kv in args.set or [])
     print(f"  train on them : mlot distill {args.config}{same} --set data.source={path} "
-          f"--set data.columns.answer={args.field}")
+          f"--set data.columns.answer={field}")
     return 0
 
 
 def add_generate_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Register ``mlot generate CONFIG --output PATH [--field] [--teacher] [--max-new-tokens] [--set K=V ...]``."""
+    """Register ``mlot generate CONFIG --output PATH [--field] [--teacher] [--max-new-tokens] [--set K=V ...]`` and
+    ``mlot generate --model DIR --data SOURCE --output PATH [model options]``."""
+    from orchestrator.evaluation import add_model_options
+
     g = subparsers.add_parser("generate", help="a teacher answers the training prompts (greedy, first line) and "
-                              "the rows are written with that answer as a new column: the unlabeled setting")
-    g.add_argument("config", help="job YAML (see orchestrator/configs/)")
+                              "the rows are written with that answer as a new column (the unlabeled setting); with "
+                              "--model, a saved model answers --data's prompts")
+    g.add_argument("config", nargs="?", help="job YAML (see orchestrator/configs/); or give --model")
     g.add_argument("--output", required=True, help="the .jsonl file to write")
-    g.add_argument("--field", default="teacher_answer", help="name of the new answer column (default: teacher_answer)")
+    g.add_argument("--field", help="name of the new answer column (default: teacher_answer; prediction with --model)")
     g.add_argument("--teacher", help="which teacher of the job answers (default: the first)")
-    g.add_argument("--max-new-tokens", type=int,
-                   help="longest answer in teacher tokens (default: data.max_answer_length)")
     g.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a config value, e.g. --set data.limit=500")
+    add_model_options(g, required=False)  # its --max-new-tokens: the teacher's too (default data.max_answer_length)
     g.set_defaults(func=cmd_generate)
     return g

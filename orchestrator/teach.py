@@ -27,6 +27,10 @@ def run_teach(job: JobConfig, out: str | None = None, fmt: str = "payload", comp
     from mlflow import MlflowClient
 
     check_format(fmt, job.loss.mode)
+    vllm = [f"teachers.{i}.engine" for i, t in enumerate(job.teachers) if t.engine == "vllm" and not t.store]
+    if vllm:
+        raise UserError(f"{', '.join(vllm)}: mlot teach writes stores with the hf engine (a store must serve any "
+                        "later loss's payload, and vLLM returns top-K log-probabilities); set it to hf to teach")
     if all(t.store for t in job.teachers):
         raise UserError(f"job {job.name!r} has no teacher to teach (every teacher reads a store already)")
     out = out or storage.join(job.run_path, "store")
@@ -60,8 +64,8 @@ def run_teach(job: JobConfig, out: str | None = None, fmt: str = "payload", comp
 def _teach_one(job: JobConfig, teacher: Any, replicas: list[Any], data: Any, path: str, client: Any, run_id: str,
                opts: dict[str, Any]) -> str:
     import ray
-    from tqdm import tqdm
 
+    from specs.progress import Progress
     from workers.data.prepared import Rows
 
     fmt = opts["format"]
@@ -84,16 +88,16 @@ def _teach_one(job: JobConfig, teacher: Any, replicas: list[Any], data: Any, pat
         f"{len(replicas)} replica(s), format {opts['format']} -> {path}")
     t0, stats = time.perf_counter(), []
     pending: dict[Any, int] = {}
-    with tqdm(total=len(todo), desc=f"teach {teacher.name}", unit="shard") as bar:
-        for j, (split, i, rows) in enumerate(todo):
-            if len(pending) >= 2 * len(replicas):  # two shards queued per replica keeps every replica busy
-                stats.append(_collect(pending, bar))
-            actor = replicas[j % len(replicas)]
-            ref = actor.teach.remote(rows, shard_path(path, split, i), fmt, job.loss, opts["batch_size"],
-                                     opts["compress"], opts["hidden_dtype"])
-            pending[ref] = j
-        while pending:
-            stats.append(_collect(pending, bar))
+    progress = Progress(f"teach {teacher.name}: shard", len(todo))
+    for j, (split, i, rows) in enumerate(todo):
+        if len(pending) >= 2 * len(replicas):  # two shards queued per replica keeps every replica busy
+            stats.append(_collect(pending, progress, len(stats) + 1))
+        actor = replicas[j % len(replicas)]
+        ref = actor.teach.remote(rows, shard_path(path, split, i), fmt, job.loss, opts["batch_size"],
+                                 opts["compress"], opts["hidden_dtype"])
+        pending[ref] = j
+    while pending:
+        stats.append(_collect(pending, progress, len(stats) + 1))
     wall = time.perf_counter() - t0
     meta.complete, meta.rows = True, sum(data.sizes.values())
     meta.write(path)
@@ -101,12 +105,14 @@ def _teach_one(job: JobConfig, teacher: Any, replicas: list[Any], data: Any, pat
     return path
 
 
-def _collect(pending: dict[Any, int], bar: Any) -> dict[str, Any]:
+def _collect(pending: dict[Any, int], progress: Any, done: int) -> dict[str, Any]:
+    """The next shard's stats, once written; a progress line for every 5% of the shards."""
     import ray
 
     [ready], _ = ray.wait(list(pending), num_returns=1)
     pending.pop(ready)
-    bar.update(1)
+    if done == progress.total or done % max(1, progress.total // 20) == 0:
+        say(progress.line(done))
     return ray.get(ready)
 
 

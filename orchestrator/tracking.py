@@ -37,10 +37,20 @@ def artifact_location(uri: str) -> str | None:
     return None
 
 
+#: The MLflow UI opens an experiment of this kind on its runs and model-training charts (untagged, MLflow 3 may
+#: take it for a GenAI experiment and open on traces and evaluations).
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+
+
 def experiment_id(client: Any, name: str, uri: str) -> str:
-    """The id of MLflow experiment ``name``, created (with its artefacts beside a sqlite store) if new."""
+    """The id of MLflow experiment ``name``, created (with its artefacts beside a sqlite store) if new, and
+    tagged as model training."""
     exp = client.get_experiment_by_name(name)
-    return exp.experiment_id if exp else client.create_experiment(name, artifact_location(uri))
+    if exp is None:
+        return client.create_experiment(name, artifact_location(uri), tags=dict([EXPERIMENT_KIND]))
+    if EXPERIMENT_KIND[0] not in exp.tags:  # made before mlot tagged its experiments, or by hand
+        client.set_experiment_tag(exp.experiment_id, *EXPERIMENT_KIND)
+    return exp.experiment_id
 
 
 def start_tracking(job: JobConfig, run_id: str | None = None, parent_run_id: str | None = None) -> tuple[str, str]:

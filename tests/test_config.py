@@ -246,6 +246,29 @@ def test_on_policy_and_teacher_mix_are_checked(tmp_path: Path) -> None:
     assert_names(error_of(tmp_path, data), "data.max_prompt_length", "train.on_policy.max_new_tokens")
 
 
+def test_a_vllm_teacher_is_refused_what_needs_full_logits(tmp_path: Path) -> None:
+    """engine: vllm serves top-K log-probabilities (mlot.top_logprobs): the quickstart's default SD temperature,
+    reference mode and the exact-match term are refused naming the setting; so is request batching, and a missing
+    vLLM runtime names its field and the setup script."""
+    from orchestrator.engines import vllm_python
+    from specs import UserError
+
+    data = raw_quickstart()
+    data["teachers"][0]["engine"] = "vllm"
+    assert_names(error_of(tmp_path, data), "loss.params.sd_temperature", "teachers.0.engine is vllm", "got 2.0")
+    data["loss"]["params"] = {"sd_temperature": 1.0}
+    cfg = load_config(write(tmp_path, data))
+    assert cfg.teachers[0].engine == "vllm" and cfg.teachers[0].vllm.python == ".venv-vllm/bin/python"
+    shared = {"params": {"sd_temperature": 1.0, "shared_weight": 0.5}}
+    for loss, field in (({"mode": "reference"}, "loss.mode"), (shared, "loss.params.shared_weight")):
+        assert_names(error_of(tmp_path, {**data, "loss": {**data["loss"], **loss}}), field, "teachers.0.engine")
+    data["teachers"][0]["serving"] = {"max_batch_tokens": 4096}
+    assert_names(error_of(tmp_path, data), "teachers.0.serving.max_batch_tokens", "engine: vllm")
+    teacher = apply_overrides(cfg, [f"teachers.0.vllm.python={tmp_path}/none/python"]).teachers[0]
+    with pytest.raises(UserError, match=r"teachers\.0\.vllm\.python: no Python interpreter .*setup_vllm\.sh"):
+        vllm_python(teacher, 0)
+
+
 def test_loss_methods_come_from_the_registry(tmp_path: Path) -> None:
     import mlot
     data = raw_quickstart()

@@ -59,7 +59,7 @@ def _loadable(path: str, vocab: int):
     return model
 
 
-def test_zero2_two_workers_reference_mode_end_to_end(tmp_path, ray_cluster, monkeypatch):
+def test_zero2_two_workers_reference_mode_batched_teacher_end_to_end(tmp_path, ray_cluster, monkeypatch):
     """Also: the run writes to a storage URI (file://, the code path of s3:// and gs://): checkpoints, the
     pretrained teacher its replicas load, and the exported student all go through it. And the identity-aware
     terms (``mlot.identity``) are on: the teacher ships their payload with the student's bounds."""
@@ -70,7 +70,7 @@ def test_zero2_two_workers_reference_mode_end_to_end(tmp_path, ray_cluster, monk
     job = _job(tmp_path, "z2", "train.num_workers=2", "student.deepspeed.stage=2", "loss.mode=reference",
                f"output_dir=file://{tmp_path}", "teachers.0.pretrain.steps=3", "student.gradient_checkpointing=true",
                "eval.max_rows=15", "eval.num_tasks=2", "loss.params.shared_weight=0.5",
-               "loss.params.chunk_weight=2.0")
+               "loss.params.chunk_weight=2.0", "teachers.0.serving.max_batch_tokens=4096")
     calls = tmp_path / "collectives.txt"
     s = run_distill(job, callbacks=[RecordCollectives(str(calls))])
     # Every collective (the loop's agreement on skips, the stop signal, eval CE; DeepSpeed's gradient
@@ -99,6 +99,10 @@ def test_zero2_two_workers_reference_mode_end_to_end(tmp_path, ray_cluster, monk
         identity = 0.5 * h["teacher-sp/shared_kl"][st] + 2.0 * h["teacher-sp/chunk_kl"][st]
         assert min(h["teacher-sp/shared_kl"][st], h["teacher-sp/chunk_kl"][st]) > 0 and h["teacher-sp/chunks"][st] >= 1
         assert h["loss"][st] == pytest.approx(h["ce"][st] + 1.5 * distill + identity, rel=1e-5)
+    # The one replica merged the two workers' prefetched requests into fewer forwards.
+    [forwards], [requests] = ([v for _, v in _history(s, f"teacher/teacher-sp/{k}")]
+                              for k in ("forwards", "served_requests"))
+    assert requests >= 8 and forwards < requests, (forwards, requests)
     # Payload bytes reached the workers ...
     assert all(v > 0 for _, v in _history(s, "train/teacher-sp/payload_bytes_per_token"))
     # ... and never the driver: nothing it fetched holds a payload.
@@ -115,7 +119,9 @@ def test_zero2_two_workers_reference_mode_end_to_end(tmp_path, ray_cluster, monk
             | {a.path for a in client.list_artifacts(s.run_id, "plots")})
     assert {"config.yaml", "student", "plots/loss_curve.png"} <= arts
     assert "final/exact_match" in run.data.metrics
-    assert run.data.metrics["final/n"] == 15  # a bounded sample of the 40 eval rows, over 2 Ray tasks
+    assert run.data.params["final.scored_rows"] == "15"  # a bounded sample of the 40 eval rows, over 2 Ray tasks
+    # The MLflow UI opens the experiment as model training (not as a GenAI experiment).
+    assert client.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
 
     ckpts = sorted(p for p in (tmp_path / "z2" / "ray").glob("*/checkpoint_*") if p.is_dir())
     assert len(ckpts) == 2  # steps 2 and 4
@@ -124,8 +130,8 @@ def test_zero2_two_workers_reference_mode_end_to_end(tmp_path, ray_cluster, monk
         _loadable(local, 30522)
 
     # The same job from a teacher store (mlot teach; final hidden states in fp32 + the LM head: exact in
-    # reference mode too, whose ranking couples each micro-batch, and for the identity terms): the same loss
-    # at every step.
+    # reference mode too, whose ranking couples each micro-batch, and for the identity terms), each micro-batch
+    # served alone: the same loss at every step as the batched live teacher's.
     from orchestrator.configuration import apply_overrides
     from orchestrator.teach import run_teach
     store = run_teach(job, fmt="hidden", hidden_dtype="float32")["teacher-sp"]
@@ -200,8 +206,12 @@ def test_zero3_on_policy_accumulation_with_a_nan_micro_batch_uneven_eval_and_res
     got = dict(_history(resumed, "train/loss"))
     assert sorted(got) == [1, 2, 3, 4]
     # One tokenisation pass for the three runs: the second job and its resumption read it from the cache.
-    assert [v for _, v in _history(s, "data/cache_hit")] == [0.0]
-    assert [v for _, v in _history(resumed, "data/cache_hit")] == [1.0, 1.0]
+    from mlflow import MlflowClient
+    first, again = (MlflowClient(r.tracking_uri).get_run(r.run_id).data for r in (s, resumed))
+    assert (first.tags["mlot.data_cache_hit"], again.tags["mlot.data_cache_hit"]) == ("false", "true")
+    # The row counts are params of the run (logged once, not again by the resumption), not one-point charts.
+    assert first.params["data.prepared.train_rows"] == again.params["data.prepared.train_rows"] != "0"
+    assert not any(k.startswith("data/") for k in first.metrics)
     for step in (1, 2, 3, 4):
         assert got[step] == pytest.approx(total[step], rel=1e-5, abs=1e-6), step
     with pytest.raises(UserError, match="other model/data/loss settings"):

@@ -58,30 +58,44 @@ def test_consecutive_nonfinite_micro_batches_stop_the_run(tmp_path, fresh_ray):
         run_distill(quickstart_job(tmp_path, "nan-stop", *common), callbacks=[poison])
 
 
-def test_teacher_death_is_survived_without_stale_payloads(tmp_path, fresh_ray):
+def test_a_teacher_replica_death_costs_one_retry_not_its_restart(tmp_path, fresh_ray):
+    """One of two replicas is killed mid-run (a crash: Ray restarts it). Its requests go to the other one at once:
+    every step trains on its own batch's payload, and no step waits as long as the dead replica takes to come
+    back (measured here: the time until it answers again)."""
     import ray
 
     from orchestrator.driver import connect_ray, prepare_data, run_distill, start_teachers
     job = quickstart_job(tmp_path, "teacher-dies", "train.steps=20", "train.checkpoint_every=20",
-                         "train.eval_every=null")
+                         "train.eval_every=null", "teachers.0.replicas=2")
     data = prepare_data(job)
     connect_ray(job)
     teachers = start_teachers(job, data)
-    [actor] = teachers["teacher-sp"]
+    victim, survivor = teachers["teacher-sp"]
+    restart: dict[str, float] = {}
 
     def kill_when_busy() -> None:
-        while ray.get(actor.info.remote())["forward_rows"] < 16 * 8:
+        while ray.get(victim.info.remote())["forward_rows"] < 16 * 4:
             time.sleep(0.2)
-        ray.kill(actor, no_restart=False)  # a crash: Ray restarts the actor (max_restarts)
+        before = ray.get(victim.info.remote())["forward_rows"]
+        t0 = time.monotonic()
+        ray.kill(victim, no_restart=False)  # a crash: Ray restarts the actor (max_restarts)
+        while True:  # until the replacement (which counts from 0) answers
+            try:
+                if ray.get(victim.info.remote(), timeout=120)["forward_rows"] < before:
+                    break
+            except ray.exceptions.RayActorError:
+                time.sleep(0.1)
+        restart["s"] = time.monotonic() - t0
     killer = threading.Thread(target=kill_when_busy, daemon=True)
     killer.start()
     s = run_distill(job, teachers=teachers)
-    killer.join(timeout=5)
+    killer.join(timeout=120)
     # Every step trained, each on the payload of its own batch (the worker checks every batch id).
     assert [st for st, _ in metric_history(s, "train/loss")] == list(range(1, 21))
-    # The replacement actor started from scratch and served the rest of the run.
-    assert ray.get(actor.info.remote())["forward_rows"] < 20 * 16
-    assert max(v for _, v in metric_history(s, "train/teacher_wait_s")) > 0.5  # the wait was logged
+    waits = [v for _, v in metric_history(s, "train/teacher_wait_s")]
+    assert restart["s"] > max(waits), (restart, max(waits))
+    # The replacement started from scratch; the survivor took the dead one's share.
+    assert ray.get(victim.info.remote())["forward_rows"] < ray.get(survivor.info.remote())["forward_rows"]
 
 
 def _free_port() -> int:

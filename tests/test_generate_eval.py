@@ -74,8 +74,9 @@ def test_eval_parser():
     assert args.columns == {"context": "context", "question": "question", "answer": "answers"}
     assert (args.limit, args.metric, args.split, args.tracking_uri) == (50, "qa", "validation", "sqlite:///m.db")
     defaults = _parser().parse_args(["eval", "--model", "m", "--data", "d"])
-    assert defaults.columns == {"prompt": "prompt", "answer": "answer"}
-    assert (defaults.metric, defaults.limit, defaults.tracking_uri) == ("all", None, None)
+    # Unset: the model's recipe decides, else the defaults of a model not made by mlot.
+    assert (defaults.columns, defaults.template_prompt, defaults.metric, defaults.max_new_tokens) == (None,) * 4
+    assert (defaults.limit, defaults.tracking_uri) == (None, None)
     for bad in (["--columns", "prompt=question"], ["--columns", "prompt"], ["--metric", "bleu"]):
         with pytest.raises(SystemExit):
             _parser().parse_args(["eval", "--model", "m", "--data", "d", *bad])
@@ -87,7 +88,7 @@ def test_generate_parser():
     args = _parser().parse_args(["generate", "job.yaml", "--output", "out.jsonl", "--set", "data.limit=10"])
     assert args.func is cmd_generate
     assert (args.config, args.output, args.field, args.teacher, args.set) == (
-        "job.yaml", "out.jsonl", "teacher_answer", None, ["data.limit=10"])
+        "job.yaml", "out.jsonl", None, None, ["data.limit=10"])  # field: teacher_answer (prediction with --model)
     with pytest.raises(SystemExit):
         _parser().parse_args(["generate", "job.yaml"])  # --output is required
 
@@ -199,3 +200,72 @@ def test_generate_distill_eval_end_to_end(tmp_path, ray_cluster, monkeypatch):
     from workers.data.metrics import score
     again = score([x["prediction"] for x in lines], [x["gold"] for x in lines])
     assert (scores["exact_match"], scores["f1"]) == (again["exact_match"], again["f1"])
+
+
+@pytest.mark.integration
+def test_cli_distill_reads_plainly_and_its_student_carries_its_recipe(tmp_path):
+    """A newcomer's job, run as they would (``mlot distill`` in a shell): a template over fields other than
+    prompt/answer; the console shows each line once and no framework chatter, and ends with the summary table;
+    the exported student is then scored and answers with no template flags, exactly as with them."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from orchestrator.cli import main
+    from orchestrator.evaluation import model_answers, model_recipe, run_eval
+    from specs import Template
+    from workers.data.tasks import load_rows, quickstart_dataset
+
+    source = tmp_path / "qa.jsonl"
+    with source.open("w") as f:
+        for i, row in enumerate(quickstart_dataset()[:240]):
+            f.write(json.dumps({"id": i, "lead": "Answer in two words.", "question": row["prompt"],
+                                "answers": [row["answer"]]}) + "\n")
+    template = {"prompt": "{lead}\nQ: {question}\nA:", "answer": " {answer}"}
+    config = yaml.safe_load(QUICKSTART.read_text())
+    config.update(name="newcomer", output_dir=str(tmp_path / "runs"), tracking={"uri": f"sqlite:///{tmp_path}/m.db"})
+    config["data"].update(source=str(source), columns={"lead": "lead", "question": "question", "answer": "answers"},
+                          limit=None)
+    config["student"]["template"] = template
+    config["teachers"][0].update(template=template, pretrain={"steps": 0})
+    config["train"].update(steps=6, warmup_steps=1, checkpoint_every=6, eval_every=3)
+    config["eval"] = {"max_rows": 16, "num_tasks": 1}
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(config))
+
+    run = subprocess.run([str(Path(sys.executable).with_name("mlot")), "distill", "job.yaml"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    lines = [line for line in run.stdout.splitlines() if line.strip()]
+    assert len(lines) == len(set(lines)), [x for x in lines if lines.count(x) > 1]
+    progress = [x for x in lines if x.startswith("[mlot] step ")]
+    assert len(progress) == 6 and progress[-1].startswith("[mlot] step 6/6 [####################] 100%")
+    assert "eta" in progress[0] and "done in" in progress[-1]
+    for chatter in ("Loading weights", "Reporting training result", "RayTrainWorker", "TrainController", "it/s"):
+        assert chatter not in run.stdout + run.stderr, chatter
+    table = run.stdout[run.stdout.index("student "):]
+    assert "exact match" in table and "eval CE" in table and str(tmp_path / "runs" / "newcomer" / "final") in table
+
+    model = str(tmp_path / "runs" / "newcomer" / "final")
+    flags = dict(columns={"lead": "lead", "question": "question", "answer": "answers"}, template=Template(**template),
+                 max_prompt_length=config["data"]["max_prompt_length"],
+                 max_new_tokens=config["data"]["max_answer_length"], metric="qa")
+    def scores(**given):
+        return {k: v for k, v in run_eval(model, str(source), limit=24, **given).items() if k != "seconds"}
+
+    assert scores() == scores(**flags)
+    assert main(["eval", "--model", model, "--data", str(source), "--limit", "24"]) == 0
+
+    out = tmp_path / "answers.jsonl"
+    assert main(["generate", "--model", model, "--data", str(source), "--limit", "24", "--output", str(out)]) == 0
+    written = [json.loads(x) for x in out.read_text().splitlines()]
+    rows = load_rows(str(source), columns=flags["columns"], limit=24)
+    explicit = model_recipe(model, template=flags["template"], columns=flags["columns"],
+                            max_prompt_length=flags["max_prompt_length"], max_new_tokens=flags["max_new_tokens"])
+    assert [w["prediction"] for w in written] == model_answers(model, explicit, rows)
+    assert [w["id"] for w in written] == list(range(24)) and set(written[0]) == {"id", "lead", "question", "answers",
+                                                                                 "prediction"}
+    # Without its recipe the same folder is a model not made by mlot: the {prompt} default cannot fill the template.
+    (Path(model) / "mlot_recipe.json").unlink()
+    with pytest.raises(UserError, match="prompt"):
+        run_eval(model, str(source), limit=4)

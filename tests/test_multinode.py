@@ -217,7 +217,9 @@ def test_a_killed_driver_resumes_from_s3_logs_each_step_once_and_exports_a_loada
 
     from specs import storage
 
-    cfg = _config(job_dir, "mn-distill", "train.steps=6", "student.dtype=bfloat16")  # bf16, fp32 master weights
+    # bf16 (fp32 master weights); a batching teacher replica that takes both of the A100 node's (logical) GPUs.
+    cfg = _config(job_dir, "mn-distill", "train.steps=6", "student.dtype=bfloat16", "teachers.0.resources.num_gpus=2",
+                  "teachers.0.serving.max_batch_tokens=2048")
     sid = _submit(cluster, job_dir, "distill", str(cfg))
     client, _ = _runs(job_dir)
     deadline = time.time() + 400
@@ -253,6 +255,10 @@ def test_a_killed_driver_resumes_from_s3_logs_each_step_once_and_exports_a_loada
         model = AutoModelForCausalLM.from_pretrained(local)
     assert sum(p.numel() for p in model.parameters()) == int(run.data.params["student.params"])
     assert storage.exists(f"s3://{BUCKET}/runs/mn-distill/ray")  # the checkpoints went to S3 too
+    roles = _nodes(cluster)
+    teachers = [a for a in _state(cluster, "actors") if a["class_name"] == "BatchingTeacher"]
+    assert teachers and {roles.get(a["node_id"]) for a in teachers} == {"A100"}
+    assert {a["required_resources"].get("GPU") for a in teachers} == {2.0}
 
 
 def test_a_request_no_node_can_hold_fails_at_once_naming_the_resource(cluster, job_dir):

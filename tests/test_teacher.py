@@ -120,3 +120,91 @@ def test_identity_payload_is_the_in_process_one_with_both_sides_bounds(job, data
     assert torch.equal(got.bounds.gather(1, got.lengths[:, None]), got.student_bounds.gather(1, s_len[:, None]))
     with pytest.raises(ValueError, match="student"):
         TeacherActor(t, job.data, job.loss, seed=1).payload(Rows(data, "train", indices), loss=loss)
+
+
+def test_batching_teacher_merges_concurrent_requests_and_answers_each_as_alone(job, data):
+    """Six workers' requests at once (different rows, lengths, loss settings, one on-policy): the batching replica
+    (an async actor: here its coroutines on one event loop, as Ray runs them) serves them in fewer forwards than
+    requests, each with its own batch id and a payload equal to the plain replica's for that request alone (fp32:
+    only the attention's sums over the longer padding round differently), within the token budget."""
+    import asyncio
+
+    from orchestrator.config import ServingConfig
+    from workers.generation import Answer
+    from workers.teacher.batching import BatchingTeacher
+
+    job = apply_overrides(job, ["loss.params.chunk_weight=1.0"])  # identity payloads too (student bounds)
+    other = apply_overrides(job, ["loss.params.top_k=7"]).loss
+    t = job.teachers[0]
+    plain = TeacherActor(t, job.data, job.loss, seed=1, student=job.student)
+    batching = BatchingTeacher(t, job.data, job.loss, seed=1, student=job.student,
+                               serving=ServingConfig(max_batch_tokens=2048, max_wait_ms=20))
+    texts = [r["answer"] for r in data_rows(data, (9, 2))]
+    requests = [dict(rows=Rows(data, "train", tuple(range(i * 4, i * 4 + 4))), batch_id=[i, 0]) for i in range(4)]
+    requests += [dict(rows=Rows(data, "train", (40, 41)), batch_id=[4, 0], loss=other),
+                 dict(rows=Rows(data, "train", (9, 2)), batch_id=[5, 0],
+                      answers=[Answer(text=x + " indeed", ended=False, ids=(101,)) for x in texts])]
+
+    async def all_at_once():
+        return await asyncio.gather(*(batching.payload(**r) for r in requests))
+
+    replies = asyncio.run(all_at_once())
+    for request, reply in zip(requests, replies):
+        alone = plain.payload(**request)
+        assert reply["batch_id"] == request["batch_id"] and reply["answer_tokens"] == alone["answer_tokens"]
+        got, want = _payload(reply), _payload(alone)
+        assert torch.equal(got.columns, want.columns) and torch.equal(got.lengths, want.lengths)
+        torch.testing.assert_close(got.probs, want.probs, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got.identity.token_logp, want.identity.token_logp, rtol=1e-5, atol=1e-6)
+        assert torch.equal(got.identity.student_bounds, want.identity.student_bounds)
+    info = batching.info()
+    assert info["served_requests"] == 6 and 1 <= info["forwards"] < 6
+    assert info["forward_rows"] == plain.info()["forward_rows"] == 4 * 4 + 2 + 2
+
+
+def data_rows(data, indices):
+    from workers.data.prepared import open_data
+    return open_data(data).rows("train", indices)
+
+
+def test_take_batch_keeps_the_oldest_and_the_token_budget():
+    from types import SimpleNamespace
+
+    from workers.teacher.batching import take_batch
+
+    def q(rows, longest):
+        return SimpleNamespace(examples=[None] * rows, longest=longest)
+
+    queued = [q(4, 30), q(4, 90), q(4, 31), q(4, 29), q(20, 30)]
+    first, far, near, nearer, big = queued
+    # 4 x 30 first; then by closeness in length: 31 (8 x 31 = 248), 29 (12 x 31 = 372), 30 x 20 rows too many,
+    # 90 (16 x 90 = 1440 > 400) too long.
+    assert take_batch(queued, 400) == [first, near, nearer] and queued == [far, big]
+    assert take_batch(queued, 10) == [far] and queued == [big]  # the oldest goes even when over the budget
+
+
+def test_a_teacher_loaded_with_a_device_map_serves_the_same_payloads_and_caches(job, data, tmp_path):
+    """A replica given several GPUs loads with accelerate's ``device_map="auto"``: accelerate dispatches the layers
+    over them with hooks that move activations between devices (logits on the last one). This machine has no GPU:
+    the same dispatch here maps each layer to the CPU with its hooks forced on (it stands in for the multi-GPU map).
+    Its payloads equal the plain load's, fresh and from the hidden-state cache (logits recomputed on the head's
+    device)."""
+    from accelerate import dispatch_model
+
+    from workers.models import build_model
+
+    t = job.teachers[0]
+    plain = TeacherActor(t, job.data, job.loss, seed=1)
+    plain.save(str(tmp_path / "teacher"))
+    spread = TeacherActor(t, job.data, job.loss, weights_dir=str(tmp_path / "teacher"), cache=True)
+    model = build_model(str(tmp_path / "teacher"), None, "float32").eval()
+    layers = {f"model.layers.{i}": "cpu" for i in range(model.config.num_hidden_layers)}
+    spread.model = dispatch_model(model, {"model.embed_tokens": "cpu", **layers, "model.norm": "cpu",
+                                          "model.rotary_emb": "cpu", "lm_head": "cpu"}, force_hooks=True)
+    assert hasattr(spread.model.lm_head, "_hf_hook") and spread.model.hf_device_map
+    rows = Rows(data, "train", (3, 5, 8, 13))
+    for _ in range(2):  # the second request is a cache hit
+        a, b = _payload(plain.payload(rows)), _payload(spread.payload(rows))
+        torch.testing.assert_close(b.probs, a.probs, rtol=1e-5, atol=1e-6)
+        assert torch.equal(a.columns, b.columns)
+    assert spread.cache_stats()["hits"] == 1

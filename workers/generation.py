@@ -39,10 +39,14 @@ def generate_answers(model: Any, tokenizer: Any, template: Template, rows: Seque
                              max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
                              **{"do_sample": False, **sampling})
         for seq in gen[:, batch["input_ids"].shape[1]:]:
-            text = tokenizer.decode(seq, skip_special_tokens=True)
-            out.append(text.strip().split("\n")[0].strip())
+            out.append(first_line(tokenizer.decode(seq, skip_special_tokens=True)))
     model.train(was_training)
     return out
+
+
+def first_line(text: str) -> str:
+    """A generated answer as it is kept: its first line, stripped."""
+    return text.strip().split("\n")[0].strip()
 
 
 def greedy_answers(model: Any, tokenizer: Any, template: Template, rows: Sequence[dict[str, Any]],

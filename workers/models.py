@@ -207,7 +207,7 @@ def build_model(
     Returns:
         A ``PreTrainedModel`` (callers wanting ``padded_rows`` call :func:`check_vocab` themselves).
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     if (model is None) == (model_config is None):
         raise ValueError(f"{who}: give exactly one of `model` (name or path) and `model_config` (dict)")
@@ -217,29 +217,37 @@ def build_model(
                                                   device_map=device_map)
     else:
         assert model_config is not None
-        cfg = dict(model_config)
-        if "model_type" not in cfg:
-            raise ValueError(f"{who}: model_config needs a `model_type` (e.g. 'llama'); got keys {sorted(cfg)}")
-        if tokenizer is not None:
-            cfg.setdefault("vocab_size", len(tokenizer))
-            # BERT-style tokenizers have no bos; their prompts start with [CLS] instead.
-            bos = tokenizer.bos_token_id
-            if bos is None:
-                bos = getattr(tokenizer, "cls_token_id", None)
-            for key, value in (
-                ("bos_token_id", bos),
-                ("eos_token_id", tokenizer.eos_token_id),
-                ("pad_token_id", tokenizer.pad_token_id),
-            ):
-                if value is not None:
-                    cfg.setdefault(key, value)
-        config = AutoConfig.for_model(**cfg)
         lm = AutoModelForCausalLM.from_config(
-            config, dtype=torch.float32 if torch_dtype == "auto" else torch_dtype, trust_remote_code=trust_remote_code
+            causal_lm_config(model_config, tokenizer, who),
+            dtype=torch.float32 if torch_dtype == "auto" else torch_dtype, trust_remote_code=trust_remote_code,
         )
     if tokenizer is not None:
         check_vocab(lm, tokenizer, who)
     return lm
+
+
+def causal_lm_config(model_config: dict[str, Any], tokenizer: Any = None, who: str = "model") -> Any:
+    """``AutoConfig.for_model(**model_config)``, with ``vocab_size`` and the bos/eos/pad ids defaulting to the
+    tokenizer's when one is given (see :func:`build_model`)."""
+    from transformers import AutoConfig
+
+    cfg = dict(model_config)
+    if "model_type" not in cfg:
+        raise ValueError(f"{who}: model_config needs a `model_type` (e.g. 'llama'); got keys {sorted(cfg)}")
+    if tokenizer is not None:
+        cfg.setdefault("vocab_size", len(tokenizer))
+        # BERT-style tokenizers have no bos; their prompts start with [CLS] instead.
+        bos = tokenizer.bos_token_id
+        if bos is None:
+            bos = getattr(tokenizer, "cls_token_id", None)
+        for key, value in (
+            ("bos_token_id", bos),
+            ("eos_token_id", tokenizer.eos_token_id),
+            ("pad_token_id", tokenizer.pad_token_id),
+        ):
+            if value is not None:
+                cfg.setdefault(key, value)
+    return AutoConfig.for_model(**cfg)
 
 
 def model_vocab_size(model: Any) -> int:

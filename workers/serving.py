@@ -12,7 +12,16 @@ answers (``workers.generation.Answer``). The reply is plain data (numpy arrays, 
 
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol, TypedDict
+from typing import Any, Callable, NamedTuple, Protocol, TypedDict
+
+
+class Request(NamedTuple):
+    """One payload request, as :meth:`TeacherServer.payload` takes it."""
+
+    rows: Any
+    batch_id: Any = None
+    loss: Any = None
+    answers: list[Any] | None = None
 
 
 class PayloadReply(TypedDict):
@@ -38,8 +47,10 @@ class ServerInfo(TypedDict):
         name: the teacher's name. device / dtype: where and in what it computes (``store`` / the stored format
             for a store reader). vocab_size: the teacher tokenizer's. node_id: the Ray node it runs on.
         padded_rows: logit rows of a padded LM head it ignores. forward_rows: rows it ran a model forward on.
-        served_rows: rows it answered requests for. cached_batches: batches in its hidden-state cache (None:
-            no cache). store: the store format it reads (None: a live model).
+        served_rows / served_requests: rows / requests it answered. forwards: model forwards it ran (fewer than
+            its requests when it batches them). busy_s: seconds it spent serving requests.
+        cached_batches: batches in its hidden-state cache (None: no cache).
+        store: the store format it reads (None: a live model).
     """
 
     name: str
@@ -50,6 +61,9 @@ class ServerInfo(TypedDict):
     padded_rows: int
     forward_rows: int
     served_rows: int
+    served_requests: int
+    forwards: int
+    busy_s: float
     cached_batches: int | None
     store: str | None
 

@@ -6,6 +6,7 @@ Each of these is a collective: every rank must call it, at the same step.
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -17,15 +18,27 @@ from specs import storage
 CKPT_TAG = "mlot"
 
 
-def save(engine: Any, metrics: dict[str, float], step: int, fingerprint: str) -> None:
-    """Every rank saves its ZeRO shard and reports; Ray merges the rank directories into one checkpoint."""
-    import ray.train
-    from ray.train import Checkpoint
+def save(engine: Any, metrics: dict[str, float], step: int, fingerprint: str, upload: str = "sync") -> None:
+    """Every rank saves its ZeRO shard to local disk and reports; Ray merges the rank directories into one
+    checkpoint on the run's storage.
 
-    with tempfile.TemporaryDirectory() as d:
+    ``upload``: ``sync`` (training resumes once the checkpoint is on storage) or ``async`` (Ray Train uploads it
+    in the background and deletes the local copy after; training goes on at once: on remote storage the upload of
+    a large student's shards costs no step time).
+    """
+    import ray.train
+    from ray.train import Checkpoint, CheckpointUploadMode
+
+    d = tempfile.mkdtemp(prefix="mlot-ckpt-")  # kept until Ray Train has uploaded it (async: it deletes it)
+    try:
         engine.save_checkpoint(d, tag=CKPT_TAG, client_state={"step": step, "rng": torch.get_rng_state()})
         Path(d, "mlot_job.json").write_text(json.dumps({"step": step, "fingerprint": fingerprint}))
-        ray.train.report({**metrics, "step": step}, checkpoint=Checkpoint.from_directory(d))
+        mode = CheckpointUploadMode.ASYNC if upload == "async" else CheckpointUploadMode.SYNC
+        ray.train.report({**metrics, "step": step}, checkpoint=Checkpoint.from_directory(d),
+                         checkpoint_upload_mode=mode)
+    finally:
+        if upload != "async":
+            shutil.rmtree(d, ignore_errors=True)
 
 
 def newest(run_dir: str, world: int) -> str | None:
@@ -71,22 +84,64 @@ def restore(engine: Any, fingerprint: str, found: str | None = None) -> int:
     return int(state["step"])
 
 
-def export_student(engine: Any, tokenizer: Any, export_dir: str, rank: int) -> None:
+def export_student(engine: Any, tokenizer: Any, export_dir: str, rank: int, recipe: Any = None,
+                   dtype: str | None = None) -> None:
     """Write the trained student as one consolidated HF model (safetensors) + tokenizer to ``export_dir``
-    (a local path or a storage URI).
+    (a local path or a storage URI), with its ``specs.recipe.Recipe`` (how it is prompted) when given.
 
-    Under ZeRO-3 every rank holds a slice of each parameter, so all ranks gather them (a collective)
-    and rank 0 writes. The stage is the engine's, which a DeepSpeed JSON config may have set.
+    The weights are in ``dtype`` (``float32`` | ``bfloat16`` | ``float16``; None: the module's, i.e. the training
+    dtype), gathered one submodule at a time (:func:`consolidated_state_dict`; under ZeRO-3 a collective) and written
+    by rank 0.
     """
-    import deepspeed
+    from workers.models import resolve_dtype
 
-    module = engine.module
-    if engine.zero_optimization_stage() == 3:
-        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-            state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()} if rank == 0 else None
-    else:
-        state = {k: v.detach().cpu() for k, v in module.state_dict().items()} if rank == 0 else None
+    module, cast = engine.module, resolve_dtype(dtype) if dtype else None
+    state = consolidated_state_dict(module, rank, cast)
     if rank == 0:
         with storage.local_folder(export_dir) as local:  # a URI: written here, then copied up
             module.save_pretrained(local, state_dict=state, safe_serialization=True)
+            _record_dtype(local, cast)
             tokenizer.save_pretrained(local)
+            if recipe is not None:
+                recipe.save(local)
+
+
+def consolidated_state_dict(module: torch.nn.Module, rank: int,
+                            dtype: torch.dtype | None = None) -> dict[str, torch.Tensor] | None:
+    """``module.state_dict()`` whole, on rank 0's CPU (floating tensors cast to ``dtype`` when given); None elsewhere.
+
+    Under ZeRO-3 every rank calls it (a collective): each submodule's own parameters are gathered from their
+    partitions, copied on rank 0 and released before the next submodule's (``modifier_rank=None``: nothing is
+    written back), so beside its partitions a rank holds one submodule whole, and rank 0 the copy it writes. A tied
+    parameter (one ``Parameter`` under two names) is gathered and copied once and stays one tensor, which
+    ``save_pretrained`` writes once. Under other stages no collective runs: the parameters are whole already.
+    """
+    import deepspeed
+
+    names = set(module.state_dict())  # under ZeRO-3 the names only: partitioned tensors are empty
+    state: dict[str, torch.Tensor] = {}
+    copies: dict[int, torch.Tensor] = {}  # id(tensor) -> its copy (on rank 0)
+    done: set[int] = set()  # the parameters gathered already, on every rank alike
+    for prefix, sub in module.named_modules():
+        params = [p for p in sub.parameters(recurse=False) if id(p) not in done]
+        done.update(id(p) for p in params)
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            for name, t in (*sub.named_parameters(recurse=False), *sub.named_buffers(recurse=False)):
+                key = f"{prefix}.{name}" if prefix else name
+                if rank == 0 and key in names:
+                    if id(t) not in copies:  # a gathered tensor is freed on leaving the block: copy it
+                        cast = dtype if dtype is not None and t.is_floating_point() else t.dtype
+                        copies[id(t)] = t.detach().to("cpu", cast, copy=hasattr(t, "ds_id"))
+                    state[key] = copies[id(t)]
+    return state if rank == 0 else None
+
+
+def _record_dtype(folder: str, dtype: torch.dtype | None) -> None:
+    """Make the saved ``config.json``'s ``dtype`` the weights' ``dtype`` (None: the module's, which
+    ``save_pretrained`` wrote), so that ``from_pretrained``'s default (``dtype="auto"``) loads them as exported."""
+    if dtype is None:
+        return
+    path = Path(folder, "config.json")
+    config = json.loads(path.read_text())
+    config["dtype"] = str(dtype).removeprefix("torch.")
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

@@ -74,7 +74,7 @@ def total_steps(job: Any, n_rows: int, world: int) -> int:
     return job.train.epochs * per_epoch
 
 
-def _skip_shm_build() -> None:
+def skip_shm_build() -> None:
     """DeepSpeed's first initialize JIT-builds a shared-memory all-reduce used only for inference
     (about a minute and GBs of RAM on CPU). Training never uses it, so replace the builder."""
     import deepspeed.comm.torch  # noqa: F401  (load the module so it can be patched)
@@ -91,7 +91,7 @@ def build_engine(job: Any, model: torch.nn.Module, steps: int) -> tuple[Any, Any
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=job.train.lr, weight_decay=job.train.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(job.train, steps))
-    _skip_shm_build()
+    skip_shm_build()
     engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                    config=deepspeed_config(job), dist_init_required=False)
     return engine, scheduler

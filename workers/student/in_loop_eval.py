@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import math
 import random
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 import mlot
-from workers.data.prepared import STUDENT, DataRef, PreparedData, Rows, open_data
+from workers.data.encoding import answers_of
+from workers.data.inspect import pieces
+from workers.data.prepared import STUDENT, DataRef, PreparedData, Rows, open_data, teacher_key
 from workers.forward import answer_logits, to_device
+from workers.models import load_tokenizer
 from workers.student.engine import sum_over_ranks
 
 
@@ -76,12 +80,21 @@ def evaluate_truth(engine: Any, data: PreparedData, tokenizer: Any, job: Any, de
     return {f"eval/truth_{k}": v for k, v in truth_metrics(log_q, builtin_truth(list(rows))).items()}
 
 
+@dataclass(frozen=True)
+class PlanSample:
+    """The transport plan [T_t, T_s] of one eval answer, with both answers' decoded pieces ([T_t], [T_s])."""
+
+    plan: Any
+    teacher: list[str]
+    student: list[str]
+
+
 @torch.no_grad()
 def eval_plan(engine: Any, data: DataRef, tokenizer: Any, job: Any, teachers: dict[str, list[Any]],
-              rank: int, device: torch.device, vocab: int) -> Any:
-    """The sequence-level transport plan [T_t, T_s] between the first teacher and the student on eval row 0,
-    on rank 0, for methods that compute one (None otherwise). Every rank runs the forward: under ZeRO-3
-    it is a collective."""
+              rank: int, device: torch.device, vocab: int) -> PlanSample | None:
+    """The sequence-level transport plan between the first teacher and the student on eval row 0 with its
+    answers' pieces, on rank 0, for methods that compute one (None otherwise). Every rank runs the forward: under
+    ZeRO-3 it is a collective."""
     import ray
 
     if not teachers or not data.sizes.get("eval"):
@@ -92,11 +105,16 @@ def eval_plan(engine: Any, data: DataRef, tokenizer: Any, job: Any, teachers: di
     engine.train()
     if rank != 0:
         return None
-    replicas = next(iter(teachers.values()))
+    name, replicas = next(iter(teachers.items()))
     reply = ray.get(replicas[0].payload.remote(Rows(data, "eval", (0,)), batch_id="plan", loss=job.loss))
     payload = mlot.TeacherPayload.from_numpy(reply["payload"])
     r = job.loss.spec(logits, labels, payload.to(device), job.loss.mode, job.loss.params)
     if r.plan is None or r.plan.dim() != 3:
         return None
     tn, sn = int(payload.lengths[0]), int((labels[0] != -100).sum())
-    return r.plan[0, :tn, :sn].cpu().numpy()
+    spec = next(t for t in job.teachers if t.name == name)
+    [t_answer] = answers_of([lab for _, lab in open_data(data).examples("eval", [0], teacher_key(name))])
+    [s_answer] = answers_of(batch["labels"].tolist())
+    plan = r.plan[0, :tn, :sn].cpu().numpy()
+    t_tokenizer = load_tokenizer(spec.tokenizer_name, spec.trust_remote_code)
+    return PlanSample(plan, pieces(t_tokenizer, t_answer)[:plan.shape[0]], pieces(tokenizer, s_answer)[:plan.shape[1]])

@@ -20,6 +20,7 @@ import torch
 
 import mlot
 from workers.data.prepared import DataRef, Rows
+from workers.student.console import say
 
 
 class BatchOrder:
@@ -52,13 +53,24 @@ class Fetched:
     answer_tokens: dict[str, int] = field(default_factory=dict)  # answer tokens in each teacher's tokens
 
 
+#: Seconds a replica that failed a request is passed over (while Ray restarts it) when others are up.
+COOLDOWN_S = 30.0
+#: A request is also asked of another replica after max(HEDGE_FLOOR_S, 4 x the usual wait); the slow replica is
+#: then passed over for HEDGE_COOLDOWN_S.
+HEDGE_FLOOR_S, HEDGE_COOLDOWN_S = 2.0, 10.0
+
+
 class PayloadStream:
     """Keeps up to ``depth`` micro-batches of teacher payloads in flight for this worker.
 
-    Replicas are picked round-robin over (micro-batch, rank), so N workers spread over a teacher's
-    replicas. A payload carries the batch id it was computed for; a mismatch is a hard error.
-    ``loss`` (a LossConfig) is sent along: long-lived teachers serve trials with different settings.
-    ``on_policy(m)``: is micro-batch m on-policy (asked for only with its answers)?
+    Each request goes to the teacher's least loaded replica as this worker sees it (fewest of its requests in
+    flight there; ties start at (micro-batch, rank), so N workers spread over the replicas). A request that fails
+    because its replica died is sent at once to another one, and the dead replica is passed over for
+    ``COOLDOWN_S`` while Ray restarts it; a request held by a restarting replica is asked of another one after
+    :meth:`_hedge_s`. So a replica's death costs a step one retry, not the restart (requests carry
+    ``max_task_retries=0``: none waits inside Ray through it). A payload carries the batch id it was computed
+    for; a mismatch is a hard error. ``loss`` (a LossConfig) is sent along: long-lived teachers serve trials with
+    different settings. ``on_policy(m)``: is micro-batch m on-policy (asked for only with its answers)?
     """
 
     def __init__(self, teachers: dict[str, list[Any]], data: DataRef, order: BatchOrder, rank: int, world: int,
@@ -69,30 +81,74 @@ class PayloadStream:
         self.inflight: deque[tuple[int, dict[str, Any] | None]] = deque()
         self.next_m = 0
         self.answers: dict[int, list[Any]] = {}  # on-policy micro-batch -> the student's answers (until fetched)
+        self.load = {name: [0] * len(r) for name, r in teachers.items()}  # this worker's requests in flight
+        self.down_until = {name: [0.0] * len(r) for name, r in teachers.items()}  # passed over until then
+        self.usual_wait: dict[str, float] = {}  # running mean of this worker's wait for each teacher
 
-    def _request(self, name: str, m: int, attempt: int = 0) -> Any:
-        replicas = self.teachers[name]
-        actor = replicas[(m * self.world + self.rank + attempt) % len(replicas)]
+    def _replica(self, name: str, m: int) -> int:
+        """The replica micro-batch m goes to: the least loaded of those up (all of them, when none is up)."""
+        n, now = len(self.teachers[name]), time.monotonic()
+        order = [(m * self.world + self.rank + i) % n for i in range(n)]
+        up = [i for i in order if self.down_until[name][i] <= now] or order
+        return min(up, key=lambda i: self.load[name][i])  # min keeps the first of equals: the spread
+
+    def _request(self, name: str, m: int) -> tuple[Any, int]:
+        i = self._replica(name, m)
+        self.load[name][i] += 1
         extra = {"answers": self.answers[m]} if m in self.answers else {}
-        return actor.payload.remote(Rows(self.data, "train", tuple(self.order(m))), batch_id=[self.rank, m],
-                                    loss=self.loss, **extra)
+        ref = self.teachers[name][i].payload.options(max_task_retries=0).remote(
+            Rows(self.data, "train", tuple(self.order(m))), batch_id=[self.rank, m], loss=self.loss, **extra)
+        return ref, i
 
-    def _fetch(self, name: str, ref: Any, m: int) -> dict[str, Any]:
-        """ray.get with retries on other replicas: a teacher that died (and is restarting) costs time, not the run."""
+    def _fetch(self, name: str, sent: tuple[Any, int], m: int) -> dict[str, Any]:
+        """The reply to micro-batch m's request ``sent`` (ref, replica). A replica's death or restart costs one
+        retry: a request that fails is sent to another replica at once, and one that takes longer than
+        :meth:`_hedge_s` (a replica that is restarting holds requests until it is back) is also asked of another
+        replica, the first reply winning. With every replica down, retries back off."""
         import ray
         from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
-        for attempt in range(1, self.attempts + 1):
-            try:
-                return ray.get(ref)
-            except (ActorDiedError, ActorUnavailableError, RayActorError) as e:
-                if attempt == self.attempts:
-                    raise
-                print(f"[mlot] teacher {name} failed on batch {[self.rank, m]} ({type(e).__name__}); "
-                      f"retrying ({attempt}/{self.attempts - 1})", flush=True)
-                time.sleep(min(2.0 ** (attempt - 1), 10.0))
-                ref = self._request(name, m, attempt)
-        raise AssertionError("unreachable")
+        pending, failures = [sent], 0  # (ref, replica) asked for this micro-batch
+        try:
+            while True:
+                hedge = len(pending) == 1 and self._others_up(name, pending[0][1])
+                ready, _ = ray.wait([r for r, _ in pending], timeout=self._hedge_s(name) if hedge else None)
+                if not ready:
+                    self._pass_over(name, pending[0][1], HEDGE_COOLDOWN_S)
+                    say(f"teacher {name} replica {pending[0][1]} slow on batch {[self.rank, m]}; asking another")
+                    pending.append(self._request(name, m))
+                    continue
+                done = next(p for p in pending if p[0] == ready[0])
+                try:
+                    return ray.get(done[0])
+                except (ActorDiedError, ActorUnavailableError, RayActorError) as e:
+                    failures += 1
+                    if failures == self.attempts:
+                        raise
+                    pending.remove(done)
+                    self.load[name][done[1]] -= 1
+                    self._pass_over(name, done[1], COOLDOWN_S)
+                    say(f"teacher {name} replica {done[1]} failed on batch {[self.rank, m]} ({type(e).__name__}); "
+                        f"retrying ({failures}/{self.attempts - 1})")
+                    if not self._others_up(name, done[1]):
+                        time.sleep(min(2.0 ** (failures - 1), 10.0))
+                    if not pending:
+                        pending.append(self._request(name, m))
+        finally:
+            for _, i in pending:
+                self.load[name][i] -= 1
+
+    def _others_up(self, name: str, i: int) -> bool:
+        now = time.monotonic()
+        return any(t <= now for j, t in enumerate(self.down_until[name]) if j != i)
+
+    def _pass_over(self, name: str, i: int, seconds: float) -> None:
+        self.down_until[name][i] = max(self.down_until[name][i], time.monotonic() + seconds)
+
+    def _hedge_s(self, name: str) -> float:
+        """How long a request may take before another replica is asked too: well above this worker's usual
+        wait for the teacher (its running mean), and never under ``HEDGE_FLOOR_S``."""
+        return max(HEDGE_FLOOR_S, 4 * self.usual_wait.get(name, 0.0))
 
     def get(self, m: int, answers: list[Any] | None = None) -> Fetched:
         """The payloads of micro-batch m (requests up to ``m + depth`` are sent first); ``answers``: the
@@ -116,6 +172,7 @@ class PayloadStream:
             t0 = time.perf_counter()
             reply = self._fetch(name, ref, m)
             out.wait_s[name] = time.perf_counter() - t0
+            self.usual_wait[name] = 0.9 * self.usual_wait.get(name, out.wait_s[name]) + 0.1 * out.wait_s[name]
             if reply["batch_id"] != [self.rank, m] or got_m != m:
                 raise RuntimeError(f"teacher {name} answered batch {reply['batch_id']} for batch {[self.rank, m]}")
             payload = mlot.TeacherPayload.from_numpy(reply["payload"])

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import matplotlib
 
@@ -30,12 +31,31 @@ def loss_curve_png(history: list[dict[str, float]], path: Path) -> str:
     return str(path)
 
 
-def plan_heatmap_png(plan: Any, path: Path) -> str:
-    """Heatmap of a [T_t, T_s] transport plan: which teacher tokens each student token draws from."""
-    fig, ax = plt.subplots(figsize=(5, 4))
+def tick_labels(pieces: Sequence[str], most: int = 60) -> tuple[list[int], list[str]]:
+    """(positions, labels) for an axis of token pieces: at most ``most`` of them (every n-th when there are more),
+    spaces shown as ``·``, newlines as ``\\n``, ``$`` escaped (matplotlib would read mathtext), empty as ``∅``."""
+    step = max(1, math.ceil(len(pieces) / most))
+    at = list(range(0, len(pieces), step))
+    return at, [pieces[i].replace("$", r"\$").replace(" ", "·").replace("\n", "\\n") or "∅" for i in at]
+
+
+def plan_heatmap_png(plan: Any, path: Path, teacher_tokens: Sequence[str] | None = None,
+                     student_tokens: Sequence[str] | None = None) -> str:
+    """Heatmap of a [T_t, T_s] transport plan: which teacher tokens each student token draws from.
+
+    ``teacher_tokens`` [T_t] / ``student_tokens`` [T_s]: the answers' decoded pieces, written on the axes
+    (token indices when None)."""
+    t_len, s_len = len(plan), len(plan[0]) if len(plan) else 0
+    labelled = teacher_tokens is not None or student_tokens is not None
+    size = (min(20, max(5, 0.2 * s_len + 2)), min(20, max(4, 0.2 * t_len + 1.5))) if labelled else (5, 4)
+    fig, ax = plt.subplots(figsize=size)
     im = ax.imshow(plan, aspect="auto", cmap="viridis")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    for axis, tokens, rotation in ((ax.xaxis, student_tokens, 90), (ax.yaxis, teacher_tokens, 0)):
+        if tokens is None:
+            axis.set_major_locator(MaxNLocator(integer=True))
+        else:
+            at, labels = tick_labels(list(tokens))
+            axis.set_ticks(at, labels, rotation=rotation, fontsize=7)
     ax.set_xlabel("student answer token")
     ax.set_ylabel("teacher answer token")
     ax.set_title("sequence-level transport plan (eval sample 0)")

@@ -23,10 +23,12 @@ from typing import Any
 import torch
 
 import mlot
+from specs.progress import Progress
 from workers.data.prepared import STUDENT, open_data
 from workers.forward import answer_logits, to_device
-from workers.models import build_model, check_vocab, load_tokenizer
-from workers.student import checkpoint
+from workers.models import load_tokenizer
+from workers.student import checkpoint, console
+from workers.student.console import say
 from workers.student.engine import (
     any_rank,
     build_engine,
@@ -38,9 +40,10 @@ from workers.student.engine import (
     zero_contribution,
 )
 from workers.student.in_loop_eval import eval_plan, evaluate_ce, evaluate_truth
+from workers.student.model import build_student
 from workers.student.on_policy import chosen, on_policy_batch, sampling_seed
 from workers.student.payload_stream import BatchOrder, Fetched, PayloadStream
-from workers.student.tracking import open_buffer, say
+from workers.student.tracking import open_buffer
 from workers.vocab import teacher_map
 
 
@@ -114,9 +117,11 @@ def answer_rows_finite(logits: torch.Tensor, labels: torch.Tensor) -> bool:
 
 class StudentRecipe:
     """One training worker. ``config``: job (JobConfig), data (the prepared rows' ``DataRef``),
-    teachers ({name: [actor handles]}), run_id/tracking_uri (MLflow), export_dir, fingerprint, resume_from (the
-    newest checkpoint the driver found on storage, or None),
-    stop_signal (a StopSignal actor), callbacks (``workers.student.callbacks.TrainCallback``s; tests only)."""
+    teachers ({name: [actor handles]}), run_id/tracking_uri (MLflow), export_dir and export_recipe (the
+    ``specs.recipe.Recipe`` saved with the student), fingerprint, resume_from (the newest checkpoint the driver
+    found on storage, or None),
+    stop_signal (a StopSignal actor), console (the driver's ``Console`` actor for progress lines, or None: stdout),
+    callbacks (``workers.student.callbacks.TrainCallback``s; tests only)."""
 
     def __init__(self, config: dict[str, Any]) -> None:
         self.config, self.job = config, config["job"]
@@ -129,21 +134,18 @@ class StudentRecipe:
         import ray.train
 
         job, config = self.job, self.config
+        console.use(config.get("console"))
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.data = open_data(config["data"])
         self.device = worker_device(job.train.use_gpu)
         torch.manual_seed(job.train.seed)
         self.tokenizer = load_tokenizer(job.student.tokenizer_name, job.student.trust_remote_code)
-        # Built in fp32 whatever student.dtype says: DeepSpeed's bf16/fp16 mode casts the module and keeps
-        # fp32 master weights in the optimizer (a bf16 checkpoint loaded as bf16 would lose nothing either).
-        model = build_model(job.student.model, job.student.hf_config, "float32", job.student.trust_remote_code,
-                            self.tokenizer, who="student")
-        check_vocab(model, self.tokenizer, "student")
+        model = build_student(job, self.tokenizer)  # under ZeRO-3 partitioned as it is built
         if job.student.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.vocab = len(self.tokenizer)
-        self.n_params = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them away
+        self.n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # ZeRO-3: whole size
         self.steps = total_steps(job, self.data.size("train"), self.world)
         self.engine, self.scheduler = build_engine(job, model, self.steps)
         self.start = checkpoint.restore(self.engine, config["fingerprint"], config.get("resume_from"))
@@ -164,6 +166,7 @@ class StudentRecipe:
         self.bad_in_a_row = self.skipped = 0
         self.history: list[dict[str, float]] = []
         self.last_eval: dict[str, float] = {}  # the latest eval metrics, carried by every report
+        self.progress = Progress("step", self.steps, first=self.start)
 
     def train(self) -> bool:
         """Train from the restored step to ``self.steps``; False when stopped early on request."""
@@ -268,10 +271,10 @@ class StudentRecipe:
         if self.tracker:
             self.tracker.log(metrics, done)
         if self.rank == 0 and "train/loss" in metrics and (done % max(1, self.steps // 20) == 0 or done == self.steps):
-            say(f"step {done}/{self.steps}  loss {metrics['train/loss']:.4f}  ce {metrics['train/ce']:.4f}"
+            say(self.progress.line(done, f"loss {metrics['train/loss']:.4f}  ce {metrics['train/ce']:.4f}"
                 + (f"  eval {self.last_eval['eval/loss']:.4f}" if self.last_eval else "")
                 + f"  {metrics['train/tokens_per_s']:.0f} tok/s"
-                + f"  teacher wait {100 * metrics['train/teacher_wait_frac']:.0f}%")
+                + f"  teacher wait {100 * metrics['train/teacher_wait_frac']:.0f}%"))
 
     def _stop_requested(self) -> bool:
         """Rank 0 asks the driver's StopSignal (every rank then gets its answer)."""
@@ -288,7 +291,7 @@ class StudentRecipe:
         if stop:
             report["train/stopped_at_step"] = done
         if done % self.job.train.checkpoint_every == 0 or done == self.steps or stop:
-            checkpoint.save(self.engine, report, done, self.config["fingerprint"])
+            checkpoint.save(self.engine, report, done, self.config["fingerprint"], self.job.train.checkpoint_upload)
         elif "eval/loss" in metrics:
             ray.train.report(report)
 
@@ -297,13 +300,15 @@ class StudentRecipe:
         import ray
 
         export_dir, teachers = self.config["export_dir"], self.config["teachers"]
-        checkpoint.export_student(self.engine, self.tokenizer, export_dir, self.rank)
+        checkpoint.export_student(self.engine, self.tokenizer, export_dir, self.rank, self.config["export_recipe"],
+                                  self.job.student.export_dtype)
         plan = eval_plan(self.engine, self.config["data"], self.tokenizer, self.job, teachers, self.rank,
                          self.device, self.vocab)
         if self.tracker:
-            forward_rows = {name: sum(i["forward_rows"] for i in ray.get([a.info.remote() for a in replicas]))
-                            for name, replicas in teachers.items()}
-            self.tracker.finish(self.steps, self.history, plan, export_dir, forward_rows)
+            infos = {name: ray.get([a.info.remote() for a in replicas]) for name, replicas in teachers.items()}
+            counts = {name: {k: sum(i[k] for i in got) for k in ("forward_rows", "forwards", "served_requests")}
+                      for name, got in infos.items()}
+            self.tracker.finish(self.steps, self.history, plan, export_dir, counts)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:

@@ -8,23 +8,16 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from specs import storage
+from workers.student.console import say
 
 MLFLOW_BATCH = 1000  # MLflow's per-call metric limit
 REPLAY_KEY = "train/step_s"  # logged at every step: the steps a run holds
-
-
-def say(message: str) -> None:
-    # Not print(): inside a Ray Train worker print is patched to log *and* echo to a wrapped stdout, so every
-    # line would reach the console twice.
-    sys.stdout.write(f"[mlot] {message}\n")
-    sys.stdout.flush()
 
 
 class MetricsBuffer:
@@ -116,18 +109,20 @@ class MetricsBuffer:
         return True
 
     def finish(self, step: int, history: list[dict[str, float]], plan: Any, export_dir: str,
-               forward_rows: dict[str, int]) -> None:
+               teacher_counts: dict[str, dict[str, int]]) -> None:
         """The end-of-run artefacts: the loss curve, a transport-plan heatmap of a fixed eval sample, the
-        exported student, and how many rows each teacher ran a forward pass on."""
+        exported student, and per teacher its ``forward_rows``, ``forwards`` and ``served_requests`` (fewer
+        forwards than requests: it batched them)."""
         if not self.wait_for_server(step):
             return
-        self.log({f"teacher/{name}/forward_rows": rows for name, rows in forward_rows.items()}, step)
+        self.log({f"teacher/{name}/{k}": v for name, c in teacher_counts.items() for k, v in c.items()}, step)
         from workers.student.plots import loss_curve_png, plan_heatmap_png
         with tempfile.TemporaryDirectory() as d:
             if history:
                 self.client.log_artifact(self.run_id, loss_curve_png(history, Path(d) / "loss_curve.png"), "plots")
             if plan is not None:
-                self.client.log_artifact(self.run_id, plan_heatmap_png(plan, Path(d) / "transport_plan.png"), "plots")
+                png = plan_heatmap_png(plan.plan, Path(d) / "transport_plan.png", plan.teacher, plan.student)
+                self.client.log_artifact(self.run_id, png, "plots")
         with storage.local_copy(export_dir) as local:
             self.client.log_artifacts(self.run_id, local, "student")
 

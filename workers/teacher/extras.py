@@ -43,7 +43,8 @@ class Extras:
             logits: torch.Tensor | None = None, labels: torch.Tensor | None = None,
             token_logp: torch.Tensor | None = None) -> mlot.TeacherPayload:
         """Set what ``loss`` (a ``LossConfig``) needs on ``payload``, from the teacher's answer logits [B, K, V]
-        and labels [B, K], or (a payload store) its gold tokens' log-probabilities [B, T].
+        and labels [B, K], or (a payload store, a top-K engine) its gold tokens' log-probabilities [B, T], with
+        ``labels`` where the text is not the prepared data's.
 
         ``answers``: the student's generated answers (``workers.generation.Answer``) on an on-policy micro-batch.
         """
@@ -58,7 +59,7 @@ class Extras:
                 t_bounds = answer_bounds(self._tokenizer(self.teacher), answers_of(labels.tolist()))
                 payload.identity = compress_identity(logits, labels, t_bounds, vmap, top_k=identity.shared_top_k)
             else:
-                payload.identity = self._from_gold(token_logp, payload.lengths, rows)
+                payload.identity = self._from_gold(token_logp, payload.lengths, rows, labels)
             payload.identity.student_bounds = s_bounds.to(payload.identity.bounds.device)
         if loss.teacher_mix in PER_SAMPLE_MIXES:
             texts = [a.text for a in answers] if answers is not None else [
@@ -70,9 +71,12 @@ class Extras:
                 payload.nll_per_byte = (-token_logp.sum(1) / n_bytes.clamp(min=1)).float()
         return payload
 
-    def _from_gold(self, token_logp: torch.Tensor, lengths: torch.Tensor, rows: Rows) -> IdentityPayload:
-        """Chunk likelihoods only (no shared classes: they need the teacher's distribution)."""
-        t_bounds = answer_bounds(self._tokenizer(self.teacher), self._prepared(rows, self.key))
+    def _from_gold(self, token_logp: torch.Tensor, lengths: torch.Tensor, rows: Rows,
+                   labels: torch.Tensor | None = None) -> IdentityPayload:
+        """Chunk likelihoods only (no shared classes: they need the teacher's distribution). ``labels`` [B, L]: the
+        teacher's tokens of the scored text (-100 elsewhere), when it is not the prepared data's."""
+        answers = answers_of(labels.tolist()) if labels is not None else self._prepared(rows, self.key)
+        t_bounds = answer_bounds(self._tokenizer(self.teacher), answers)
         none = torch.empty(*token_logp.shape, 0)
         return IdentityPayload(none.int(), none, token_logp, t_bounds[:, :token_logp.shape[1] + 1], lengths)
 

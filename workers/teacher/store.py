@@ -173,12 +173,13 @@ class StoreTeacher:
             else None
         self.settings = PayloadSettings(loss, check)
         self._located: dict[tuple[str, str, str], np.ndarray] = {}
-        self.served_rows = 0
+        self.served_rows = self.served_requests = 0
 
     def info(self) -> ServerInfo:
         return ServerInfo(name=self.name, device="store", dtype=self.meta.hidden_dtype or PAYLOAD,
                           vocab_size=self.meta.vocab_size, node_id=node_id(), padded_rows=0, forward_rows=0,
-                          served_rows=self.served_rows, cached_batches=None, store=self.meta.format)
+                          served_rows=self.served_rows, served_requests=self.served_requests, forwards=0, busy_s=0.0,
+                          cached_batches=None, store=self.meta.format)
 
     def payload(self, rows: Rows, batch_id: Any = None, loss: Any = None, answers: list[Any] | None = None
                 ) -> PayloadReply:
@@ -197,6 +198,7 @@ class StoreTeacher:
             payload = mlot.compress_teacher(logits, labels, config=cfg)
             self.extras.add(payload, loss, rows, logits=logits, labels=labels)
         self.served_rows += len(found)
+        self.served_requests += 1
         return PayloadReply(payload=payload.to_numpy(), batch_id=batch_id, seconds=0.0,
                             answer_tokens=int(payload.lengths.sum()))
 

@@ -1,0 +1,320 @@
+"""A model's answer rows, read chunk by chunk: the one way the losses touch [B, L, V] logits.
+
+Of each answer row (row p of a sample when its label p + 1 is not ignored; N rows in all) a loss needs a few
+numbers, never the whole distribution:
+
+* normalisers ``lse = logsumexp(z / tau)`` over the vocabulary or a subset of it (the exact-match term's shared
+  vocabulary), computed without a graph;
+* log-probabilities ``z[c] / tau - lse`` at a few columns c per row, differentiable: the label (CE, the
+  aligned-chunk term), the k ranked columns (MultiLevelOT, ULD, KL), a shared class's members;
+* for the rankings, no-grad statistics: per-sample column totals, per-row top-k.
+
+Plain autograd would cast and log-softmax whole [N, V] blocks and keep them for backward: at V = 152k and
+16 x 256 rows, 2.5 GB per fp32 copy, several per term. :class:`AnswerRows` computes the numbers over chunks
+of rows (an fp32 block of ~4 MB on a CPU, ~256 MB on a GPU: ``mlot.softmax._chunk``), keeps only them (and
+the caller's logits, by reference) and in backward recomputes each chunk's softmax:
+
+    d/dz_v = sum_tau (g_tau,v [v read] - p_tau,v * sum_c g_tau,c) / tau,   p = softmax of z / tau (on the subset)
+
+All reads of one :class:`AnswerRows` add into one gradient buffer that a single node hands to autograd
+(:class:`_Sink`): CE, a method's terms and the identity terms of every teacher cost one [B, L, V] gradient in
+the logits' dtype, not one each summed pairwise. As in Liger-Kernel's chunked losses the reader does the
+chunking and the bookkeeping and each loss states only its math; unlike there, the math runs after the
+chunk loop, on the few numbers read (a ranking, Sinkhorn or a chunk sum couples a sample's rows, so a loss
+is not a sum of per-chunk losses).
+
+The losses find the reader with :func:`answer_rows`; :class:`mlot.Objective` makes one per micro-batch and
+shares it (:func:`sharing`), so every term of the objective reads through it.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Iterator, Sequence
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from .softmax import _chunk
+from .spans import IGNORE_INDEX, compute_dtype
+
+
+class AnswerRows:
+    """The answer rows of ``logits`` [B, L, V] (any float dtype; computed in fp32, fp64 for fp64 input).
+
+    Attributes:
+        logits, labels: as given; labels [B, L] hold -100 outside the answers.
+        sample, pos: [N] sample and position of each answer row (row-major); gold: [N] the label each predicts;
+        row: [N] ``sample * L + pos``, its row in ``logits.flatten(0, 1)`` (a view: no copy of the logits).
+        dtype: the compute dtype; chunk: rows per chunk.
+    """
+
+    def __init__(self, logits: Tensor, labels: Tensor) -> None:
+        if logits.dim() != 3 or labels.shape != logits.shape[:2]:
+            raise ValueError(f"logits must be [batch, seq_len, vocab] and labels [batch, seq_len], got shapes "
+                             f"{tuple(logits.shape)} and {tuple(labels.shape)}")
+        self.logits, self.labels = logits, labels
+        self.dtype = compute_dtype(logits)
+        self.sample, self.pos = (labels[:, 1:] != IGNORE_INDEX).nonzero(as_tuple=True)
+        self.gold = labels[self.sample, self.pos + 1]
+        self.row = self.sample * labels.shape[1] + self.pos
+        self._flat = torch.full(labels.shape, -1, dtype=torch.long, device=labels.device)
+        self._flat[self.sample, self.pos] = torch.arange(len(self.sample), device=labels.device)
+        self.chunk = _chunk(1, logits.shape[-1], logits.device)
+        self._lse: dict[tuple[float, int], tuple[Tensor | None, Tensor]] = {}
+        self._gold: dict[bool, Tensor] = {}
+        self._sink = _GradSink()
+        self._token: Tensor | None = None
+
+    @property
+    def n(self) -> int:
+        return len(self.sample)
+
+    # ------------------------------------------------------------------------ rows of a [B, W] layout
+
+    def ids(self, index: Tensor, mask: Tensor) -> Tensor:
+        """[Q] the answer rows at the positions ``index`` [B, W] (logit rows) where ``mask`` [B, W]."""
+        sample = torch.arange(index.shape[0], device=index.device)[:, None].expand_as(index)
+        ids = self._flat[sample[mask], index[mask]]
+        if bool((ids < 0).any()):
+            raise ValueError("a loss read a logit row that predicts no label (its labels and the reader's differ)")
+        return ids
+
+    def weights(self, index: Tensor, mask: Tensor) -> Tensor:
+        """[N] 1 on the rows at ``index`` where ``mask``, 0 on the others (which rows a column total sums)."""
+        w = torch.zeros(self.n, dtype=self.dtype, device=self.logits.device)
+        w[self.ids(index, mask)] = 1.0
+        return w
+
+    def at(self, index: Tensor, mask: Tensor, values: Tensor) -> Tensor:
+        """Per-row ``values`` [N, ...] laid out at positions ``index`` where ``mask``: [B, W, ...], 0 elsewhere."""
+        return spread(values[self.ids(index, mask)], mask)
+
+    def lse_at(self, index: Tensor, mask: Tensor, tau: float = 1.0) -> Tensor:
+        """[B, W] ``logsumexp(z / tau)`` of the rows at ``index`` where ``mask``, 0 elsewhere (no gradient)."""
+        return self.at(index, mask, self.lse(tau))
+
+    def log_softmax_at(self, index: Tensor, mask: Tensor, columns: Tensor, temperatures: Sequence[float] = (1.0,),
+                       subset: Tensor | None = None) -> tuple[Tensor, ...]:
+        """``log_softmax(z / tau)`` at ``columns`` of the rows at ``index`` [B, W] where ``mask``, 0 elsewhere.
+
+        Args:
+            columns: [B, W, k] per position, or [B, k] one order per sample (long).
+            subset: [V] bool, or None: the softmax over the subset's columns only.
+        Returns one [B, W, k] tensor per temperature, differentiable in the logits.
+        """
+        cols = columns[:, None].expand(-1, mask.shape[1], -1) if columns.dim() == 2 else columns
+        outs = self.log_probs(self.ids(index, mask), cols[mask].long(), temperatures, subset)
+        return tuple(spread(o, mask) for o in outs)
+
+    def gold_at(self, index: Tensor, mask: Tensor) -> Tensor:
+        """[B, W] the log-probability of each row's label at the positions ``index`` where ``mask``, 0 elsewhere."""
+        return spread(self.gold_log_probs()[self.ids(index, mask)], mask)
+
+    # ------------------------------------------------------------------------ flat rows
+
+    def gold_log_probs(self) -> Tensor:
+        """[N] each row's log-probability of its label (temperature 1): read once, shared by CE and the
+        aligned-chunk term."""
+        graph = torch.is_grad_enabled()
+        if graph not in self._gold:
+            rows = torch.arange(self.n, device=self.logits.device)
+            self._gold[graph] = self.log_probs(rows, self.gold[:, None])[0][:, 0]
+        return self._gold[graph]
+
+    def lse(self, tau: float = 1.0, subset: Tensor | None = None) -> Tensor:
+        """[N] ``logsumexp(z / tau)`` of every row (over ``subset`` [V] bool when given); no gradient."""
+        key = (float(tau), id(subset))
+        if key not in self._lse:
+            self.scan([tau], subset=subset)
+        return self._lse[key][1]
+
+    @torch.no_grad()
+    def scan(self, temperatures: Sequence[float], weights: Tensor | None = None, top_k: int | None = None,
+             subset: Tensor | None = None) -> tuple[Tensor | None, Tensor | None]:
+        """One pass over the rows: the normaliser of each temperature (kept for :meth:`lse`) and, at the first,
+        the column totals ``sum_n weights[n] * softmax(z_n / tau)`` per sample [B, V] (when ``weights`` [N] is
+        given) and each row's ``top_k`` most probable columns [N, k] (when given)."""
+        V = self.logits.shape[-1]
+        device = self.logits.device
+        lse = [torch.empty(self.n, dtype=self.dtype, device=device) for _ in temperatures]
+        totals = None if weights is None else torch.zeros(self.logits.shape[0], V, dtype=self.dtype, device=device)
+        top = None if top_k is None else torch.empty(self.n, top_k, dtype=torch.long, device=device)
+        for r0, r1, _, z in _blocks(self.logits, self.row, self.chunk, self.dtype):
+            for j, tau in enumerate(temperatures):
+                row_lse, log_p = _lse_rows(_scaled(z, tau, subset))
+                lse[j][r0:r1] = row_lse
+                if j == 0 and (totals is not None or top is not None):
+                    p = log_p.exp_()
+                    if totals is not None:
+                        totals.index_add_(0, self.sample[r0:r1], p * weights[r0:r1, None])
+                    if top is not None:
+                        top[r0:r1] = p.topk(top_k, dim=-1).indices
+        for tau, x in zip(temperatures, lse):
+            self._lse[(float(tau), id(subset))] = (subset, x)  # the key's tensor stays alive with its entry
+        return totals, top
+
+    def log_probs(self, rows: Tensor, columns: Tensor, temperatures: Sequence[float] = (1.0,),
+                  subset: Tensor | None = None) -> tuple[Tensor, ...]:
+        """``log_softmax(z / tau)[columns]`` of answer rows ``rows`` [Q] (ids, repeats allowed) at ``columns``
+        [Q, k] (long): one [Q, k] tensor per temperature, differentiable in the logits."""
+        lse = [self.lse(tau, subset)[rows] for tau in temperatures]
+        if self._token is None and torch.is_grad_enabled() and self.logits.requires_grad:
+            self._token = _Sink.apply(self.logits, self._sink)
+        return _Read.apply(self._token, self.logits, self._sink, self.row[rows], columns,
+                           tuple(float(t) for t in temperatures), subset, self.chunk, self.dtype, *lse)
+
+
+def spread(values: Tensor, mask: Tensor) -> Tensor:
+    """``values`` [Q, ...] (one per True of ``mask`` [B, W], row-major) as [B, W, ...], 0 elsewhere."""
+    out = values.new_zeros(*mask.shape, *values.shape[1:])
+    out[mask] = values
+    return out
+
+
+def check_rows_finite(lse: Tensor, mask: Tensor, name: str) -> None:
+    """NaN or +Inf anywhere in a row makes its logsumexp non-finite: name the samples. lse, mask [B, W]."""
+    bad = (~torch.isfinite(lse) & mask).any(1).nonzero().flatten().tolist()
+    if bad:
+        raise ValueError(f"{name}: non-finite values (NaN/Inf) in the answer logits of sample(s) {bad}")
+
+
+# ---------------------------------------------------------------------------- sharing one reader
+
+
+_SHARED: ContextVar[AnswerRows | None] = ContextVar("mlot_answer_rows", default=None)
+
+
+def answer_rows(logits: Tensor, labels: Tensor) -> AnswerRows:
+    """The reader of ``logits``' answer rows: the one shared (:func:`sharing`) for these very tensors, else a new
+    one."""
+    shared = _SHARED.get()
+    if shared is not None and shared.logits is logits and shared.labels is labels:
+        return shared
+    return AnswerRows(logits, labels)
+
+
+@contextmanager
+def sharing(rows: AnswerRows) -> Iterator[AnswerRows]:
+    """Inside, every loss on ``rows.logits`` and ``rows.labels`` reads through ``rows``: each normaliser is
+    computed once, the label's log-probabilities are read once, and all reads share one gradient buffer."""
+    token = _SHARED.set(rows)
+    try:
+        yield rows
+    finally:
+        _SHARED.reset(token)
+
+
+# ---------------------------------------------------------------------------- the chunked passes
+
+
+def _segments(row: Tensor, chunk: int) -> list[tuple[int, int, int | None]]:
+    """Chunks (r0, r1, first) of ``row`` [Q] (rows of ``logits.flatten(0, 1)``), at most ``chunk`` rows each.
+    Where rows r0..r1 are consecutive (an answer, left to right), ``first`` is the first: the chunk is a view of
+    the logits, no copy; runs shorter than a quarter chunk are gathered together (``first`` None)."""
+    rows = row.tolist()  # one device sync per pass
+    runs = [0] + [i for i in range(1, len(rows)) if rows[i] != rows[i - 1] + 1] + [len(rows)]
+    out: list[tuple[int, int, int | None]] = []
+    gathered = 0  # start of the pending short runs
+
+    def flush(upto: int) -> None:
+        out.extend((r0, min(upto, r0 + chunk), None) for r0 in range(gathered, upto, chunk))
+
+    for a, b in zip(runs[:-1], runs[1:]):
+        if b - a >= max(1, chunk // 4):
+            flush(a)
+            out.extend((r0, min(b, r0 + chunk), rows[r0]) for r0 in range(a, b, chunk))
+            gathered = b
+    flush(len(rows))
+    return out
+
+
+def _blocks(logits: Tensor, row: Tensor, chunk: int, dtype: torch.dtype
+            ) -> Iterator[tuple[int, int, int | None, Tensor]]:
+    """Yield (r0, r1, first, z [r1 - r0, V]): rows ``row[r0:r1]`` of ``logits.flatten(0, 1)`` (a view of the
+    logits) in ``dtype``, a chunk at a time (:func:`_segments`)."""
+    flat = logits.flatten(0, 1)
+    for r0, r1, first in _segments(row, chunk):
+        z = flat[first:first + r1 - r0] if first is not None else flat.index_select(0, row[r0:r1])
+        yield r0, r1, first, z.to(dtype)
+
+
+def _scaled(z: Tensor, tau: float, subset: Tensor | None) -> Tensor:
+    """z / tau, -inf off the subset."""
+    zt = z if tau == 1 else z / tau
+    return zt if subset is None else zt.masked_fill(~subset, float("-inf"))
+
+
+def _lse_rows(zt: Tensor) -> tuple[Tensor, Tensor]:
+    """Of rows zt [c, V]: their logsumexp [c] and log-softmax [c, V]. One fused log-softmax kernel, read at each
+    row's max: log_softmax(zt)[argmax] = -log(sum exp(zt - max)) exactly, so lse = max - that."""
+    log_p = torch.log_softmax(zt, -1)
+    top, at = zt.max(-1, keepdim=True)
+    return (top - log_p.gather(-1, at)).squeeze(-1), log_p
+
+
+class _GradSink:
+    """The one gradient buffer all reads of one :class:`AnswerRows` add into, until :class:`_Sink` takes it."""
+
+    def __init__(self) -> None:
+        self.grad: Tensor | None = None
+
+    def buffer(self, logits: Tensor) -> Tensor:
+        if self.grad is None:
+            self.grad = torch.zeros(logits.shape, dtype=logits.dtype, device=logits.device)
+        return self.grad
+
+    def take(self) -> Tensor | None:
+        grad, self.grad = self.grad, None
+        return grad
+
+
+class _Sink(torch.autograd.Function):
+    """logits -> a scalar every read takes as an input. Autograd runs a node only after everything that reads
+    its output, so this backward runs after every read's: it hands autograd the filled buffer, once."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, sink: _GradSink) -> Tensor:  # type: ignore[override]
+        ctx.sink = sink
+        return logits.new_zeros(())
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, _: Tensor):  # type: ignore[override]
+        return ctx.sink.take(), None
+
+
+class _Read(torch.autograd.Function):
+    """Rows ``row`` [Q] of ``logits.flatten(0, 1)`` at ``columns`` [Q, k], per temperature ``z / tau - lse``; the
+    gradient goes to the sink (this node returns none for the logits itself). Saves the logits (by reference),
+    ``row`` and ``columns``: backward recomputes each chunk's softmax."""
+
+    @staticmethod
+    def forward(ctx, token: Tensor | None, logits: Tensor, sink: _GradSink, row: Tensor, columns: Tensor,
+                temperatures: tuple[float, ...], subset: Tensor | None, chunk: int, dtype: torch.dtype,
+                *lse: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
+        z = logits.flatten(0, 1)[row[:, None], columns].to(dtype)
+        ctx.save_for_backward(logits, row, columns, subset)
+        ctx.sink, ctx.temperatures, ctx.chunk, ctx.dtype = sink, temperatures, chunk, dtype
+        return tuple(z / tau - x[:, None] for tau, x in zip(temperatures, lse))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *grads: Tensor):  # type: ignore[override]
+        logits, row, columns, subset = ctx.saved_tensors
+        grad = ctx.sink.buffer(logits).view(-1, logits.shape[-1])
+        for r0, r1, first, z in _blocks(logits, row, ctx.chunk, ctx.dtype):
+            acc = None
+            for g, tau in zip(grads, ctx.temperatures):
+                g = g[r0:r1]
+                p = torch.softmax(_scaled(z, tau, subset), -1)
+                d = p.mul_(-g.sum(-1, keepdim=True)).scatter_add_(-1, columns[r0:r1], g)
+                d = d if tau == 1 else d.div_(tau)
+                acc = d if acc is None else acc.add_(d)
+            if first is None:  # gathered rows may repeat (the exact-match term's): index_add_ sums them
+                grad.index_add_(0, row[r0:r1], acc.to(grad.dtype))
+            else:
+                grad[first:first + r1 - r0] += acc.to(grad.dtype)
+        return (None,) * (9 + len(ctx.temperatures))
