@@ -379,7 +379,7 @@ class TrainConfig(_Section):
     backend: Literal["nccl", "gloo"] | None = Field(None, description="torch.distributed backend; null: nccl with use_gpu, gloo otherwise.")
     resources_per_worker: dict[str, float] = Field(default_factory=dict, description="Ray resources per worker, e.g. {CPU: 4, student_node: 1}.")
     checkpoint_every: int = Field(50, ge=1, description="Checkpoint every N optimizer steps (and at the end).")
-    checkpoint_upload: Literal["sync", "async"] = Field("async", description="async: each rank writes its shard to local disk and Ray Train uploads the checkpoint in the background while training goes on; sync: training waits for the upload.")
+    checkpoint_upload: Literal["sync", "async"] = Field("sync", description="sync: training waits until the checkpoint is on storage; async: each rank writes its shard to local disk and Ray Train uploads it in the background while training goes on (no step time on remote storage, but a driver killed before an upload completes resumes from the previous checkpoint).")
     eval_every: int | None = Field(None, ge=1, description="Evaluate every N optimizer steps; null: no periodic evaluation.")
     eval_rows: int | None = Field(2000, ge=1, description="Eval CE during training on a fixed, seeded sample of at most this many eval rows (the same at every eval); null: the whole eval split.")
     prefetch: int = Field(2, ge=0, description="Teacher payload batches requested ahead of the current step.")
