@@ -167,7 +167,7 @@ def _baseline_tree(ref: str, into: Path) -> Path:
 
 def _max_diff(a: Path, b: Path, rows: int = 64) -> float:
     """max |a - b| of two saved gradients, read through mmap a few rows at a time."""
-    x, y = torch.load(a, mmap=True), torch.load(b, mmap=True)
+    x, y = torch.load(a, mmap=True, weights_only=True), torch.load(b, mmap=True, weights_only=True)
     return max(float((x[i:i + rows] - y[i:i + rows]).abs().max()) for i in range(0, x.shape[0], rows))
 
 

@@ -2,6 +2,8 @@
 (every read a full-vocabulary log-softmax through plain autograd) in value and gradient, for any chunk size, and
 no [rows, V] tensor is saved or made on the way, the one gradient buffer aside."""
 
+import contextlib
+
 import pytest
 import torch
 from helpers import make_batch
@@ -76,15 +78,17 @@ def _setup(method: str, params: dict, ident: IdentityConfig, dtype=torch.float32
     return mlot.Objective(m, "paper", params, 0.7, ident), logits, labels, payloads, vmaps
 
 
+def _reader(rows, x, labels):
+    """The reader the objective shares: ``rows(x, labels)`` when given, else the objective's own."""
+    return contextlib.nullcontext() if rows is None else sharing(rows(x, labels))
+
+
 def _run(objective, logits, labels, payloads, vmaps, rows=None):
     """(loss, parts, gradient in the logits) of one objective call; ``rows``: the reader to use (the
     objective's own when None)."""
     x = logits.clone().requires_grad_()
-    if rows is None:
+    with _reader(rows, x, labels):
         loss, parts = objective(x, labels, payloads, vmaps)
-    else:
-        with sharing(rows(x, labels)):
-            loss, parts = objective(x, labels, payloads, vmaps)
     loss.backward()
     return loss.detach(), parts, x.grad
 
@@ -212,12 +216,8 @@ def test_no_rows_by_vocabulary_tensor_is_saved_or_made(monkeypatch, case):
             return t
 
         with _NewTensors(full) as made:
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                if rows is None:
-                    loss, _ = objective(x, labels, payloads, vmaps)
-                else:
-                    with sharing(rows(x, labels)):
-                        loss, _ = objective(x, labels, payloads, vmaps)
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _reader(rows, x, labels):
+                loss, _ = objective(x, labels, payloads, vmaps)
             loss.backward()
         return max(saved), made.ops
 

@@ -65,7 +65,7 @@ def _run(job, out) -> dict:
     import torch.multiprocessing as mp
     [port] = free_ports(1)
     mp.spawn(_on_rank, args=(port, job, str(out)), nprocs=WORLD, join=True)
-    return torch.load(out / "rank0.pt")
+    return torch.load(out / "rank0.pt", weights_only=True)
 
 
 def _assert_partitioned(out) -> None:
