@@ -47,12 +47,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import mlot
-from mlot.identity import IdentityConfig, answer_bounds, compress_identity, vocab_map
+from mlot.identity import IdentityConfig, answer_bounds, compress_identity
 from mlot.mixing import PER_SAMPLE_MIXES, nll_per_byte
+from mlot.vocab import vocab_map
 from orchestrator.config import OnPolicyConfig, TrainConfig
 from specs import Template
 from workers.data.encoding import BadRowError, answers_of, collate, encode_example
-from workers.data.known_truth import ANSWERS, KnownTruth, answer_log_probs, builtin_rows, truth_metrics
+from workers.data.known_truth import TASKS, KnownTruth, answer_log_probs, builtin_rows, truth_metrics
 from workers.forward import answer_logits
 from workers.generation import (
     encode_answers,
@@ -126,8 +127,24 @@ POLICY_ARMS: dict[str, Arm] = {
 }
 
 
+#: The best configuration of the study's ``mlot tune`` sweep (docs/quality.md: 6 trials on the validation prompts).
+TUNED_MLOT = {"alpha": 0.0715, "beta": 0.369, "gamma": 0.462, "ranking": "token", "student_temperature": 0.682,
+              "teacher_temperature": 0.869, "top_k": 8}
+
+#: The vocabulary projection (``mlot.identity.projection_kl``, weight 3: the best of 1 and 3 in a 2-seed pilot on
+#: seeds 0-1, so the table runs on seeds 2-11), alone and with the aligned chunks: the headline arms of issue 25,
+#: next to SFT, the tuned MultiLevelOT, the chunks alone and the ceiling.
+PROJECTION = IdentityConfig(projection_weight=3.0)
+PROJECTION_ARMS: dict[str, Arm] = {
+    "MultiLevelOT (tuned)": Arm("multilevel_ot", params=TUNED_MLOT, teachers=("sp",)),
+    "vocabulary projection": Arm(teachers=("sp",), identity=PROJECTION),
+    "aligned chunks + projection": Arm(teachers=("sp",), identity=replace(PROJECTION, chunk_weight=1.0)),
+}
+
+
 @dataclass(frozen=True)
 class Budget:
+    task: str = "text"  # a variant of workers.data.known_truth.TASKS
     steps: int = 200
     batch_size: int = 32
     lr: float = 3e-3
@@ -145,16 +162,16 @@ def tiny_model(tokenizer: Any, seed: int) -> Any:
     return build_model(None, TINY, "float32", False, tokenizer, who="model")
 
 
-def held_out_truth() -> tuple[list[str], np.ndarray]:
-    task = KnownTruth(seed=0)
-    prompts = task.prompts["test"]
-    return [p.text for p in prompts], np.stack([task.truth(p) for p in prompts])
+def held_out_truth(task: str) -> tuple[list[str], np.ndarray]:
+    truth = KnownTruth(seed=0, task=task)
+    prompts = truth.prompts["test"]
+    return [p.text for p in prompts], np.stack([truth.truth(p) for p in prompts])
 
 
-def held_out(model: Any, tokenizer: Any) -> dict[str, float]:
+def held_out(model: Any, tokenizer: Any, task: str) -> dict[str, float]:
     """Truth metrics of ``model`` on the test prompts (held-out (creature, place, season) triples)."""
-    prompts, p_star = held_out_truth()
-    log_q = answer_log_probs(model, tokenizer, TEMPLATE, prompts, ANSWERS, MAX_PROMPT, batch_size=256)
+    prompts, p_star = held_out_truth(task)
+    log_q = answer_log_probs(model, tokenizer, TEMPLATE, prompts, TASKS[task][0], MAX_PROMPT, batch_size=256)
     return truth_metrics(log_q, p_star)
 
 
@@ -195,7 +212,7 @@ def fit(model: Any, tokenizer: Any, rows: list[dict[str, Any]], budget: Budget, 
         sched.step()
         last = (last + [{"loss": loss.item(), **{k: float(v) for k, v in parts.items()}}])[-10:]
         if curve and (step % every == 0 or step == steps):
-            points.append({"step": step, **held_out(model, tokenizer)})
+            points.append({"step": step, **held_out(model, tokenizer, budget.task)})
     return {"curve": points, "final_terms": {k: float(np.mean([p[k] for p in last])) for k in last[-1]}}
 
 
@@ -211,23 +228,26 @@ def train_teacher(out: str, name: str, budget: Budget) -> dict[str, float]:
     done = folder / "known_truth.json"
     steps = max(1, round(budget.teacher_steps * share)) if share else 0
     recipe = {"tokenizer": spec, "steps": steps, "batch_size": budget.teacher_batch_size, "lr": budget.lr,
-              "config": TINY}
+              "config": TINY, **({"task": budget.task} if budget.task != "text" else {})}
     if done.exists() and json.loads(done.read_text())["recipe"] == recipe:
         return json.loads(done.read_text())["held_out"]
     t0 = time.time()
     tok = load_tokenizer(spec)
     model = tiny_model(tok, seed=1000)
     if steps:
-        fit(model, tok, builtin_rows("teacher"), budget, seed=1000, steps=steps, batch_size=budget.teacher_batch_size)
+        fit(model, tok, builtin_rows("teacher", budget.task), budget, seed=1000, steps=steps,
+            batch_size=budget.teacher_batch_size)
     model.eval()
     model.save_pretrained(folder)
-    metrics = {**held_out(model, tok), "steps": steps, "train_s": time.time() - t0}
+    metrics = {**held_out(model, tok, budget.task), "steps": steps, "train_s": time.time() - t0}
     done.write_text(json.dumps({"recipe": recipe, "held_out": metrics}))
     return metrics
 
 
-def train_teachers(pool: ProcessPoolExecutor, out: Path, budget: Budget) -> dict[str, dict[str, float]]:
-    futures = {name: pool.submit(train_teacher, str(out), name, budget) for name in TEACHERS}
+def train_teachers(pool: ProcessPoolExecutor, out: Path, budget: Budget, names: set[str]
+                   ) -> dict[str, dict[str, float]]:
+    """The teachers ``names`` (those the arms use, and SentencePiece, the ceiling's tokenizer), side by side."""
+    futures = {name: pool.submit(train_teacher, str(out), name, budget) for name in TEACHERS if name in names}
     report = {name: f.result() for name, f in futures.items()}
     for name, metrics in report.items():
         print(f"teacher {name} ({TEACHERS[name][0]}): held-out {fmt_metrics(metrics)}", flush=True)
@@ -264,15 +284,15 @@ def usable(row: dict[str, Any], tokenizer: Any) -> bool:
         return False
 
 
-def student_rows(seed: int) -> list[dict[str, Any]]:
+def student_rows(seed: int, task: str) -> list[dict[str, Any]]:
     """The labels of a seed: 3 answers per training prompt drawn from p* (the same for every arm)."""
-    return KnownTruth(seed=0).rows("train", LABELS_PER_PROMPT, seed=10_000 + seed)
+    return KnownTruth(seed=0, task=task).rows("train", LABELS_PER_PROMPT, seed=10_000 + seed)
 
 
-def arm_rows(out: str, name: str, arm: Arm, seed: int, tok: Any) -> tuple[list[dict[str, Any]], int]:
+def arm_rows(out: str, name: str, arm: Arm, seed: int, tok: Any, task: str) -> tuple[list[dict[str, Any]], int]:
     """The rows the student does CE on (the seed's labels, or the first teacher's answers to the same prompts)
     and how many generated answers were unusable."""
-    rows = student_rows(seed)
+    rows = student_rows(seed, task)
     if arm.targets == "labels":
         return rows, 0
     draws = teacher_answers(Path(out), arm.teachers[0], [r["prompt"] for r in rows], arm.targets, seed)
@@ -313,7 +333,7 @@ class ArmLoss:
         self.teachers = [TeacherSide(out, t, rows) for t in arm.teachers] if uses_teacher else []
         # A method without a payload of its own (SFT + identity terms): the identity payload rides on a default one.
         self.payload_cfg = method.payload_config(arm.mode, arm.params) if method.needs_teacher else mlot.make_config()
-        self.vmaps = {"t0": vocab_map(self.teachers[0].tok, tok)} if arm.identity.shared else {}
+        self.vmaps = {"t0": vocab_map(self.teachers[0].tok, tok)} if arm.identity.needs_distribution else {}
 
     def __call__(self, logits: torch.Tensor, labels: torch.Tensor, idx: list[int],
                  answers: list[Any] | None = None) -> tuple[torch.Tensor, dict]:
@@ -322,9 +342,11 @@ class ArmLoss:
             t_logits, t_labels = teacher.logits(idx, answers)
             payload = mlot.compress_teacher(t_logits, t_labels, config=self.payload_cfg)
             if self.arm.identity.on:
-                payload.identity = compress_identity(t_logits, t_labels,
-                                                     answer_bounds(teacher.tok, answers_of(t_labels.tolist())),
-                                                     self.vmaps.get("t0"), top_k=self.arm.identity.shared_top_k)
+                ident = self.arm.identity
+                payload.identity = compress_identity(
+                    t_logits, t_labels, answer_bounds(teacher.tok, answers_of(t_labels.tolist())), self.vmaps.get("t0"),
+                    top_k=ident.shared_top_k, shared=ident.shared,
+                    projection_top_k=ident.projection_top_k if ident.projection else 0)
                 payload.identity.student_bounds = answer_bounds(self.tok, answers_of(labels.tolist()))
             if self.arm.mix in PER_SAMPLE_MIXES:
                 texts = [a.text for a in answers] if answers else [self.rows[i]["answer"] for i in idx]
@@ -337,7 +359,7 @@ def run_arm(out: str, name: str, arm: Arm, seed: int, budget: Budget) -> dict[st
     torch.set_num_threads(1)  # the study runs one arm per core
     t0 = time.time()
     tok = load_tokenizer(arm.tokenizer)
-    rows, unusable = arm_rows(out, name, arm, seed, tok)
+    rows, unusable = arm_rows(out, name, arm, seed, tok, budget.task)
     loss_fn = ArmLoss(out, arm, rows, tok)
     model = tiny_model(tok, seed)
     result = fit(model, tok, rows, budget, seed, budget.steps, budget.batch_size, loss_fn, curve=True,
@@ -410,6 +432,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="runs/known_truth")
     ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed + seeds - 1")
     ap.add_argument("--steps", type=int, default=Budget.steps)
     ap.add_argument("--teacher-steps", type=int, default=Budget.teacher_steps)
     ap.add_argument("--tune-samples", type=int, default=6, help="mlot tune trials (0: no sweep)")
@@ -417,31 +440,35 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--arms", nargs="*", help="these arms, of any group (default: every arm of ARMS)")
     ap.add_argument("--identity", action="store_true", help="add the identity-aware arms (mlot.identity)")
     ap.add_argument("--policy", action="store_true", help="add the on-policy and teacher-mixing arms")
+    ap.add_argument("--projection", action="store_true", help="add the vocabulary-projection arms")
+    ap.add_argument("--task", choices=list(TASKS), default="text",
+                    help="the task variant: text answers, or numbers that SentencePiece splits into digits")
     ap.add_argument("--tracking-uri", help="MLflow URI (default: sqlite:///<cwd>/mlflow.db, as the product)")
     ap.add_argument("--quick", action="store_true", help="smoke run: 1 seed, 12 steps, teachers 50 steps, no sweep")
     args = ap.parse_args(argv)
-    budget = Budget(steps=args.steps, teacher_steps=args.teacher_steps)
+    budget = Budget(task=args.task, steps=args.steps, teacher_steps=args.teacher_steps)
     if args.quick:
         args.seeds, args.tune_samples = 1, 0
         budget = replace(budget, steps=12, teacher_steps=50, curve_points=1)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     uri = args.tracking_uri or f"sqlite:///{Path.cwd() / 'mlflow.db'}"  # the product's default
-    named = {**ARMS, **IDENTITY_ARMS, **POLICY_ARMS}
+    named = {**ARMS, **IDENTITY_ARMS, **POLICY_ARMS, **PROJECTION_ARMS}
     unknown = set(args.arms or ()) - set(named)
     if unknown:
         ap.error(f"unknown arm(s) {sorted(unknown)}; known: {list(named)}")
     arms = {k: v for k, v in named.items() if k in (args.arms or ARMS)}
     arms.update(IDENTITY_ARMS if args.identity else {})
     arms.update(POLICY_ARMS if args.policy else {})
+    arms.update(PROJECTION_ARMS if args.projection else {})
     t0 = time.time()
-    seeds, tuned = list(range(args.seeds)), None
+    seeds, tuned = list(range(args.first_seed, args.first_seed + args.seeds)), None
     with ProcessPoolExecutor(max_workers=args.jobs, mp_context=get_context("spawn")) as pool:
-        teachers = train_teachers(pool, out, budget)
+        teachers = train_teachers(pool, out, budget, {"sp", *(t for arm in arms.values() for t in arm.teachers)})
         results = run_all(pool, out, arms, seeds, budget)
         if args.tune_samples:
             arm, sweep = run_tune(out, budget, args.tune_samples, uri)
-            fresh = list(range(args.seeds, 2 * args.seeds))
+            fresh = list(range(seeds[-1] + 1, seeds[-1] + 1 + args.seeds))
             fresh_arms = {"SFT": ARMS["SFT"], "ULD": ARMS["ULD"], "MultiLevelOT (tuned)": arm}
             tuned = {"sweep": sweep, "arm": asdict(arm), "results": run_all(pool, out, fresh_arms, fresh, budget)}
     report(out, {"budget": asdict(budget), "seeds": seeds, "teachers": teachers, "results": results,

@@ -65,10 +65,20 @@ def gap_closed(arms: dict[str, dict[int, dict[str, Any]]], name: str) -> list[fl
     return out or None
 
 
+def mean_interval(values: list[float]) -> str:
+    """Mean and its two-sided 95% t interval over seeds (the seeds' spread, ``mean ± t·sd/√n``)."""
+    from scipy import stats
+
+    if len(values) < 2:
+        return f"{statistics.mean(values):.2f}"
+    lo, hi = stats.t.interval(0.95, len(values) - 1, statistics.mean(values), stats.sem(values))
+    return f"{statistics.mean(values):.2f} [{lo:.2f}, {hi:.2f}]"
+
+
 def table(results: list[dict[str, Any]], teachers: dict[str, dict[str, float]] | None = None) -> str:
     """Markdown: one row per arm (mean ± std over seeds), paired differences in KL against SFT and ULD."""
     arms = by_arm(results)
-    head = ["arm", "seeds", "held-out KL", "NLL / answer", "top-1", "ECE", "gap closed",
+    head = ["arm", "seeds", "held-out KL", "NLL / answer", "top-1", "ECE", "gap closed [95% CI]",
             "ΔKL vs SFT (p)", "ΔKL vs ULD (p)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, teacher in (teachers or {}).items():
@@ -78,7 +88,7 @@ def table(results: list[dict[str, Any]], teachers: dict[str, dict[str, float]] |
         finals = [r["final"] for r in per_seed.values()]
         gap = gap_closed(arms, name)
         cells = [name, str(len(finals)), *(mean_std([f[k] for f in finals]) for k in METRICS),
-                 mean_std(gap) if gap and name not in (SFT, CEILING) else "—"]
+                 mean_interval(gap) if gap and name not in (SFT, CEILING) else "—"]
         for other in (SFT, ULD):
             d = paired(arms, name, other)
             cells.append(f"{d['mean']:+.4f} ± {d['std']:.4f} (p={d['p']:.3g})" if d else "—")

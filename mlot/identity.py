@@ -1,28 +1,31 @@
 """Identity-aware cross-tokenizer terms: carry *which* continuation the teacher prefers, not only its shape.
 
 MultiLevelOT and ULD compare sorted probabilities: the loss is the same whichever token carries the mass.
-The two terms here compare teacher and student where they speak about the same text:
+The terms here compare teacher and student where they speak about the same text:
 
 * :func:`shared_vocab_kl` (exact match, TRL GOLD's hybrid idea): at *aligned* positions (both models start a
   token at the same character of the answer), KL between the two distributions restricted to the tokens
-  whose normalised strings exist in both vocabularies (:func:`vocab_map`), each renormalised over that
+  whose normalised strings exist in both vocabularies (:func:`mlot.vocab.vocab_map`), each renormalised over that
   shared set.
 * :func:`chunk_likelihood` (aligned chunks, as in ALM): the answer is cut at the characters that are token
   boundaries in both tokenizations; per chunk each model's log-probability of it (the sum over its own
   tokens) is compared by the binary KL between Bernoulli(p_teacher) and Bernoulli(p_student). A chunk is an
   event both models assign a probability to, so the pair (p, 1 − p) is a distribution on either side;
   unlike |Δ log p| it weighs a chunk by its mass: two tiny probabilities are close, whatever their ratio.
+* :func:`projection_kl` (after X-Token's P-KL): at aligned positions, the student's distribution pushed onto
+  the teacher's classes through the projection of :mod:`mlot.vocab` (each student token to the teacher token
+  that spells its beginning), and KL(teacher || pushed student) over the teacher's top classes + the rest.
 
 Character coordinates: :func:`char_bounds` gives, per answer token, the count of non-space characters
 decoded before it (so "▁black|berries" and "black|##berries" agree); a special token (EOS) takes one
-virtual character at the end. Both terms read only [B, T] tensors of these bounds: no Python loop per token.
+virtual character at the end. The terms read only [B, T] tensors of these bounds: no Python loop per token.
 
 Payload discipline: the teacher side (:func:`compress_identity`) keeps per answer position its top-k shared
-classes with their probabilities, its log-probability of the gold token and its bounds: k + 3 numbers per
-token, never the vocabulary (2 without the exact-match term).
+classes with their probabilities, its top-k_p projection classes with theirs, its log-probability of the gold
+token and its bounds: 2k + 2k_p + 2 numbers per token, never the vocabulary (2 with the chunk term alone).
 
-In training both are optional terms of the OT-family methods, weighted by :class:`IdentityConfig`
-(``loss.params.shared_weight`` / ``chunk_weight``) and computed by :func:`identity_terms`.
+In training they are optional terms of the OT-family methods, weighted by :class:`IdentityConfig`
+(``loss.params.shared_weight`` / ``chunk_weight`` / ``projection_weight``) and computed by :func:`identity_terms`.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from torch import Tensor
 from .result import DistillResult
 from .rows import AnswerRows, answer_rows
 from .spans import answer_spans, compute_dtype, gather_rows, row_index
+from .vocab import VocabMap
 
 # ---------------------------------------------------------------------------- settings
 
@@ -47,117 +51,46 @@ class IdentityConfig:
     Attributes:
         shared_weight: weight of :func:`shared_vocab_kl` (needs the teacher's shared-class payload).
         chunk_weight: weight of :func:`chunk_likelihood` (needs only gold log-probabilities and bounds).
+        projection_weight: weight of :func:`projection_kl` (needs the teacher's projected-class payload).
         shared_top_k: shared classes the teacher keeps per answer position (None: all, exact).
+        projection_top_k: projection classes the teacher keeps per answer position (the rest is one event).
     """
 
     shared_weight: float = 0.0
     chunk_weight: float = 0.0
+    projection_weight: float = 0.0
     shared_top_k: int | None = 20
+    projection_top_k: int = 20
 
     def __post_init__(self) -> None:
-        for name in ("shared_weight", "chunk_weight"):
+        for name in ("shared_weight", "chunk_weight", "projection_weight"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
                 raise ValueError(f"{name} must be a number >= 0, got {value!r}")
-        k = self.shared_top_k
-        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
-            raise ValueError(f"shared_top_k must be a positive integer or None (all classes), got {k!r}")
+        for name, k, none in (("shared_top_k", self.shared_top_k, " or None (all classes)"),
+                              ("projection_top_k", self.projection_top_k, "")):
+            if (k is not None or not none) and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+                raise ValueError(f"{name} must be a positive integer{none}, got {k!r}")
 
     @property
     def on(self) -> bool:
-        return self.shared_weight > 0 or self.chunk_weight > 0
+        return self.shared_weight > 0 or self.chunk_weight > 0 or self.projection_weight > 0
 
     @property
     def shared(self) -> bool:
         return self.shared_weight > 0
 
+    @property
+    def projection(self) -> bool:
+        return self.projection_weight > 0
+
+    @property
+    def needs_distribution(self) -> bool:
+        """Does the teacher side need its whole distribution (not only gold log-probabilities)?"""
+        return self.shared or self.projection
+
 
 IDENTITY_FIELDS = tuple(f.name for f in fields(IdentityConfig))
-
-
-# ---------------------------------------------------------------------------- the vocabulary map
-
-
-@dataclass(frozen=True)
-class VocabMap:
-    """Tokens of two vocabularies grouped into shared classes (equal normalised strings).
-
-    Attributes:
-        teacher_class: [V_t] long, the class of each teacher token, -1 where its string has no match.
-        student_members: [C, m] long, the student ids of each class (-1 padded; m is 1 unless the student
-            has several spellings of one normalised string, e.g. cased ones).
-        student_shared: [V_s] bool, the student tokens in some class.
-        coverage: what share of each vocabulary is mapped, and the number of classes.
-    """
-
-    teacher_class: Tensor
-    student_members: Tensor
-    student_shared: Tensor
-    coverage: dict[str, float]
-
-
-def token_key(token: str, wordpiece: bool, lower: bool) -> tuple[bool, str] | None:
-    """(starts a word, text) of a vocabulary entry: ``▁x`` / ``Ġx`` (SentencePiece, byte-level BPE) and a
-    WordPiece ``x`` start a word, ``##x`` and a bare piece continue one. None for byte-fallback entries."""
-    if token.startswith("<0x") and token.endswith(">"):
-        return None
-    if token.startswith("##"):
-        start, text = False, token[2:]
-    elif token[:1] in ("▁", "Ġ"):
-        start, text = True, token[1:]
-    else:
-        start, text = wordpiece, token
-    if not text:
-        return None
-    return start, text.lower() if lower else text
-
-
-def _keys(tokenizer: Any, vocab: dict[str, int], lower: bool) -> dict[int, tuple[bool, str] | None]:
-    wordpiece = sum(t.startswith("##") for t in vocab) > 0.05 * len(vocab)  # a few "##" tokens exist anywhere
-    special = set(tokenizer.all_special_ids)
-    return {i: None if i in special else token_key(t, wordpiece, lower) for t, i in vocab.items()}
-
-
-def vocab_map(teacher_tokenizer: Any, student_tokenizer: Any) -> VocabMap:
-    """Classes of tokens with equal normalised strings in both vocabularies (case-folded when either side is
-    uncased); the two EOS tokens form a class. Identical vocabularies map every id to itself."""
-    t_vocab, s_vocab = teacher_tokenizer.get_vocab(), student_tokenizer.get_vocab()
-    v_t, v_s = _size(t_vocab), _size(s_vocab)
-    if t_vocab == s_vocab:
-        classes = torch.arange(v_t)
-        return VocabMap(classes, classes[:, None], torch.ones(v_s, dtype=torch.bool),
-                        {"teacher": 1.0, "student": 1.0, "classes": float(v_t)})
-    lower = _uncased(teacher_tokenizer, t_vocab) or _uncased(student_tokenizer, s_vocab)
-    t_keys, s_keys = _keys(teacher_tokenizer, t_vocab, lower), _keys(student_tokenizer, s_vocab, lower)
-    t_keys[teacher_tokenizer.eos_token_id] = s_keys[student_tokenizer.eos_token_id] = (True, "</eos>")
-    by_key: dict[tuple[bool, str], list[int]] = {}
-    for i, key in s_keys.items():
-        if key is not None:
-            by_key.setdefault(key, []).append(i)
-    shared = sorted({k for k in t_keys.values() if k is not None} & set(by_key))
-    index = {k: c for c, k in enumerate(shared)}
-    teacher_class = torch.full((v_t,), -1, dtype=torch.long)
-    for i, key in t_keys.items():
-        if key in index:
-            teacher_class[i] = index[key]
-    width = max((len(by_key[k]) for k in shared), default=1)
-    members = torch.full((max(len(shared), 1), width), -1, dtype=torch.long)
-    for c, k in enumerate(shared):
-        members[c, :len(by_key[k])] = torch.tensor(by_key[k])
-    student_shared = torch.zeros(v_s, dtype=torch.bool)
-    student_shared[members[members >= 0]] = True
-    coverage = {"teacher": float((teacher_class >= 0).float().mean()), "student": float(student_shared.float().mean()),
-                "classes": float(len(shared))}
-    return VocabMap(teacher_class, members, student_shared, coverage)
-
-
-def _size(vocab: dict[str, int]) -> int:
-    return max(vocab.values()) + 1
-
-
-def _uncased(tokenizer: Any, vocab: dict[str, int]) -> bool:
-    return bool(getattr(tokenizer, "do_lower_case", False)) or not any(
-        t != t.lower() for t in list(vocab)[:20000] if t.isalpha())
 
 
 # ---------------------------------------------------------------------------- character coordinates
@@ -209,6 +142,10 @@ class IdentityPayload:
         lengths: [B] long, answer tokens per sample.
         student_bounds: [B, T_s + 1] int32 or None: the student's bounds of the same answers, when the
             teacher side computes them (in training it does, so the student decodes nothing on its step).
+        targets: [B, T, k_p] int32 or None: the k_p most probable projection classes per answer position
+            (``VocabMap.teacher_target``; -1: none), for :func:`projection_kl`.
+        target_probs: [B, T, k_p] their probabilities (not renormalised: the rest is one more event).
+        gold_target: [B, T] int32 or None: the projection class of each gold answer token (-1: none).
     """
 
     classes: Tensor
@@ -217,6 +154,9 @@ class IdentityPayload:
     bounds: Tensor
     lengths: Tensor
     student_bounds: Tensor | None = None
+    targets: Tensor | None = None
+    target_probs: Tensor | None = None
+    gold_target: Tensor | None = None
 
     def tensors(self) -> dict[str, Tensor]:
         """Its tensors by field name (student_bounds only when set)."""
@@ -229,32 +169,52 @@ class IdentityPayload:
 
 @torch.no_grad()
 def compress_identity(teacher_logits: Tensor, teacher_labels: Tensor, bounds: Tensor, vmap: VocabMap | None,
-                      top_k: int | None = 20, temperature: float = 1.0) -> IdentityPayload:
-    """The teacher's payload for both terms.
+                      top_k: int | None = 20, temperature: float = 1.0, projection_top_k: int = 0,
+                      shared: bool = True) -> IdentityPayload:
+    """The teacher's payload for the identity terms.
 
     Args:
         teacher_logits: [B, L_t, V_t]; teacher_labels: [B, L_t] (-100 outside the answer).
         bounds: [B, >= T + 1] its answer tokens' character bounds (:func:`pad_bounds`).
-        vmap: the (teacher, student) :func:`vocab_map`; None keeps no shared classes (k = 0: chunks only).
-        top_k: shared classes kept per position (None: all of them, exact).
+        vmap: the (teacher, student) :func:`mlot.vocab.vocab_map`; None keeps no classes (chunks only).
+        top_k: shared classes kept per position (None: all of them, exact); ``shared`` False keeps none.
+        projection_top_k: projection classes kept per position (0: none, the projection term is off).
     """
     logp, mask, gold, length = _answer_rows(teacher_logits, teacher_labels, "teacher_labels", temperature)
     token_logp = _gold(logp, mask, gold)
     bounds = bounds[:, :logp.shape[1] + 1].to(logp.device)
-    if vmap is None:
-        none = torch.empty(*logp.shape[:2], 0, device=logp.device)
-        return IdentityPayload(none.int(), none.to(logp.dtype), token_logp, bounds, length)
-    cls = vmap.teacher_class.to(logp.device)
-    n = int(vmap.student_members.shape[0])
+    none = torch.empty(*logp.shape[:2], 0, device=logp.device)
+    classes, probs = none.int(), none.to(logp.dtype)
+    if vmap is not None and shared:
+        mass = _class_mass(logp, vmap.teacher_class, int(vmap.student_members.shape[0]))
+        mass = mass / mass.sum(-1, keepdim=True).clamp(min=torch.finfo(mass.dtype).tiny)
+        probs, classes = _top(mass, top_k, mask, renormalise=True)
+    out = IdentityPayload(classes, probs, token_logp, bounds, length)
+    if projection_top_k:
+        if vmap is None or vmap.teacher_target is None:
+            raise ValueError("projection_top_k > 0 needs a vocabulary map with the projection (mlot.vocab.vocab_map)")
+        mass = _class_mass(logp, vmap.teacher_target, int(vmap.target_members.shape[0]))
+        out.target_probs, out.targets = _top(mass, projection_top_k, mask, renormalise=False)
+        out.gold_target = vmap.teacher_target.to(gold.device)[gold].masked_fill(~mask, -1).int()
+    return out
+
+
+def _class_mass(logp: Tensor, cls: Tensor, n: int) -> Tensor:
+    """[B, T, n] the probability of each class: ``exp(logp)`` [B, T, V] summed by ``cls`` [V] (-1: no class)."""
+    cls = cls.to(logp.device)
     mass = torch.zeros(*logp.shape[:2], n + 1, dtype=logp.dtype, device=logp.device)
     mass.scatter_add_(-1, torch.where(cls >= 0, cls, n).expand_as(logp), logp.exp())
-    shared = mass[..., :n]
-    shared = shared / shared.sum(-1, keepdim=True).clamp(min=torch.finfo(shared.dtype).tiny)
-    k = n if top_k is None else min(top_k, n)
-    probs, classes = shared.topk(k, dim=-1)
-    probs = probs / probs.sum(-1, keepdim=True).clamp(min=torch.finfo(probs.dtype).tiny)
-    return IdentityPayload(classes.masked_fill(~mask[..., None], -1).int(), probs.masked_fill(~mask[..., None], 0.0),
-                           token_logp, bounds, length)
+    return mass[..., :n]
+
+
+def _top(mass: Tensor, k: int | None, mask: Tensor, renormalise: bool) -> tuple[Tensor, Tensor]:
+    """The k largest of ``mass`` [B, T, n] per position (all when k is None): probabilities and int32 classes,
+    0 and -1 outside the answers."""
+    n = mass.shape[-1]
+    probs, classes = mass.topk(n if k is None else min(k, n), dim=-1)
+    if renormalise:
+        probs = probs / probs.sum(-1, keepdim=True).clamp(min=torch.finfo(probs.dtype).tiny)
+    return probs.masked_fill(~mask[..., None], 0.0), classes.masked_fill(~mask[..., None], -1).int()
 
 
 # ---------------------------------------------------------------------------- the student's terms
@@ -375,25 +335,98 @@ def _binary_kl(log_p: Tensor, log_q: Tensor) -> Tensor:
     return log_p.exp() * (log_p - log_q) + (-torch.expm1(log_p)) * (log1m_p - log1m_q)
 
 
+def _last_teacher_at(match: Tensor) -> Tensor:
+    """[B, T_s] for each student token, the last teacher token starting at its character (a bare space piece
+    starts where the next token does: the one after it is the teacher's real choice there), -1 when none."""
+    pos = torch.arange(match.shape[1], device=match.device)[None, :, None]
+    return torch.where(match, pos, -1).amax(1)
+
+
+def projection_kl(student_logits: Tensor, student_labels: Tensor, student_bounds: Tensor,
+                  payload: IdentityPayload, vmap: VocabMap, alpha: float = 1.0) -> DistillResult:
+    """KL(teacher || student pushed forward onto the teacher's classes) at aligned answer positions.
+
+    At each student answer token i that starts at a character where a teacher token j starts, the student's
+    distribution is pushed through the projection ``f`` (:mod:`mlot.vocab`: each student token to the teacher
+    class that spells its beginning), Q_c = sum_{s: f(s) = c} q_i(s), and compared with the teacher's p_j on
+    its k kept classes plus one event for everything else (a coarsening, so it is a lower bound of the KL
+    over all classes and exact when the kept classes carry all the mass):
+
+        KL_i = sum_c p_c log(p_c / Q_c) + p_rest log(p_rest / Q_rest),   p_rest = 1 - sum_c p_c, Q_rest likewise.
+
+    ``f`` ignores context; at aligned gold tokens the context is known, so the student's gold token is sent to
+    the class of the teacher's gold token there (the teacher writes " kernels" as "▁k|ern|els": the student's
+    "kernel" begins with "▁k" here, though ``f`` sends it to "▁kernel").
+
+    Args:
+        student_logits: [B, L_s, V_s]; student_labels: [B, L_s]; student_bounds: [B, >= T_s + 1].
+        payload: :func:`compress_identity` with ``projection_top_k`` > 0, of the same B answers.
+    Returns ``distill`` = mean over samples of the mean over aligned student positions (none: 0); terms
+    ``projection_kl`` [B] and ``projected`` [B] (aligned positions per sample).
+    """
+    if payload.targets is None:
+        raise ValueError("the identity payload has no projection classes: compress it with projection_top_k > 0")
+    rows, index, _, s_len = _student_rows(student_logits, student_labels)
+    device, dtype = index.device, rows.dtype
+    s_bounds = student_bounds[:, :index.shape[1] + 1].to(device).long()
+    match = _starts_match(payload.bounds.to(device).long(), payload.lengths.to(device), s_bounds, s_len)
+    at = _last_teacher_at(match)                                                        # [B, T_s]
+    has = at >= 0
+    k = payload.targets.shape[-1]
+    pick = lambda t, n: t.to(device).gather(1, at.clamp(min=0)[..., None].expand(-1, -1, n))  # noqa: E731
+    classes, p = pick(payload.targets, k).long(), pick(payload.target_probs, k).to(dtype)   # [B, T_s, k]
+    members = _members_in_context(vmap.target_members.to(device)[classes.clamp(min=0)], classes,
+                                  rows.at(index, has, rows.gold), pick(payload.gold_target[..., None], 1).long())
+    empty = (classes < 0) | (members < 0).all(-1)                                      # [B, T_s, k]
+    p = p.masked_fill(empty, 0.0)
+    logq = rows.log_softmax_at(index, has, members.clamp(min=0).flatten(2))[0].view(members.shape)
+    logq = logq.masked_fill(members < 0, float("-inf"))
+    logq[..., 0] = logq[..., 0].masked_fill(empty, 0.0)  # a finite stand-in (its p is 0): no NaN gradient
+    log_big_q = logq.logsumexp(-1).masked_fill(empty, 0.0)                              # [B, T_s, k]
+    tiny = torch.finfo(dtype).tiny
+    p_rest = (1 - p.sum(-1)).clamp(min=0)
+    q_rest = (1 - (log_big_q.exp() * ~empty).sum(-1)).clamp(min=tiny)
+    kl = torch.where(p > 0, p * (p.clamp(min=tiny).log() - log_big_q), 0.0).sum(-1)
+    kl = kl + torch.where(p_rest > 0, p_rest * (p_rest.clamp(min=tiny).log() - q_rest.log()), 0.0)
+    count = has.sum(1)
+    per_sample = (kl * has).sum(1) / count.clamp(min=1)
+    return DistillResult(per_sample.mean(), alpha, per_sample, {"projection_kl": per_sample,
+                                                                "projected": count.to(dtype)})
+
+
+def _members_in_context(members: Tensor, classes: Tensor, s_gold: Tensor, t_gold: Tensor) -> Tensor:
+    """[B, T_s, k, m + 1] the student ids summed into each kept class: ``members`` [B, T_s, k, m] of the static
+    map, with the student's gold token ``s_gold`` [B, T_s] moved into the teacher's gold class ``t_gold``
+    [B, T_s, 1] (out of every other class; into none when that class is not kept: it is then in the rest)."""
+    is_gold = members == s_gold[..., None, None]
+    home = classes == t_gold                                                            # [B, T_s, k]
+    members = members.masked_fill(is_gold & ~home[..., None], -1)
+    extra = torch.where(home & ~is_gold.any(-1), s_gold[..., None], -1)
+    return torch.cat([members, extra[..., None]], -1)
+
+
 # ---------------------------------------------------------------------------- both, as a method's extra terms
 
 
 def identity_terms(student_logits: Tensor, student_labels: Tensor, payload: IdentityPayload, vmap: VocabMap | None,
                    config: IdentityConfig) -> DistillResult:
-    """``shared_weight * shared_vocab_kl + chunk_weight * chunk_likelihood`` on one teacher's payload.
+    """``shared_weight * shared_vocab_kl + chunk_weight * chunk_likelihood + projection_weight * projection_kl``
+    on one teacher's payload.
 
     Args:
         payload: with ``student_bounds`` set (the teacher side computes them in training).
-        vmap: needed when ``shared_weight > 0``.
-    Returns ``distill`` = the weighted sum (``alpha`` 1) and the unweighted terms ``shared_kl`` / ``aligned``
-    and ``chunk_kl`` / ``chunks`` [B] of the terms that are on.
+        vmap: needed when ``shared_weight`` or ``projection_weight`` > 0.
+    Returns ``distill`` = the weighted sum (``alpha`` 1) and the unweighted terms ``shared_kl`` / ``aligned``,
+    ``chunk_kl`` / ``chunks`` and ``projection_kl`` / ``projected`` [B] of the terms that are on.
     """
     if not config.on:
-        raise ValueError("no identity term is on (shared_weight and chunk_weight are 0)")
+        raise ValueError("no identity term is on (shared_weight, chunk_weight and projection_weight are 0)")
     if payload.student_bounds is None:
         raise ValueError("the identity payload has no student_bounds: compute them next to the teacher")
     if config.shared and (vmap is None or payload.classes.shape[-1] == 0):
         raise ValueError("shared_weight > 0 needs the vocabulary map and a payload with shared classes")
+    if config.projection and (vmap is None or vmap.target_members is None or payload.targets is None):
+        raise ValueError("projection_weight > 0 needs the vocabulary map and a payload with projection classes")
     parts, terms = [], {}
     if config.shared:
         r = shared_vocab_kl(student_logits, student_labels, payload.student_bounds, payload, vmap)
@@ -403,5 +436,9 @@ def identity_terms(student_logits: Tensor, student_labels: Tensor, payload: Iden
         r = chunk_likelihood(student_logits, student_labels, payload.student_bounds, payload)
         parts.append(config.chunk_weight * r.per_sample)
         terms.update({k: r.terms[k] for k in ("chunk_kl", "chunks")})
+    if config.projection:
+        r = projection_kl(student_logits, student_labels, payload.student_bounds, payload, vmap)
+        parts.append(config.projection_weight * r.per_sample)
+        terms.update(r.terms)
     per_sample = torch.stack(parts).sum(0)
     return DistillResult(per_sample.mean(), 1.0, per_sample, terms)

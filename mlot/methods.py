@@ -50,12 +50,14 @@ class Method:
         needs_teacher: False for methods that train on the labels alone (sft).
         same_vocabulary: True for methods that pair teacher and student columns by id (kl): every
             teacher must then use the student's tokenizer.
-        defaults: parameter values used when the job does not set them (documented with the method).
+        defaults: parameter values used when the job does not set them (documented with the method), the
+            identity terms' among them.
         modes: the ``loss.mode`` values it supports.
         distributed: False for methods that need full teacher logits and both tokenizers in one
             process (no compact payload exists for them).
         identity: True for methods that take the identity-aware terms (``mlot.identity``) next to their
-            own: ``shared_weight``, ``chunk_weight`` and ``shared_top_k`` are then parameters too.
+            own: ``shared_weight``, ``chunk_weight``, ``projection_weight`` and their ``*_top_k`` are then
+            parameters too.
     """
 
     name: str
@@ -76,11 +78,12 @@ class Method:
 
     def resolved(self, params: Mapping[str, Any]) -> dict[str, Any]:
         """The job's own-loss params (not the identity terms') over the method's defaults."""
-        return {**self.defaults, **{k: v for k, v in params.items() if k not in IDENTITY_FIELDS}}
+        return {k: v for k, v in {**self.defaults, **params}.items() if k not in IDENTITY_FIELDS}
 
     def identity_config(self, params: Mapping[str, Any]) -> IdentityConfig:
-        """The weights of the identity-aware terms in ``params`` (all off when it sets none)."""
-        return IdentityConfig(**{k: v for k, v in params.items() if k in IDENTITY_FIELDS})
+        """The weights of the identity-aware terms in ``params`` over the method's defaults (all off when
+        neither sets one)."""
+        return IdentityConfig(**{k: v for k, v in {**self.defaults, **params}.items() if k in IDENTITY_FIELDS})
 
     def problems(self, mode: str, params: Mapping[str, Any]) -> list[Problem]:
         """Everything wrong with (mode, params), each naming the parameter; [] when they are usable."""
@@ -174,4 +177,21 @@ register(Method(
     "kl", lambda s, sl, payload, mode, **p: kl_distill(s, sl, payload, **p), params=_KL_PARAMS, payload=_kl_payload,
     same_vocabulary=True))
 register(Method("sft", lambda s, sl, payload, mode: sft(s, sl), needs_teacher=False))
+
+#: ``aligned``'s defaults: the best cross-tokenizer combination of the known-truth study (docs/quality.md).
+ALIGNED_DEFAULTS = {"chunk_weight": 1.0, "projection_weight": 3.0}
+
+
+def _no_term(student_logits: Tensor, student_labels: Tensor, payload: TeacherPayload | None, mode: str
+             ) -> DistillResult:
+    """No term of its own: ``aligned`` is CE + the identity terms (``mlot.objective`` adds them)."""
+    zero = student_logits.new_zeros(())
+    return DistillResult(zero, 0.0, student_logits.new_zeros(student_logits.shape[0]), {})
+
+
+# The terms that pair teacher and student by the text they predict, without a sorted-distribution term: the
+# aligned-chunk likelihood and the vocabulary projection (mlot.identity). Its payload carries only what they
+# need: the base payload's smallest form (the teacher's top 1 per token) holds the identity payload.
+register(Method("aligned", _no_term, payload=lambda mode, p: make_config("paper", top_k=1, use_sd=False),
+                defaults=ALIGNED_DEFAULTS, identity=True))
 register(Method("mined", None, distributed=False))

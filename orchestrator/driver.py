@@ -67,6 +67,18 @@ def fingerprint(job: JobConfig) -> str:
 # ---------------------------------------------------------------------------- Ray, teachers, tracking
 
 
+def pretrain_data(job: JobConfig, teacher: Any, data: Any) -> Any:
+    """The prepared rows ``teacher`` pre-trains on: the job's (``data``), or its ``pretrain.split`` of the same
+    source, prepared (and cached) like the job's own."""
+    from workers.data.prepared import prepare
+
+    split = teacher.pretrain.split
+    if split is None or split == job.data.train_split:
+        return data
+    other = job.model_copy(update={"data": job.data.model_copy(update={"train_split": split, "eval_split": None})})
+    return prepare(other, job.data_cache, job.data.num_proc, say=say)
+
+
 def start_teachers(job: JobConfig, data: Any, cache: bool = False) -> dict[str, list[Any]]:
     """Start every teacher's replicas on its own resources; pretrain tiny teachers first (on ``data``'s training
     rows, a ``workers.data.prepared.DataRef``) if asked.
@@ -94,8 +106,8 @@ def start_teachers(job: JobConfig, data: Any, cache: bool = False) -> dict[str, 
             t0 = time.time()
             trainer = ray.remote(TeacherActor).options(**teacher_options(t)).remote(t, job.data, job.loss,
                                                                                     job.train.seed)
-            ray.get(trainer.pretrain.remote(data, t.pretrain.steps, t.pretrain.lr, t.pretrain.batch_size,
-                                            job.train.seed))
+            ray.get(trainer.pretrain.remote(pretrain_data(job, t, data), t.pretrain.steps, t.pretrain.lr,
+                                            t.pretrain.batch_size, job.train.seed))
             ray.get(trainer.save.remote(saved))
             ray.kill(trainer)
             say(f"teacher {t.name}: pretrained in {time.time() - t0:.0f}s, saved to {saved}")

@@ -12,8 +12,9 @@ from torch.utils._pytree import tree_leaves
 
 import mlot
 import mlot.softmax
-from mlot.identity import IdentityConfig, VocabMap, compress_identity, pad_bounds
+from mlot.identity import IdentityConfig, compress_identity, pad_bounds
 from mlot.rows import AnswerRows, sharing
+from mlot.vocab import VocabMap
 
 VS, VT = 300, 200
 S_LEN, T_LEN = [7, 3, 12], [5, 9, 11]
@@ -45,7 +46,9 @@ class DenseRows(AnswerRows):
 
 
 def _vocab_map(seed: int, vs: int) -> VocabMap:
-    """A random teacher -> student class map: 40 classes of 1-3 student spellings."""
+    """A random teacher -> student class map: 40 classes of 1-3 student spellings; a random projection of the
+    student vocabulary onto teacher classes (some student ids projected nowhere), a class per 8 student ids
+    (real maps hold 1-12 ids per class at the 99th percentile: tests/test_identity.py's pairs)."""
     g = torch.Generator().manual_seed(seed)
     members = torch.full((40, 3), -1, dtype=torch.long)
     for c in range(40):
@@ -53,7 +56,15 @@ def _vocab_map(seed: int, vs: int) -> VocabMap:
         members[c, :m] = torch.randint(0, vs, (m,), generator=g)
     shared = torch.zeros(vs, dtype=torch.bool)
     shared[members[members >= 0]] = True
-    return VocabMap(torch.randint(-1, 40, (VT,), generator=g), members, shared, {})
+    n = vs // 8
+    student_target = torch.randint(-1, n, (vs,), generator=g)
+    width = int(torch.bincount(student_target[student_target >= 0], minlength=n).max())
+    target_members = torch.full((n, width), -1, dtype=torch.long)
+    for c in range(n):
+        ids = (student_target == c).nonzero().flatten()
+        target_members[c, :len(ids)] = ids
+    return VocabMap(torch.randint(-1, 40, (VT,), generator=g), members, shared, {},
+                    torch.randint(-1, n, (VT,), generator=g), target_members, student_target)
 
 
 def _bounds(lengths: list[int], seed: int) -> torch.Tensor:
@@ -73,7 +84,8 @@ def _setup(method: str, params: dict, ident: IdentityConfig, dtype=torch.float32
         payloads[f"t{j}"] = p = mlot.compress_teacher(t, lt, config=m.payload_config("paper", params))
         vmaps[f"t{j}"] = vmap = _vocab_map(20 + j, vs)
         if ident.on:
-            p.identity = compress_identity(t, lt, _bounds(T_LEN, 3), vmap if ident.shared else None, top_k=4)
+            p.identity = compress_identity(t, lt, _bounds(T_LEN, 3), vmap, top_k=4, shared=ident.shared,
+                                           projection_top_k=4 if ident.projection else 0)
             p.identity.student_bounds = _bounds(S_LEN, 3)
     return mlot.Objective(m, "paper", params, 0.7, ident), logits, labels, payloads, vmaps
 
@@ -99,7 +111,7 @@ def _chunk_rows(monkeypatch, rows: int | None, vocab: int = VS) -> None:
         monkeypatch.setattr(mlot.softmax, "_CHUNK_BYTES", 4 * vocab * rows)
 
 
-IDENT = IdentityConfig(shared_weight=0.5, chunk_weight=2.0)
+IDENT = IdentityConfig(shared_weight=0.5, chunk_weight=2.0, projection_weight=0.25)
 CASES = {
     "ce": ("sft", {}, IdentityConfig()),
     "multilevel_ot sequence + identity": ("multilevel_ot", {"top_k": 8}, IDENT),
@@ -108,6 +120,7 @@ CASES = {
                                                                    "student_temperature": 1.5, "sd_temperature": 3.0},
                                                  IdentityConfig()),
     "uld + chunk term": ("uld", {}, IdentityConfig(chunk_weight=1.0)),
+    "aligned: chunks + projection": ("aligned", {}, IdentityConfig(chunk_weight=1.0, projection_weight=3.0)),
     "kl": ("kl", {"top_k": 20}, IdentityConfig()),
 }
 
@@ -196,7 +209,7 @@ class _NewTensors(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("case", ["multilevel_ot sequence + identity", "multilevel_ot token + identity",
-                                  "uld + chunk term"])
+                                  "uld + chunk term", "aligned: chunks + projection"])
 def test_no_rows_by_vocabulary_tensor_is_saved_or_made(monkeypatch, case):
     """With two teachers and both identity terms, the largest tensor autograd saves (the caller's logits aside) is
     far below rows x V, and the one full-size tensor the loss makes, forward and backward, is the logits'

@@ -70,7 +70,8 @@ def test_zero2_two_workers_reference_mode_batched_teacher_end_to_end(tmp_path, r
     job = _job(tmp_path, "z2", "train.num_workers=2", "student.deepspeed.stage=2", "loss.mode=reference",
                f"output_dir=file://{tmp_path}", "teachers.0.pretrain.steps=3", "student.gradient_checkpointing=true",
                "eval.max_rows=15", "eval.num_tasks=2", "loss.params.shared_weight=0.5",
-               "loss.params.chunk_weight=2.0", "teachers.0.serving.max_batch_tokens=4096")
+               "loss.params.chunk_weight=2.0", "loss.params.projection_weight=0.25",
+               "teachers.0.serving.max_batch_tokens=4096")
     calls = tmp_path / "collectives.txt"
     s = run_distill(job, callbacks=[RecordCollectives(str(calls))])
     # Every collective (the loop's agreement on skips, the stop signal, eval CE; DeepSpeed's gradient
@@ -89,15 +90,18 @@ def test_zero2_two_workers_reference_mode_batched_teacher_end_to_end(tmp_path, r
     assert [v for _, v in _history(s, "train/optimizer_steps")] == [1, 2, 3, 4]
     assert [st for st, _ in _history(s, "eval/loss")] == [2, 4]
     # Reference mode's total: CE + 1.5 * (HAD + 0.1 SL + 0.1 SD) (SD already carries the released 0.001 scale)
-    # + 0.5 * exact-match KL + 2 * aligned-chunk KL, recomputed from the logged terms.
+    # + 0.5 * exact-match KL + 2 * aligned-chunk KL + 0.25 * projection KL, recomputed from the logged terms.
     h = {k: dict(_history(s, f"train/{k}")) for k in ("loss", "ce", "teacher-sp/distill", "teacher-sp/had",
                                                        "teacher-sp/sl", "teacher-sp/sd", "teacher-sp/shared_kl",
-                                                       "teacher-sp/chunk_kl", "teacher-sp/chunks")}
+                                                       "teacher-sp/chunk_kl", "teacher-sp/chunks",
+                                                       "teacher-sp/projection_kl", "teacher-sp/projected")}
     for st in steps:
         distill = h["teacher-sp/had"][st] + 0.1 * h["teacher-sp/sl"][st] + 0.1 * h["teacher-sp/sd"][st]
         assert h["teacher-sp/distill"][st] == pytest.approx(distill, rel=1e-5)
-        identity = 0.5 * h["teacher-sp/shared_kl"][st] + 2.0 * h["teacher-sp/chunk_kl"][st]
-        assert min(h["teacher-sp/shared_kl"][st], h["teacher-sp/chunk_kl"][st]) > 0 and h["teacher-sp/chunks"][st] >= 1
+        identity = (0.5 * h["teacher-sp/shared_kl"][st] + 2.0 * h["teacher-sp/chunk_kl"][st]
+                    + 0.25 * h["teacher-sp/projection_kl"][st])
+        assert min(h["teacher-sp/shared_kl"][st], h["teacher-sp/chunk_kl"][st], h["teacher-sp/projection_kl"][st]) > 0
+        assert h["teacher-sp/chunks"][st] >= 1 and h["teacher-sp/projected"][st] >= 1
         assert h["loss"][st] == pytest.approx(h["ce"][st] + 1.5 * distill + identity, rel=1e-5)
     # The one replica merged the two workers' prefetched requests into fewer forwards.
     [forwards], [requests] = ([v for _, v in _history(s, f"teacher/teacher-sp/{k}")]
@@ -115,6 +119,7 @@ def test_zero2_two_workers_reference_mode_batched_teacher_end_to_end(tmp_path, r
     # the vocabulary map's coverage (SentencePiece teacher -> WordPiece student: tests/test_identity.py)
     assert run.data.params["identity.teacher-sp.shared_teacher"] == "0.4908"
     assert run.data.params["identity.teacher-sp.shared_classes"] == "11913.0"
+    assert run.data.params["identity.teacher-sp.shared_targets"] == "12415.0"
     arts = ({a.path for a in client.list_artifacts(s.run_id)}
             | {a.path for a in client.list_artifacts(s.run_id, "plots")})
     assert {"config.yaml", "student", "plots/loss_curve.png"} <= arts

@@ -31,3 +31,20 @@ def test_fingerprint_allows_longer_runs_but_not_other_losses():
     assert fingerprint(apply_overrides(job, ["train.steps=500", "tracking.experiment=x"])) == fingerprint(job)
     assert fingerprint(apply_overrides(job, ["loss.params.top_k=7"])) != fingerprint(job)
     assert fingerprint(apply_overrides(job, ["train.batch_size=4"])) != fingerprint(job)
+
+
+def test_a_known_truth_summary_heads_with_the_truth_kl_and_drops_one_labels_exact_match():
+    """The quickstart's table: KL to p* per student (the measure on the known-truth task); exact match against
+    one sampled label is not shown there. A QA job's table keeps its scores."""
+    from orchestrator.cli import summary_table
+    from orchestrator.driver import DistillSummary
+
+    truth = [(name, DistillSummary(name, "/x", "r", "sqlite:///m.db", {"eval/truth_kl": kl, "eval/loss": 2.5},
+                                   {"exact_match": 10.0, "n": 50}))
+             for name, kl in (("distilled", 0.0912), ("sft", 0.1734))]
+    lines = summary_table(truth).splitlines()
+    assert lines[0].split() == ["student", "truth", "KL", "eval", "CE", "rows"]
+    assert lines[1].split()[:2] == ["distilled", "0.0912"] and lines[2].split()[:2] == ["sft", "0.1734"]
+    qa = summary_table([("qa", DistillSummary("qa", "/x", "r", "u", {"eval/loss": 2.5}, {"exact_match": 10.0,
+                                                                                         "n": 50}))])
+    assert qa.splitlines()[0].split() == ["student", "exact", "match", "eval", "CE", "rows"]

@@ -6,14 +6,14 @@ import torch
 
 from mlot.baselines import kl_distill
 from mlot.identity import (
-    VocabMap,
     char_bounds,
     chunk_likelihood,
     compress_identity,
     pad_bounds,
+    projection_kl,
     shared_vocab_kl,
-    vocab_map,
 )
+from mlot.vocab import VocabMap, vocab_map
 from workers.models import load_tokenizer
 
 
@@ -37,14 +37,25 @@ def test_vocab_map_on_real_pairs_matches_equal_strings_and_reports_coverage(toks
     assert cls(sp, "▁Wild") == cls(sp, "▁wild")
     assert members(cls(sp, "</s>")) == {wp.eos_token_id}
     assert cls(sp, "<0x41>") == -1  # byte fallback has no string
+    # the projection: each student token to the teacher class that spells its beginning; a digit-splitting
+    # teacher writes " 1984" as a bare space piece, then "1": the student's whole number goes to "1"
+    target = lambda tok, t: int(m.teacher_target[tok.convert_tokens_to_ids(t)])  # noqa: E731
+    sent = lambda w: {int(c) for c in (m.target_members == wp.convert_tokens_to_ids(w)).any(1).nonzero()}  # noqa: E731
+    assert sent("freshwater") == {target(sp, "▁fresh")} == {target(sp, "▁Fresh")}
+    assert sent("marsh") == {target(sp, "▁mar")}  # the teacher's own encoding of " marsh": "▁mar|sh"
+    assert sent("wild") == {target(sp, "▁wild")} and sent("##berries") == {target(sp, "berries")}
+    assert sent("1984") == sent("120") == {target(sp, "1")} and sent("365") == {target(sp, "3")}
+    assert sent("[unused7]") == set()  # reserved entries have no string
     # coverage measured on these vocabularies (SentencePiece v1 32,000; BERT uncased 30,522; Tekken 131,072)
-    assert m.coverage == pytest.approx({"teacher": 0.491, "student": 0.390, "classes": 11913}, abs=1e-3)
-    assert vocab_map(tk, wp).coverage == pytest.approx({"teacher": 0.210, "student": 0.651, "classes": 19861},
-                                                       abs=1e-3)
-    assert vocab_map(tk, sp).coverage == pytest.approx({"teacher": 0.187, "student": 0.767, "classes": 24535},
-                                                       abs=1e-3)
+    assert m.coverage == pytest.approx({"teacher": 0.491, "student": 0.390, "classes": 11913, "projected": 0.956,
+                                        "targets": 12415}, abs=1e-3)
+    assert vocab_map(tk, wp).coverage == pytest.approx({"teacher": 0.210, "student": 0.651, "classes": 19861,
+                                                        "projected": 0.938, "targets": 18922}, abs=1e-3)
+    assert vocab_map(tk, sp).coverage == pytest.approx({"teacher": 0.187, "student": 0.767, "classes": 24535,
+                                                        "projected": 0.867, "targets": 25680}, abs=1e-3)
     same = vocab_map(wp, wp)
     assert torch.equal(same.teacher_class, torch.arange(len(wp))) and bool(same.student_shared.all())
+    assert torch.equal(same.teacher_target, torch.arange(len(wp)))
 
 
 def test_char_bounds_agree_across_tokenizers_at_shared_boundaries(toks):
@@ -76,6 +87,13 @@ def test_identical_tokenizers_make_the_exact_match_term_the_plain_kl():
     want = kl_distill(s_logits, labels, t_logits, labels)
     assert float(got.distill) == pytest.approx(float(want.distill), abs=1e-12)
     assert got.aligned.tolist() == [4, 3]
+    # ... and the projection with every class kept: the same plain KL (each token is its own class, no rest)
+    ids = torch.arange(V)
+    pmap = VocabMap(ids, ids[:, None], torch.ones(V, dtype=torch.bool), {}, ids, ids[:, None], ids)
+    payload = compress_identity(t_logits, labels, bounds, pmap, projection_top_k=V, shared=False)
+    got = projection_kl(s_logits, labels, bounds, payload, pmap)
+    assert float(got.distill) == pytest.approx(float(want.distill), abs=1e-12)
+    assert got.projected.tolist() == [4, 3]
 
 
 def test_a_one_chunk_answer_compares_the_two_sequence_log_probabilities():
@@ -117,21 +135,24 @@ def test_chunks_split_where_both_tokenizations_have_a_boundary():
 
 def _toy_pair(seeds):
     """A 6-token teacher and a 5-token student vocabulary, two answers each, with their bounds. Classes: teacher
-    0,1 -> student 0; teacher 2 -> student 1 and 2 (two spellings); teacher 3 -> student 3."""
+    0,1 -> student 0; teacher 2 -> student 1 and 2 (two spellings); teacher 3 -> student 3. Projection: student
+    0 and 4 -> teacher 0, 1 (one class), student 1, 2 -> teacher 2, student 3 -> teacher 3, 5 (one class)."""
     t_logits, t_labels = _batch(6, [3, 2], seed=seeds[0])
     s_logits, s_labels = _batch(5, [3, 3], seed=seeds[1])
     vmap = VocabMap(torch.tensor([0, 0, 1, 2, -1, -1]), torch.tensor([[0, -1], [1, 2], [3, -1]]),
-                    torch.tensor([True, True, True, True, False]), {})
+                    torch.tensor([True, True, True, True, False]), {}, torch.tensor([0, 0, 1, 2, -1, 2]),
+                    torch.tensor([[0, 4], [1, 2], [3, -1]]), torch.tensor([0, 1, 1, 2, 0]))
     t_bounds, s_bounds = pad_bounds([[0, 2, 3, 4], [0, 1, 3]]), pad_bounds([[0, 1, 3, 4], [0, 1, 2, 3]])
     return t_logits, t_labels, s_logits, s_labels, vmap, t_bounds, s_bounds
 
 
 def test_gradients_by_gradcheck_in_float64():
     t_logits, t_labels, s_logits, s_labels, vmap, t_bounds, s_bounds = _toy_pair(seeds=(7, 8))
-    payload = compress_identity(t_logits, t_labels, t_bounds, vmap, top_k=2)
+    payload = compress_identity(t_logits, t_labels, t_bounds, vmap, top_k=2, projection_top_k=2)
     x = s_logits.clone().requires_grad_()
     assert torch.autograd.gradcheck(lambda z: shared_vocab_kl(z, s_labels, s_bounds, payload, vmap).distill, (x,))
     assert torch.autograd.gradcheck(lambda z: chunk_likelihood(z, s_labels, s_bounds, payload).distill, (x,))
+    assert torch.autograd.gradcheck(lambda z: projection_kl(z, s_labels, s_bounds, payload, vmap).distill, (x,))
 
 
 def test_identity_terms_are_the_weighted_sum_and_travel_with_the_payload():
@@ -140,13 +161,17 @@ def test_identity_terms_are_the_weighted_sum_and_travel_with_the_payload():
     import mlot
     from mlot.identity import IdentityConfig, identity_terms
     t_logits, t_labels, s_logits, s_labels, vmap, t_bounds, s_bounds = _toy_pair(seeds=(9, 10))
-    ident = compress_identity(t_logits, t_labels, t_bounds, vmap, top_k=2)
+    ident = compress_identity(t_logits, t_labels, t_bounds, vmap, top_k=2, projection_top_k=2)
     ident.student_bounds = s_bounds
-    got = identity_terms(s_logits, s_labels, ident, vmap, IdentityConfig(shared_weight=0.5, chunk_weight=2.0))
+    got = identity_terms(s_logits, s_labels, ident, vmap,
+                         IdentityConfig(shared_weight=0.5, chunk_weight=2.0, projection_weight=0.25))
     shared = shared_vocab_kl(s_logits, s_labels, s_bounds, ident, vmap)
     chunks = chunk_likelihood(s_logits, s_labels, s_bounds, ident)
-    assert float(got.loss) == pytest.approx(0.5 * float(shared.distill) + 2.0 * float(chunks.distill), abs=1e-12)
+    projected = projection_kl(s_logits, s_labels, s_bounds, ident, vmap)
+    assert float(got.loss) == pytest.approx(0.5 * float(shared.distill) + 2.0 * float(chunks.distill)
+                                            + 0.25 * float(projected.distill), abs=1e-12)
     assert torch.equal(got.shared_kl, shared.shared_kl) and torch.equal(got.chunk_kl, chunks.chunk_kl)
+    assert torch.equal(got.projection_kl, projected.projection_kl)
     only_chunks = identity_terms(s_logits, s_labels, ident, None, IdentityConfig(chunk_weight=1.0))
     assert set(only_chunks.terms) == {"chunk_kl", "chunks"}
     with pytest.raises(ValueError, match="student_bounds"):
@@ -159,3 +184,70 @@ def test_identity_terms_are_the_weighted_sum_and_travel_with_the_payload():
     for name, t in ident.tensors().items():
         assert torch.equal(back.identity.tensors()[name], t[1:]), name
     assert payload.nbytes() > mlot.compress_teacher(t_logits, t_labels).nbytes()
+
+
+def test_projection_kl_is_the_kl_of_the_pushed_forward_distributions_on_a_worked_case():
+    """One answer: the teacher writes a zero-width space piece, then two tokens ("|_|ab|cd|" with bounds
+    0, 0, 2, 4), the student two ("|ab|cd|"). Student token 0 starts where teacher tokens 0 and 1 do: it is
+    compared with token 1 (the space piece is not the teacher's choice of text); student 1 with teacher 2.
+    Per position, the teacher's class probabilities (top k kept, the rest one event) against the student's
+    pushed forward, Q_c = sum of q over the student tokens sent to c, by the textbook KL. At position 1 the
+    student's gold token (1, statically sent to class 1) is counted in the teacher's gold class (2) instead,
+    which leaves class 1 without members: it joins the rest."""
+    V_t, V_s = 5, 6
+    g = torch.Generator().manual_seed(11)
+    t_logits, s_logits = torch.randn(1, 4, V_t, generator=g, dtype=torch.float64), torch.randn(
+        1, 3, V_s, generator=g, dtype=torch.float64)
+    t_labels, s_labels = torch.tensor([[-100, 4, 0, 3]]), torch.tensor([[-100, 3, 1]])
+    # teacher ids 0, 1 one class, 2 and 3 their own, 4 none; student 0, 3 -> class 0, 1 -> 1, 2, 4 -> 2, 5 -> none
+    vmap = VocabMap(torch.full((V_t,), -1), torch.zeros(1, 1, dtype=torch.long), torch.zeros(V_s, dtype=torch.bool),
+                    {}, torch.tensor([0, 0, 1, 2, -1]), torch.tensor([[0, 3], [1, -1], [2, 4]]),
+                    torch.tensor([0, 1, 2, 0, 2, -1]))
+    t_bounds, s_bounds = pad_bounds([[0, 0, 2, 4]]), pad_bounds([[0, 2, 4]])
+    t_p, s_q = torch.softmax(t_logits[0, :3], -1), torch.softmax(s_logits[0, :2], -1)
+    teacher_groups = ([0, 1], [2], [3])
+    student_groups = {0: ([0, 3], [1], [2, 4]), 1: ([0, 3], [], [2, 4, 1])}  # position 1: gold 1 moved to class 2
+    for k in (3, 1):
+        payload = compress_identity(t_logits, t_labels, t_bounds, vmap, projection_top_k=k, shared=False)
+        want = []
+        for i, j in ((0, 1), (1, 2)):
+            p = torch.stack([t_p[j][c].sum() for c in teacher_groups])
+            q = torch.stack([s_q[i][c].sum() if c else torch.tensor(0.0, dtype=torch.float64)
+                             for c in student_groups[i]])
+            keep = [c for c in p.argsort(descending=True)[:k].tolist() if student_groups[i][c]]
+            p_k, q_k = p[keep], q[keep]
+            p_k, q_k = torch.cat([p_k, 1 - p_k.sum(0, keepdim=True)]), torch.cat([q_k, 1 - q_k.sum(0, keepdim=True)])
+            want.append(float((p_k * (p_k / q_k).log()).sum()))
+        r = projection_kl(s_logits, s_labels, s_bounds, payload, vmap)
+        assert r.projected.tolist() == [2] and payload.gold_target.tolist() == [[-1, 0, 2]]
+        assert float(r.distill) == pytest.approx(sum(want) / 2, rel=1e-10), k
+
+
+def test_relabelling_the_teachers_vocabulary_moves_the_projection_but_not_the_sorted_terms(toks):
+    """MultiLevelOT's terms sort the teacher's probabilities, so handing the teacher's mass to other tokens
+    (a permutation of its vocabulary) leaves them unchanged; the projection compares which text the mass is
+    on, and moves."""
+    import mlot
+    from mlot.identity import answer_bounds
+
+    wp, sp = toks["wordpiece"], toks["sentencepiece"]
+    vmap = vocab_map(sp, wp)
+    t_ids, s_ids = ids_of(sp, "freshwater mussels"), ids_of(wp, "freshwater mussels")
+    t_labels, s_labels = torch.tensor([[-100] + t_ids]), torch.tensor([[-100] + s_ids])
+    g = torch.Generator().manual_seed(13)
+    # both models sure of the answer's tokens: a peak of +20 on each gold token over unit noise
+    t_logits = torch.randn(1, len(t_ids) + 1, len(sp), generator=g, dtype=torch.float64)
+    t_logits[0, torch.arange(len(t_ids)), torch.tensor(t_ids)] += 20
+    s_logits = torch.randn(1, len(s_ids) + 1, len(wp), generator=g, dtype=torch.float64)
+    s_logits[0, torch.arange(len(s_ids)), torch.tensor(s_ids)] += 20
+    t_bounds, s_bounds = answer_bounds(sp, [t_ids]), answer_bounds(wp, [s_ids])
+
+    def both(logits):
+        ident = compress_identity(logits, t_labels, t_bounds, vmap, projection_top_k=20, shared=False)
+        return (float(mlot.multilevel_ot(s_logits, s_labels, logits, t_labels).loss),
+                float(projection_kl(s_logits, s_labels, s_bounds, ident, vmap).distill))
+
+    perm = torch.randperm(len(sp), generator=g)
+    (ot, proj), (ot_relabelled, proj_relabelled) = both(t_logits), both(t_logits[..., perm])
+    assert ot_relabelled == pytest.approx(ot, rel=1e-9)
+    assert proj < 0.01 and proj_relabelled > 5  # the same peaks, on other text: far apart

@@ -15,7 +15,8 @@ import torch
 
 import mlot
 from mlot.config import make_config
-from mlot.identity import IdentityConfig, VocabMap, compress_identity, pad_bounds
+from mlot.identity import IdentityConfig, compress_identity, pad_bounds
+from mlot.vocab import VocabMap
 from orchestrator.cli import bundled_config, main
 from orchestrator.configuration import load_config
 from workers.data.inspect import aligned_chunks, inspect_job, payload_bytes_per_token
@@ -182,9 +183,11 @@ def test_aligned_chunks_cut_at_the_shared_bounds():
     ("reference", {"top_k": 8}, IdentityConfig()),                                  # one order per batch
     ("paper", {"top_k": 8}, IdentityConfig(shared_weight=1.0, chunk_weight=1.0, shared_top_k=5)),
     ("paper", {"top_k": 8}, IdentityConfig(shared_weight=1.0, shared_top_k=None)),
+    ("paper", {"top_k": 8}, IdentityConfig(chunk_weight=1.0, projection_weight=1.0, projection_top_k=4)),
+    ("paper", {"top_k": 8}, IdentityConfig(shared_weight=1.0, projection_weight=1.0, projection_top_k=30)),
 ])
 def test_payload_size_formula_is_what_a_real_payload_holds(mode, params, identity):
-    vocab, classes, lengths = 40, 12, [3, 6, 2]
+    vocab, classes, targets, lengths = 40, 12, 7, [3, 6, 2]
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(3, 10, vocab, generator=g) * 3
     labels = torch.full((3, 10), -100)
@@ -195,11 +198,14 @@ def test_payload_size_formula_is_what_a_real_payload_holds(mode, params, identit
     if identity.on:
         bounds = pad_bounds([list(range(n + 1)) for n in lengths])
         cls = torch.arange(vocab) % (classes + 1) - 1  # every (classes + 1)-th token has no class
-        vmap = VocabMap(cls, torch.arange(classes)[:, None], torch.ones(classes, dtype=torch.bool), {})
-        payload.identity = compress_identity(logits, labels, bounds, vmap if identity.shared else None,
-                                             top_k=identity.shared_top_k)
+        target = torch.arange(vocab) % (targets + 1) - 1
+        vmap = VocabMap(cls, torch.arange(classes)[:, None], torch.ones(classes, dtype=torch.bool), {}, target,
+                        torch.arange(targets)[:, None])
+        payload.identity = compress_identity(logits, labels, bounds, vmap, top_k=identity.shared_top_k,
+                                             shared=identity.shared,
+                                             projection_top_k=identity.projection_top_k if identity.projection else 0)
         payload.identity.student_bounds = pad_bounds([list(range(n + 2)) for n in lengths])
-    assert payload_bytes_per_token(cfg, identity, vocab, classes, lengths) == payload.bytes_per_token()
+    assert payload_bytes_per_token(cfg, identity, vocab, classes, targets, lengths) == payload.bytes_per_token()
 
 
 def test_heatmap_tick_labels_show_spaces_and_survive_mathtext(tmp_path):

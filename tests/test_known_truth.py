@@ -31,6 +31,16 @@ def test_splits_hold_out_whole_triples_and_entropy_follows_the_frequency_word():
     assert KnownTruth(seed=0).truth(task.prompts["test"][3]).tolist() == task.truth(task.prompts["test"][3]).tolist()
 
 
+def test_the_numbers_variant_shares_the_latent_truth_and_answers_with_numbers():
+    """Same factors, splits and p* as the text task; only the answers' text (and the question) differ."""
+    from workers.data.known_truth import NUMBERS
+    text, numbers = KnownTruth(seed=0), KnownTruth(seed=0, task="numbers")
+    prompt, other = text.prompts["test"][3], numbers.prompts["test"][3]
+    assert other.text.startswith("How many seeds does") and other.creature == prompt.creature
+    assert numbers.truth(other) == pytest.approx(text.truth(prompt))
+    assert {r["answer"] for r in numbers.rows("train", 3)} <= set(NUMBERS)
+
+
 def test_sampled_answers_follow_p_star():
     task = KnownTruth(seed=1)
     rows = task.rows("train", 200, seed=2)  # 107,200 answers over 536 prompts
@@ -81,6 +91,7 @@ def test_builtin_known_truth_splits_load_prepare_and_score_a_student_against_p_s
     validation prompts and p*."""
     from helpers import quickstart_job
 
+    from orchestrator.configuration import apply_overrides
     from workers.data.known_truth import BUILTIN_SAMPLES
     from workers.data.prepared import open_data, prepare
     from workers.data.tasks import load_rows
@@ -95,6 +106,14 @@ def test_builtin_known_truth_splits_load_prepare_and_score_a_student_against_p_s
                          "data.limit=null")
     data = prepare(job, str(tmp_path / "cache"))
     assert data.sizes == {"train": 3 * len(task.prompts["train"]), "eval": len(task.prompts["validation"])}
+    # A teacher's pretrain.split: the same source's `teacher` split, prepared like the job's own rows.
+    from orchestrator.driver import pretrain_data
+    taught = apply_overrides(job, ["teachers.0.pretrain.split=teacher", "data.limit=100"])  # of its 25,728 rows
+    assert pretrain_data(job, job.teachers[0], data) is data
+    other = pretrain_data(taught, taught.teachers[0], data)
+    assert other.sizes["train"] == 100
+    assert [r["answer"] for r in open_data(other).rows("train", range(100))] == [
+        r["answer"] for r in load_rows("builtin:known_truth", split="teacher", limit=100)]
     with pytest.raises(UserError, match="builtin:known_truth has splits"):
         load_rows("builtin:known_truth", split="validaton")
 

@@ -88,6 +88,7 @@ def test_store_payloads_equal_the_live_teacher_for_any_student_tokenizer(taught)
     ("loss.params.top_k=7", "top_k: store 50, job 7"),
     ("loss.mode=reference", "cannot serve loss.mode reference"),
     ("loss.params.shared_weight=0.5", "shared_weight needs the teacher's distribution"),
+    ("loss.params.projection_weight=0.5", "projection_weight needs the teacher's distribution"),
 ])
 def test_a_store_that_does_not_match_the_job_is_refused_naming_what_differs(taught, change, message):
     from workers.teacher.store_format import check_store
@@ -148,7 +149,8 @@ def test_a_hidden_store_on_s3_is_exact_for_any_settings_and_fp16_payloads_are_wi
     # One store, every setting a sweep may try (the loss config of each request), reference mode included.
     for override in ([], ["loss.params.top_k=7", "loss.params.teacher_temperature=1.7"],
                      ["loss.params.ranking=token", "loss.params.sd_temperature=3.0"], ["loss.mode=reference"],
-                     ["loss.params.shared_weight=0.5", "loss.params.chunk_weight=1.0", "loss.params.shared_top_k=5"]):
+                     ["loss.params.shared_weight=0.5", "loss.params.chunk_weight=1.0", "loss.params.shared_top_k=5",
+                      "loss.params.projection_weight=1.0"]):
         loss = apply_overrides(job, override).loss
         _same(_payload(from_hidden.payload(rows, loss=loss)), _payload(live.payload(rows, loss=loss)))
     _, from_half = _live_and_store(job, half)

@@ -89,7 +89,8 @@ def test_pretraining_clears_the_cache(job, data):
 def test_identity_payload_is_the_in_process_one_with_both_sides_bounds(job, data):
     """The identity-aware terms' payload (``mlot.identity``) through the wire format equals the in-process one:
     the teacher's logits of the rows, each side's character bounds of its own answer tokens, the pair's map."""
-    from mlot.identity import char_bounds, compress_identity, pad_bounds, vocab_map
+    from mlot.identity import char_bounds, compress_identity, pad_bounds
+    from mlot.vocab import vocab_map
     from workers.data.prepared import STUDENT, open_data, teacher_key
     from workers.forward import answer_logits
     from workers.models import load_tokenizer
@@ -98,7 +99,8 @@ def test_identity_payload_is_the_in_process_one_with_both_sides_bounds(job, data
     actor = TeacherActor(t, job.data, job.loss, seed=1, student=job.student)
     assert _payload(actor.payload(Rows(data, "train", (0, 1)))).identity is None  # the job's loss has none
     loss = apply_overrides(job, ["loss.params.shared_weight=0.5", "loss.params.chunk_weight=1.0",
-                                 "loss.params.shared_top_k=5"]).loss
+                                 "loss.params.shared_top_k=5", "loss.params.projection_weight=0.5",
+                                 "loss.params.projection_top_k=7"]).loss
     indices = (0, 3, 5, 8)
     got = _payload(actor.payload(Rows(data, "train", indices), loss=loss)).identity
 
@@ -110,9 +112,12 @@ def test_identity_payload_is_the_in_process_one_with_both_sides_bounds(job, data
         logits, labels = answer_logits(actor.model, opened.batch("train", indices, teacher_key(t.name),
                                                                  t_tok.pad_token_id), actor.vocab_size)
     want = compress_identity(logits, labels, pad_bounds([char_bounds(t_tok, a) for a in answers[teacher_key(t.name)]]),
-                             vocab_map(t_tok, s_tok), top_k=5)
+                             vocab_map(t_tok, s_tok), top_k=5, projection_top_k=7)
     assert torch.equal(got.classes, want.classes) and torch.equal(got.bounds, want.bounds)
+    assert torch.equal(got.targets, want.targets) and torch.equal(got.gold_target, want.gold_target)
+    assert got.targets.shape[-1] == 7
     torch.testing.assert_close(got.probs, want.probs)
+    torch.testing.assert_close(got.target_probs, want.target_probs)
     torch.testing.assert_close(got.token_logp, want.token_logp)
     assert torch.equal(got.student_bounds, pad_bounds([char_bounds(s_tok, a) for a in answers[STUDENT]]))
     # Both sides' spans cover the same answer text: their last bounds (characters + EOS) agree, row by row.

@@ -57,10 +57,10 @@ def _sweep(tmp_path, name: str, space_text: str, *, steps: int, eval_every: int,
         ray.shutdown()
 
 
-# One good learning rate and a hopeless one: ASHA must stop the hopeless trial early. The aligned-chunk term
-# (mlot.identity) is a swept parameter like any other.
+# One good learning rate and a hopeless one: ASHA must stop the hopeless trial early. The aligned-chunk and
+# projection terms (mlot.identity) are swept parameters like any other.
 ASHA_SPACE = ("train.lr: {grid: [3.0e-3, 1.0e-9]}\nloss.params.teacher_temperature: {choice: [1.0, 1.5]}\n"
-              "loss.params.chunk_weight: {choice: [0.5, 1.0]}\n")
+              "loss.params.chunk_weight: {choice: [0.5, 1.0]}\nloss.params.projection_weight: {choice: [0.5, 1.0]}\n")
 
 
 @pytest.mark.integration
@@ -87,7 +87,8 @@ def test_small_asha_sweep_shares_teacher_work_and_logs_runs(tmp_path):
     # the completed trial's metric in the table is the truth KL its workers logged last, and a real one
     logged = [h[-1].value for c in children if (h := client.get_metric_history(c.info.run_id, "eval/truth_kl"))]
     assert s.table[0]["eval/truth_kl"] == pytest.approx(min(logged)) and 0 < s.table[0]["eval/truth_kl"] < 20
-    assert all(client.get_metric_history(c.info.run_id, "train/teacher-sp/chunk_kl") for c in children)
+    assert all(client.get_metric_history(c.info.run_id, f"train/teacher-sp/{term}") for c in children
+               for term in ("chunk_kl", "projection_kl"))
     assert {a.path for a in client.list_artifacts(s.parent_run_id)} >= {"results.md", "space.yaml", "plots"}
     assert json.loads((tmp_path / "sw" / "sweep.json").read_text())["parent_run_id"] == s.parent_run_id
 

@@ -1,4 +1,4 @@
-"""The vocabulary map of a job's (teacher, student) tokenizer pair (``mlot.identity.vocab_map``), built once per
+"""The vocabulary map of a job's (teacher, student) tokenizer pair (``mlot.vocab.vocab_map``), built once per
 process: both sides need it, the teacher for the exact-match term's payload, the student for its side of it."""
 
 from __future__ import annotations
@@ -6,13 +6,13 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from mlot.identity import VocabMap, vocab_map
+from mlot.vocab import VocabMap, vocab_map
 from workers.models import load_tokenizer
 
 
 @functools.lru_cache(maxsize=8)
 def pair_map(teacher_tokenizer: str, teacher_trust: bool, student_tokenizer: str, student_trust: bool) -> VocabMap:
-    """The :func:`mlot.identity.vocab_map` of two tokenizer specs, built once per process."""
+    """The :func:`mlot.vocab.vocab_map` of two tokenizer specs, built once per process."""
     return vocab_map(load_tokenizer(teacher_tokenizer, teacher_trust), load_tokenizer(student_tokenizer, student_trust))
 
 

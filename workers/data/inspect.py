@@ -203,19 +203,21 @@ def aligned_chunks(t_bounds: Sequence[int], t_pieces: Sequence[str], s_bounds: S
 
 
 def payload_bytes_per_token(cfg: MultiLevelOTConfig, identity: IdentityConfig, vocab: int, classes: int,
-                            lengths: Sequence[int]) -> float:
+                            targets: int, lengths: Sequence[int]) -> float:
     """Bytes per answer token of a teacher payload for answers of ``lengths`` teacher tokens sent as one batch,
     exactly what ``mlot.TeacherPayload.bytes_per_token`` reports for it (training logs it as
     ``train/<teacher>/payload_bytes_per_token``).
 
     With N = sum(lengths) answer tokens, B = len(lengths) answers, k = min(top_k, V_t) (V_t = ``vocab`` when
     top_k is None) and, when the exact-match term is on, k_s = min(shared_top_k, C) of the C = ``classes``
-    shared classes (C when shared_top_k is None, else 0)::
+    shared classes (C when shared_top_k is None, else 0), and when the projection term is on,
+    k_p = min(projection_top_k, P) of the P = ``targets`` projection classes (else 0)::
 
         bytes/token = 4k                                  probabilities, float32 [B, T, k]
                     + 4 [paper mode, use_sd, sd_temperature != teacher_temperature]   SD log-shift [B, T]
-                    + [identity on] (8 k_s + 12)          classes int32 + probs float32 [B, T, k_s], gold log-p,
-                                                          teacher and student bounds (int32) per token
+                    + [identity on] (8 k_s + 8 k_p + 12)  classes int32 + probs float32 [B, T, k_s] and
+                                                          [B, T, k_p], gold log-p, teacher and student bounds
+                                                          (int32) per token
                     + (ids + 8B) / N                      column ids int32, lengths int64 [B]
 
     where ids = 4kN (token ranking: [B, T, k]), 4kB (sequence ranking: [B, k]) or 4k (reference mode: one
@@ -229,7 +231,8 @@ def payload_bytes_per_token(cfg: MultiLevelOTConfig, identity: IdentityConfig, v
     if identity.on:
         k_s = (classes if identity.shared_top_k is None else min(identity.shared_top_k, classes)) \
             if identity.shared else 0
-        per_token += 8 * k_s + 12
+        k_p = min(identity.projection_top_k, targets) if identity.projection else 0
+        per_token += 8 * k_s + 8 * k_p + 12
     if cfg.mode == "reference":
         ids = 4 * k
     else:
@@ -237,7 +240,7 @@ def payload_bytes_per_token(cfg: MultiLevelOTConfig, identity: IdentityConfig, v
     return per_token + (ids + 8 * b) / n
 
 
-def payload_costs(loss: Any, vocab: int, classes: int, lengths: Sequence[int], same_tokenizer: bool
+def payload_costs(loss: Any, vocab: int, classes: int, targets: int, lengths: Sequence[int], same_tokenizer: bool
                   ) -> list[PayloadCost]:
     """Each distributed method's payload cost for one teacher: the job's method with ``loss`` (a ``LossConfig``:
     its mode, params and identity terms), every other one with its defaults."""
@@ -252,7 +255,7 @@ def payload_costs(loss: Any, vocab: int, classes: int, lengths: Sequence[int], s
         params = loss.params if mine else {}
         cfg = method.payload_config(loss.mode if mine else "paper", params)
         identity = method.identity_config(params) if method.identity else IdentityConfig()
-        out.append(PayloadCost(name, payload_bytes_per_token(cfg, identity, vocab, classes, lengths),
+        out.append(PayloadCost(name, payload_bytes_per_token(cfg, identity, vocab, classes, targets, lengths),
                                "this job" if mine else "defaults"))
     return out
 
@@ -310,8 +313,8 @@ def _teacher_view(job: Any, t: _Side, student: _Side, rows: Sequence[RowView]) -
     aligned = sum(b in s_starts for s_starts, t_starts in starts for b in t_starts) / max(len(tokens), 1)
     chunks = sum(len(r.chunks[t.field]) for r in rows) / max(len(rows), 1)
     vocab = len(t.tokenizer)
-    costs = payload_costs(job.loss, vocab, int(vmap.coverage["classes"]), [len(a.answer_ids) for a in answers],
-                          t.spec.tokenizer_name == student.spec.tokenizer_name)
+    costs = payload_costs(job.loss, vocab, int(vmap.coverage["classes"]), int(vmap.coverage["targets"]),
+                          [len(a.answer_ids) for a in answers], t.spec.tokenizer_name == student.spec.tokenizer_name)
     return TeacherView(t.field, t.name, dict(vmap.coverage), shared, aligned, chunks, costs, 2 * vocab)
 
 

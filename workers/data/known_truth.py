@@ -11,6 +11,11 @@ with seeded latent vectors for creatures, places, seasons and answers, and a tem
 whose (creature, place, season) it never saw: a seeded fifth of those triples is held out for testing and
 a tenth for validation (tuning), with every frequency word.
 
+The ``numbers`` variant (:data:`TASKS`) asks how many seeds the creature eats and answers with multi-digit
+numbers (:data:`NUMBERS`, several sharing their first digits) that WordPiece keeps whole ("1200") while
+SentencePiece and Tekken split them into single digits ("▁|1|2|0|0"): the failure that sinks exact-match
+terms (GOLD) when one tokenizer splits numbers.
+
 Metrics need no tokenizer in common: a model's sequence log-probabilities of every answer
 (:func:`answer_log_probs`) are compared with p* by :func:`truth_metrics`.
 """
@@ -33,6 +38,11 @@ PLACES = ("river", "forest", "meadow", "marsh", "mountain", "coast")
 SEASONS = ("spring", "summer", "autumn", "winter")
 FREQUENCY = {"always": 0.25, "usually": 0.6, "often": 1.0, "sometimes": 2.0}  # word -> temperature
 SPLITS = {"train": 0.7, "validation": 0.1, "test": 0.2}  # fractions of the (creature, place, season) triples
+NUMBERS = ("120", "15", "1200", "144", "250", "2000", "365", "310")
+#: task -> (its answers, its question, with {article} {creature} {place} {frequency} {season})
+TASKS = {"text": (ANSWERS, "What does {article} {creature} near the {place} {frequency} eat in {season}?"),
+         "numbers": (NUMBERS, "How many seeds does {article} {creature} near the {place} {frequency} eat in "
+                              "{season}?")}
 
 
 @dataclass(frozen=True)
@@ -41,19 +51,23 @@ class Prompt:
     place: str
     season: str
     frequency: str
+    task: str = "text"
 
     @property
     def text(self) -> str:
         article = "an" if self.creature[0] in "aeiou" else "a"
-        return f"What does {article} {self.creature} near the {self.place} {self.frequency} eat in {self.season}?"
+        return TASKS[self.task][1].format(article=article, creature=self.creature, place=self.place,
+                                          frequency=self.frequency, season=self.season)
 
 
 class KnownTruth:
-    """The task for one seed: its latent factors, the split of its prompts, and p* of every prompt."""
+    """The task for one seed: its latent factors, the split of its prompts, and p* of every prompt (``task``: a
+    key of :data:`TASKS`; the variants share their latent factors, only the answers' text differs)."""
 
-    def __init__(self, seed: int = 0, dim: int = 3) -> None:
+    def __init__(self, seed: int = 0, dim: int = 3, task: str = "text") -> None:
         rng = np.random.default_rng(seed)
-        self.answer_vectors = rng.normal(size=(len(ANSWERS), dim))
+        self.answers = TASKS[task][0]
+        self.answer_vectors = rng.normal(size=(len(self.answers), dim))
         self.factors = {name: dict(zip(names, rng.normal(scale=scale, size=(len(names), dim))))
                         for name, names, scale in (("creature", CREATURES, 1.5), ("place", PLACES, 1.0),
                                                    ("season", SEASONS, 0.7))}
@@ -61,11 +75,11 @@ class KnownTruth:
         random.Random(seed).shuffle(triples)
         cut = np.cumsum([0] + [round(f * len(triples)) for f in SPLITS.values()])
         cut[-1] = len(triples)
-        self.prompts = {split: [Prompt(*t, f) for t in triples[a:b] for f in FREQUENCY]
+        self.prompts = {split: [Prompt(*t, f, task) for t in triples[a:b] for f in FREQUENCY]
                         for split, a, b in zip(SPLITS, cut[:-1], cut[1:])}
 
     def truth(self, prompt: Prompt) -> np.ndarray:
-        """p*(. | prompt) over ANSWERS: [N] probabilities."""
+        """p*(. | prompt) over the task's answers: [N] probabilities."""
         latent = (self.factors["creature"][prompt.creature] + self.factors["place"][prompt.place]
                   + self.factors["season"][prompt.season])
         scores = self.answer_vectors @ latent / FREQUENCY[prompt.frequency]
@@ -74,13 +88,13 @@ class KnownTruth:
 
     def rows(self, split: str, samples_per_prompt: int, seed: int = 0) -> list[dict[str, Any]]:
         """``samples_per_prompt`` rows per prompt of ``split``, each answer drawn from p*; every row also carries
-        the truth (``truth``: p* over ``ANSWERS``, in order)."""
+        the truth (``truth``: p* over the task's answers, in order)."""
         rng = np.random.default_rng(seed)
         out = []
         for prompt in self.prompts[split]:
             p = self.truth(prompt)
-            for a in rng.choice(len(ANSWERS), size=samples_per_prompt, p=p):
-                out.append({"prompt": prompt.text, "answer": ANSWERS[a], "truth": [float(x) for x in p]})
+            for a in rng.choice(len(self.answers), size=samples_per_prompt, p=p):
+                out.append({"prompt": prompt.text, "answer": self.answers[a], "truth": [float(x) for x in p]})
         return out
 
 
@@ -89,15 +103,16 @@ class KnownTruth:
 BUILTIN_SAMPLES = {"train": 3, "teacher": 48, "validation": 1, "test": 1}
 
 
-def builtin_rows(split: str) -> list[dict[str, Any]]:
-    """The rows of ``builtin:known_truth`` (task seed 0): ``prompt``, ``answer`` (drawn from p*), ``truth``."""
+def builtin_rows(split: str, task: str = "text") -> list[dict[str, Any]]:
+    """The rows of ``builtin:known_truth`` (task seed 0; ``task``: its variant, :data:`TASKS`): ``prompt``,
+    ``answer`` (drawn from p*), ``truth``."""
     from specs import UserError
 
     if split not in BUILTIN_SAMPLES:
         raise UserError(f"builtin:known_truth has splits {list(BUILTIN_SAMPLES)}, not {split!r}: set data.train_split "
                         "/ data.eval_split")
     prompts = "train" if split == "teacher" else split
-    return KnownTruth(seed=0).rows(prompts, BUILTIN_SAMPLES[split], seed=list(BUILTIN_SAMPLES).index(split))
+    return KnownTruth(seed=0, task=task).rows(prompts, BUILTIN_SAMPLES[split], seed=list(BUILTIN_SAMPLES).index(split))
 
 
 @lru_cache(maxsize=1)

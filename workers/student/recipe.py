@@ -155,8 +155,9 @@ class StudentRecipe:
             if self.method.needs_teacher else None
         self.tracker = open_buffer(config["tracking_uri"], config["run_id"]) \
             if self.rank == 0 and config["run_id"] else None
-        # The exact-match term's side of the vocabulary maps (the teachers build the same ones).
-        self.vmaps = {t.name: teacher_map(t, job.student) for t in job.teachers} if self.identity.shared else {}
+        # The exact-match and projection terms' side of the vocabulary maps (the teachers build the same ones).
+        self.vmaps = {t.name: teacher_map(t, job.student) for t in job.teachers} \
+            if self.identity.needs_distribution else {}
         if self.tracker:  # a restarted run (a resumption, or a restart that lost its checkpoint) logs no step twice
             self.tracker.resume(self.start)
         if self.tracker and self.start == 0:  # params are write-once in MLflow: not again on resumption

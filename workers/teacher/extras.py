@@ -55,9 +55,11 @@ class Extras:
             s_answers = [list(a.ids) for a in answers] if answers is not None else self._prepared(rows, STUDENT)
             s_bounds = answer_bounds(self._tokenizer(self.student), s_answers)
             if logits is not None:
-                vmap = teacher_map(self.teacher, self.student) if identity.shared else None
+                vmap = teacher_map(self.teacher, self.student) if identity.needs_distribution else None
                 t_bounds = answer_bounds(self._tokenizer(self.teacher), answers_of(labels.tolist()))
-                payload.identity = compress_identity(logits, labels, t_bounds, vmap, top_k=identity.shared_top_k)
+                payload.identity = compress_identity(
+                    logits, labels, t_bounds, vmap, top_k=identity.shared_top_k, shared=identity.shared,
+                    projection_top_k=identity.projection_top_k if identity.projection else 0)
             else:
                 payload.identity = self._from_gold(token_logp, payload.lengths, rows, labels)
             payload.identity.student_bounds = s_bounds.to(payload.identity.bounds.device)
@@ -73,8 +75,9 @@ class Extras:
 
     def _from_gold(self, token_logp: torch.Tensor, lengths: torch.Tensor, rows: Rows,
                    labels: torch.Tensor | None = None) -> IdentityPayload:
-        """Chunk likelihoods only (no shared classes: they need the teacher's distribution). ``labels`` [B, L]: the
-        teacher's tokens of the scored text (-100 elsewhere), when it is not the prepared data's."""
+        """Chunk likelihoods only (no shared or projection classes: they need the teacher's distribution).
+        ``labels`` [B, L]: the teacher's tokens of the scored text (-100 elsewhere), when it is not the prepared
+        data's."""
         answers = answers_of(labels.tolist()) if labels is not None else self._prepared(rows, self.key)
         t_bounds = answer_bounds(self._tokenizer(self.teacher), answers)
         none = torch.empty(*token_logp.shape, 0)

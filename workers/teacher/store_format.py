@@ -128,11 +128,13 @@ def check_payload_settings(name: str, meta: StoreMeta, loss: Any) -> None:
                         + ", ".join(f"{k}: store {a!r}, job {b!r}" for k, (a, b) in diff.items())
                         + "; teach again with these settings, or make the store with --format hidden (exact for any "
                         "settings)")
-    if loss.spec.identity_config(loss.params).shared:
-        raise UserError(f"teacher {name}: loss.params.shared_weight needs the teacher's distribution over the tokens "
-                        "it shares with the student's vocabulary, which a payload store does not keep: make the store "
-                        "with --format hidden (exact for any student), or set shared_weight to 0 (chunk_weight works "
-                        "from a payload store)")
+    identity = loss.spec.identity_config(loss.params)
+    for param, on in (("shared_weight", identity.shared), ("projection_weight", identity.projection)):
+        if on:
+            raise UserError(f"teacher {name}: loss.params.{param} needs the teacher's distribution over the student's "
+                            "vocabulary classes, which a payload store does not keep: make the store with --format "
+                            f"hidden (exact for any student), or set {param} to 0 (chunk_weight works from a payload "
+                            "store)")
 
 
 def _short(value: Any) -> str:
