@@ -193,10 +193,30 @@ def compress_identity(teacher_logits: Tensor, teacher_labels: Tensor, bounds: Te
     if projection_top_k:
         if vmap is None or vmap.teacher_target is None:
             raise ValueError("projection_top_k > 0 needs a vocabulary map with the projection (mlot.vocab.vocab_map)")
-        mass = _class_mass(logp, vmap.teacher_target, int(vmap.target_members.shape[0]))
-        out.target_probs, out.targets = _top(mass, projection_top_k, mask, renormalise=False)
-        out.gold_target = vmap.teacher_target.to(gold.device)[gold].masked_fill(~mask, -1).int()
+        out.targets, out.target_probs, out.gold_target = projection_payload(logp, None, gold, mask, vmap,
+                                                                            projection_top_k)
     return out
+
+
+@torch.no_grad()
+def projection_payload(logp: Tensor, ids: Tensor | None, gold: Tensor, mask: Tensor, vmap: VocabMap, k: int
+                       ) -> tuple[Tensor, Tensor, Tensor]:
+    """The projection term's teacher side: (targets [B, T, k] int32, their probabilities, gold_target [B, T]).
+
+    Args:
+        logp: [B, T, V] the teacher's log-probabilities per answer row, or with ``ids`` [B, T, K] the K an engine
+            returned (its top K, ``mlot.top_logprobs``): each class's probability is then the mass of its
+            returned members, low by at most the row's unreturned mass (it joins the "rest" event of
+            :func:`projection_kl`), exact when every member of the kept classes was returned.
+        gold: [B, T] the gold token ids; mask: [B, T] the answer rows.
+    """
+    n = int(vmap.target_members.shape[0])
+    target = vmap.teacher_target.to(logp.device)
+    cls = target.expand_as(logp) if ids is None else target[ids]
+    mass = torch.zeros(*logp.shape[:2], n + 1, dtype=logp.dtype, device=logp.device)
+    mass.scatter_add_(-1, torch.where(cls >= 0, cls, n), logp.exp().masked_fill(~mask[..., None], 0.0))
+    probs, classes = _top(mass[..., :n], k, mask, renormalise=False)
+    return classes, probs, target[gold].masked_fill(~mask, -1).int()
 
 
 def _class_mass(logp: Tensor, cls: Tensor, n: int) -> Tensor:

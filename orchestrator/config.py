@@ -569,9 +569,8 @@ def _vllm_problems(job: JobConfig) -> list[tuple[str, Any, str]]:
             f"{engines} is vllm, which serves top-K log-probabilities: {why}; {fix}")
            for name, value, why in top_logprobs_problems(job.loss.payload_config())]
     identity = job.loss.spec.identity_config(job.loss.params)
-    for name, on, term in (("shared_weight", identity.shared, "exact-match"),
-                           ("projection_weight", identity.projection, "projection")):
-        if on:
-            out.append((f"loss.params.{name}", job.loss.params[name], f"{engines} is vllm: the {term} term needs the "
-                        f"teacher's mass on every token of a class (its whole distribution); set it to 0 ({fix})"))
+    if identity.shared:
+        out.append(("loss.params.shared_weight", job.loss.params["shared_weight"], f"{engines} is vllm: the "
+                    f"exact-match term needs the teacher's mass on every shared token (its whole distribution); set "
+                    f"it to 0 ({fix})"))
     return out

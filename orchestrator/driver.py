@@ -75,7 +75,8 @@ def pretrain_data(job: JobConfig, teacher: Any, data: Any) -> Any:
     split = teacher.pretrain.split
     if split is None or split == job.data.train_split:
         return data
-    other = job.model_copy(update={"data": job.data.model_copy(update={"train_split": split, "eval_split": None})})
+    rows = {"train_split": split, "eval_split": None, "eval_fraction": 0.0}  # every row of the split
+    other = job.model_copy(update={"data": job.data.model_copy(update=rows)})
     return prepare(other, job.data_cache, job.data.num_proc, say=say)
 
 

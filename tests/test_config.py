@@ -278,6 +278,8 @@ def test_a_vllm_teacher_is_refused_what_needs_full_logits(tmp_path: Path) -> Non
     shared = {"params": {"sd_temperature": 1.0, "shared_weight": 0.5}}
     for loss, field in (({"mode": "reference"}, "loss.mode"), (shared, "loss.params.shared_weight")):
         assert_names(error_of(tmp_path, {**data, "loss": {**data["loss"], **loss}}), field, "teachers.0.engine")
+    # the recommended cross-tokenizer loss needs only the top K: its projection comes from them
+    assert load_config(write(tmp_path, {**data, "loss": {"method": "aligned"}})).loss.method == "aligned"
     data["teachers"][0]["serving"] = {"max_batch_tokens": 4096}
     assert_names(error_of(tmp_path, data), "teachers.0.serving.max_batch_tokens", "engine: vllm")
     teacher = apply_overrides(cfg, [f"teachers.0.vllm.python={tmp_path}/none/python"]).teachers[0]

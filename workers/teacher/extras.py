@@ -19,8 +19,9 @@ from typing import Any, Sequence
 import torch
 
 import mlot
-from mlot.identity import IdentityPayload, answer_bounds, compress_identity
+from mlot.identity import IdentityPayload, answer_bounds, compress_identity, projection_payload
 from mlot.mixing import PER_SAMPLE_MIXES, nll_per_byte
+from mlot.top_logprobs import TopLogprobs
 from workers.data.encoding import answers_of
 from workers.data.prepared import STUDENT, Rows, open_data
 from workers.models import load_tokenizer
@@ -41,10 +42,10 @@ class Extras:
 
     def add(self, payload: mlot.TeacherPayload, loss: Any, rows: Rows, answers: Sequence[Any] | None = None,
             logits: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-            token_logp: torch.Tensor | None = None) -> mlot.TeacherPayload:
+            token_logp: torch.Tensor | None = None, top: TopLogprobs | None = None) -> mlot.TeacherPayload:
         """Set what ``loss`` (a ``LossConfig``) needs on ``payload``, from the teacher's answer logits [B, K, V]
         and labels [B, K], or (a payload store, a top-K engine) its gold tokens' log-probabilities [B, T], with
-        ``labels`` where the text is not the prepared data's.
+        ``labels`` where the text is not the prepared data's, and a top-K engine's ``top`` (the projection term).
 
         ``answers``: the student's generated answers (``workers.generation.Answer``) on an on-policy micro-batch.
         """
@@ -61,7 +62,11 @@ class Extras:
                     logits, labels, t_bounds, vmap, top_k=identity.shared_top_k, shared=identity.shared,
                     projection_top_k=identity.projection_top_k if identity.projection else 0)
             else:
-                payload.identity = self._from_gold(token_logp, payload.lengths, rows, labels)
+                # the teacher's tokens of the scored text: the prepared data's, or ``labels`` where it is not
+                t_answers = answers_of(labels.tolist()) if labels is not None else self._prepared(rows, self.key)
+                payload.identity = self._from_gold(token_logp, payload.lengths, t_answers)
+                if identity.projection:  # an engine's top K (the vLLM engine): the projection from them
+                    self._project(payload.identity, top, t_answers, identity.projection_top_k)
             payload.identity.student_bounds = s_bounds.to(payload.identity.bounds.device)
         if loss.teacher_mix in PER_SAMPLE_MIXES:
             texts = [a.text for a in answers] if answers is not None else [
@@ -73,15 +78,26 @@ class Extras:
                 payload.nll_per_byte = (-token_logp.sum(1) / n_bytes.clamp(min=1)).float()
         return payload
 
-    def _from_gold(self, token_logp: torch.Tensor, lengths: torch.Tensor, rows: Rows,
-                   labels: torch.Tensor | None = None) -> IdentityPayload:
-        """Chunk likelihoods only (no shared or projection classes: they need the teacher's distribution).
-        ``labels`` [B, L]: the teacher's tokens of the scored text (-100 elsewhere), when it is not the prepared
-        data's."""
-        answers = answers_of(labels.tolist()) if labels is not None else self._prepared(rows, self.key)
+    def _from_gold(self, token_logp: torch.Tensor, lengths: torch.Tensor, answers: list[list[int]]
+                   ) -> IdentityPayload:
+        """Chunk likelihoods only (no shared or projection classes: they need the teacher's distribution), of the
+        teacher's ``answers`` (token ids per row)."""
         t_bounds = answer_bounds(self._tokenizer(self.teacher), answers)
         none = torch.empty(*token_logp.shape, 0)
         return IdentityPayload(none.int(), none, token_logp, t_bounds[:, :token_logp.shape[1] + 1], lengths)
+
+    def _project(self, identity: IdentityPayload, top: TopLogprobs | None, answers: list[list[int]], k: int) -> None:
+        """Set the projection term's part of ``identity`` from an engine's top-K log-probabilities of the teacher's
+        ``answers``."""
+        if top is None:
+            raise ValueError(f"teacher {self.teacher.name}: the projection term needs the teacher's distribution "
+                             "(logits, or an engine's top K)")
+        gold = torch.zeros(top.ids.shape[:2], dtype=torch.long)
+        for b, a in enumerate(answers):
+            gold[b, :len(a)] = torch.tensor(a)
+        vmap = teacher_map(self.teacher, self.student)
+        identity.targets, identity.target_probs, identity.gold_target = projection_payload(
+            top.logp, top.ids, gold, top.mask, vmap, k)
 
     @staticmethod
     def _prepared(rows: Rows, key: str) -> list[list[int]]:

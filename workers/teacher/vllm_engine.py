@@ -132,10 +132,8 @@ class VllmTeacher:
         """Refuse a request's loss whose payload cannot be built from this engine's top-K log-probabilities."""
         cfg = loss.payload_config()
         problems = [f"{name}={value!r}: {why}" for name, value, why in top_logprobs_problems(cfg)]
-        identity = loss.spec.identity_config(loss.params)
-        problems += [f"{name} > 0: the {term} term needs the teacher's whole distribution" for name, on, term in
-                     (("shared_weight", identity.shared, "exact-match"),
-                      ("projection_weight", identity.projection, "projection")) if on]
+        if loss.spec.identity_config(loss.params).shared:
+            problems.append("shared_weight > 0: the exact-match term needs the teacher's whole distribution")
         if cfg.ranking == "token" and (cfg.top_k or 0) >= self.k:
             problems.append(f"top_k={cfg.top_k}: this engine returns {self.k} log-probabilities per row; raise "
                             f"teachers[{self.name}].vllm.max_logprobs to at least {(cfg.top_k or 0) + 1}")
@@ -162,7 +160,7 @@ class VllmTeacher:
         top = self.score(examples)
         payload = compress_top_logprobs(top, config)
         labels = None if answers is None else collate(examples, self.tokenizer.pad_token_id)["labels"]
-        self.extras.add(payload, loss or self.loss, rows, answers, labels=labels, token_logp=top.gold)
+        self.extras.add(payload, loss or self.loss, rows, answers, labels=labels, token_logp=top.gold, top=top)
         self.served_rows += len(rows.indices)
         self.served_requests += 1
         seconds = time.perf_counter() - t0
