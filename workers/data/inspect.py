@@ -355,9 +355,9 @@ def inspect_job(job: Any, n_rows: int = 8) -> Inspection:
                           f"{bad[0].reason}")
     findings = [Finding("bad_row", WARNING, "data.on_bad_row", f"{e} (the job stops at such a row unless "
                         "data.on_bad_row: skip)", (e.index,) if e.index is not None else ()) for e in bad]
-    chunk_weight = job.loss.spec.identity_config(job.loss.params).chunk_weight if job.loss.spec.identity else 0.0
+    identity = job.loss.spec.identity_config(job.loss.params) if job.loss.spec.identity else IdentityConfig()
     findings += (bos_findings(views, sides) + special_findings(views, sides)
-                 + digit_findings(views, sides, chunk_weight) + pad_findings(sides)
+                 + digit_findings(views, sides, identity.chunk_weight, identity.projection_weight) + pad_findings(sides)
                  + length_findings(views, sides, d.max_prompt_length, d.max_answer_length))
     counts = {"rows": len(views), "bad_rows": len(bad), "answers_cut": sum(r.cut for r in views),
               **{f"prompts_truncated.{s.field}": sum(r.encoded[s.field].prompt_full > d.max_prompt_length

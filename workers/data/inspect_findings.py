@@ -103,7 +103,8 @@ def special_findings(rows: Sequence[Any], sides: Sequence[Any]) -> list[Finding]
 _NUMBER = re.compile(r"\d{2,}")
 
 
-def digit_findings(rows: Sequence[Any], sides: Sequence[Any], chunk_weight: float) -> list[Finding]:
+def digit_findings(rows: Sequence[Any], sides: Sequence[Any], chunk_weight: float,
+                   projection_weight: float = 0.0) -> list[Finding]:
     """(c) Multi-digit numbers in the answers that one tokenizer splits into single digits while another keeps
     them whole or in multi-digit chunks: token positions stop lining up after every number."""
     numbered = [r for r in rows if _NUMBER.search(r.fields.get("answer", ""))]
@@ -122,6 +123,12 @@ def digit_findings(rows: Sequence[Any], sides: Sequence[Any], chunk_weight: floa
             f"{', '.join(s.name for s in whole)} keep(s) them whole or in multi-digit chunks (e.g. "
             f"{_NUMBER.search(first.fields['answer']).group()!r}: {shown}): the token-level terms pair positions "
             "that hold different digits from the first number on")
+    if projection_weight > 0:  # measured: docs/quality.md, the known-truth study's numbers variant
+        return [Finding("digits", WARNING, "loss.params.projection_weight",
+                        f"{told}; the projection term sends each whole number to its first digit, and on the "
+                        "known-truth study's numbers variant it made students worse than SFT (+0.28 nats, "
+                        "docs/quality.md): set projection_weight to 0 for such answers",
+                        tuple(r.record for r in numbered))]
     if chunk_weight > 0:
         return [Finding("digits", NOTE, f"{single[0].field}.tokenizer",
                         f"{told}; the chunk-likelihood term (loss.params.chunk_weight={chunk_weight}) compares whole "
