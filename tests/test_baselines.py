@@ -114,5 +114,5 @@ def test_mined_moves_teacher_mass_onto_mapped_student_tokens():
 
 
 def test_method_registry_has_every_method():
-    assert set(mlot.METHODS) == {"multilevel_ot", "uld", "sft", "kl", "mined"}
+    assert set(mlot.METHODS) == {"multilevel_ot", "uld", "sft", "kl", "mined", "aligned"}
     assert [m.name for m in mlot.METHODS.values() if not m.needs_teacher] == ["sft"]
