@@ -210,17 +210,15 @@ def projection_payload(logp: Tensor, ids: Tensor | None, gold: Tensor, mask: Ten
             :func:`projection_kl`), exact when every member of the kept classes was returned.
         gold: [B, T] the gold token ids; mask: [B, T] the answer rows.
     """
-    n = int(vmap.target_members.shape[0])
     target = vmap.teacher_target.to(logp.device)
-    cls = target.expand_as(logp) if ids is None else target[ids]
-    mass = torch.zeros(*logp.shape[:2], n + 1, dtype=logp.dtype, device=logp.device)
-    mass.scatter_add_(-1, torch.where(cls >= 0, cls, n), logp.exp().masked_fill(~mask[..., None], 0.0))
-    probs, classes = _top(mass[..., :n], k, mask, renormalise=False)
+    mass = _class_mass(logp, target if ids is None else target[ids], int(vmap.target_members.shape[0]))
+    probs, classes = _top(mass, k, mask, renormalise=False)
     return classes, probs, target[gold].masked_fill(~mask, -1).int()
 
 
 def _class_mass(logp: Tensor, cls: Tensor, n: int) -> Tensor:
-    """[B, T, n] the probability of each class: ``exp(logp)`` [B, T, V] summed by ``cls`` [V] (-1: no class)."""
+    """[B, T, n] the probability of each class: ``exp(logp)`` [B, T, V] summed by ``cls`` [V], or [B, T, V] per
+    row (an engine's top K), -1: no class. Rows past an answer are the caller's to mask."""
     cls = cls.to(logp.device)
     mass = torch.zeros(*logp.shape[:2], n + 1, dtype=logp.dtype, device=logp.device)
     mass.scatter_add_(-1, torch.where(cls >= 0, cls, n).expand_as(logp), logp.exp())
