@@ -209,11 +209,34 @@ def projection_payload(logp: Tensor, ids: Tensor | None, gold: Tensor, mask: Ten
             returned members, low by at most the row's unreturned mass (it joins the "rest" event of
             :func:`projection_kl`), exact when every member of the kept classes was returned.
         gold: [B, T] the gold token ids; mask: [B, T] the answer rows.
+
+    Where the gold token starts a word (:func:`word_start`), the probabilities are given that a word starts
+    there: over the teacher's word-start tokens only (``VocabMap.teacher_start``), renormalised. From a top K
+    the normaliser counts the unreturned mass U as if it all started words: a class stays low, by at most
+    U / (S + U) (S: the returned word-start mass).
     """
     target = vmap.teacher_target.to(logp.device)
+    gold_target = target[gold].masked_fill(~mask, -1)
+    if vmap.teacher_start is not None:
+        start = vmap.teacher_start.to(logp.device)
+        given = word_start(gold_target, vmap)[..., None]
+        starts = logp.masked_fill(given & ~(start if ids is None else start[ids]), float("-inf"))
+        norm = starts.logsumexp(-1, keepdim=True)
+        if ids is not None:  # + the unreturned mass
+            norm = norm.exp().add((1 - logp.exp().sum(-1, keepdim=True)).clamp(min=0)).log()
+        logp = torch.where(given, starts - norm.clamp(min=torch.finfo(logp.dtype).min), logp)
     mass = _class_mass(logp, target if ids is None else target[ids], int(vmap.target_members.shape[0]))
     probs, classes = _top(mass, k, mask, renormalise=False)
-    return classes, probs, target[gold].masked_fill(~mask, -1).int()
+    return classes, probs, gold_target.int()
+
+
+def word_start(gold_target: Tensor, vmap: VocabMap) -> Tensor:
+    """[B, T] bool: the teacher's gold token is a word start (EOS included) in a map that conditions on it
+    (:mod:`mlot.vocab`): there the projection term compares the two models given that a word starts."""
+    if vmap.teacher_start is None:
+        return torch.zeros_like(gold_target, dtype=torch.bool)
+    start = vmap.target_start.to(gold_target.device)
+    return (gold_target >= 0) & start[gold_target.long().clamp(min=0)]
 
 
 def _class_mass(logp: Tensor, cls: Tensor, n: int) -> Tensor:
@@ -376,6 +399,16 @@ def projection_kl(student_logits: Tensor, student_labels: Tensor, student_bounds
     the class of the teacher's gold token there (the teacher writes " kernels" as "▁k|ern|els": the student's
     "kernel" begins with "▁k" here, though ``f`` sends it to "▁kernel").
 
+    Where the teacher's gold token starts a word both sides are given that a word starts there
+    (:func:`projection_payload`; the student's softmax over its word-start tokens, ``VocabMap.student_start``):
+    their mass on continuing the previous word is not comparable. After "field" a teacher that writes
+    "▁field|s" puts the mass of "fields" on "s"; a WordPiece student wrote "fields" as one token a step earlier
+    and never writes "field" + "##s". A position where only the teacher's token starts a word is skipped.
+
+    The end of the answer (the teacher's gold EOS, ``VocabMap.eos_target``) is skipped too: CE scores it from
+    the labels, and there the term only re-weights a near-certain token. Measured (docs/quality.md), it slowed
+    learning as much as weighting CE on the EOS token 4x does.
+
     Args:
         student_logits: [B, L_s, V_s]; student_labels: [B, L_s]; student_bounds: [B, >= T_s + 1].
         payload: :func:`compress_identity` with ``projection_top_k`` > 0, of the same B answers.
@@ -389,16 +422,26 @@ def projection_kl(student_logits: Tensor, student_labels: Tensor, student_bounds
     s_bounds = student_bounds[:, :index.shape[1] + 1].to(device).long()
     match = _starts_match(payload.bounds.to(device).long(), payload.lengths.to(device), s_bounds, s_len)
     at = _last_teacher_at(match)                                                        # [B, T_s]
-    has = at >= 0
     k = payload.targets.shape[-1]
     pick = lambda t, n: t.to(device).gather(1, at.clamp(min=0)[..., None].expand(-1, -1, n))  # noqa: E731
     classes, p = pick(payload.targets, k).long(), pick(payload.target_probs, k).to(dtype)   # [B, T_s, k]
-    members = _members_in_context(vmap.target_members.to(device)[classes.clamp(min=0)], classes,
-                                  rows.at(index, has, rows.gold), pick(payload.gold_target[..., None], 1).long())
+    t_gold = pick(payload.gold_target[..., None], 1).long()                             # [B, T_s, 1]
+    has = (at >= 0) & ((t_gold[..., 0] != vmap.eos_target) | (vmap.eos_target < 0))      # the end is CE's
+    s_gold = rows.at(index, has, rows.gold)
+    members = _members_in_context(vmap.target_members.to(device)[classes.clamp(min=0)], classes, s_gold, t_gold)
+    given = word_start(t_gold[..., 0], vmap) & has          # the teacher's probabilities are given a word start
+    s_start = None if vmap.student_start is None else vmap.student_start.to(device)
+    if s_start is not None:
+        has = has & ~(given & ~s_start[s_gold])              # a word starts on the teacher's side only: skipped
+        given = given & has
+        members = members.masked_fill(given[..., None, None] & ~s_start[members.clamp(min=0)], -1)
     empty = (classes < 0) | (members < 0).all(-1)                                      # [B, T_s, k]
     p = p.masked_fill(empty, 0.0)
-    logq = rows.log_softmax_at(index, has, members.clamp(min=0).flatten(2))[0].view(members.shape)
-    logq = logq.masked_fill(members < 0, float("-inf"))
+    columns = members.clamp(min=0).flatten(2)
+    logq = rows.log_softmax_at(index, has & ~given, columns)[0]
+    if s_start is not None:  # given a word start: the softmax over the student's word-start tokens
+        logq = torch.where(given[..., None], rows.log_softmax_at(index, given, columns, subset=s_start)[0], logq)
+    logq = logq.view(members.shape).masked_fill(members < 0, float("-inf"))
     logq[..., 0] = logq[..., 0].masked_fill(empty, 0.0)  # a finite stand-in (its p is 0): no NaN gradient
     log_big_q = logq.logsumexp(-1).masked_fill(empty, 0.0)                              # [B, T_s, k]
     tiny = torch.finfo(dtype).tiny

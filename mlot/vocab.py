@@ -16,6 +16,12 @@ continue one. Two relations are built on the keys:
   "fresh", a token it never writes here). The map ignores context (the teacher writes " kernels" as
   "▁k|ern|els" but " kernel" as "▁kernel"): the loss corrects it for the gold tokens, where the context is
   known (:func:`mlot.identity.projection_kl`).
+
+Both relations also mark which tokens *start a word* (the EOS token included): where both answers' tokens
+start a word, the projection compares the two models given that a new word comes next, because what they
+say about continuing the previous word is not comparable: after its token "field" a WordPiece student writes
+"fields" as one other token, never as "field" + "##s", while a teacher that writes "▁field|s" puts the mass
+of "fields" there on "s".
 """
 
 from __future__ import annotations
@@ -51,6 +57,11 @@ class VocabMap:
             with it); teacher tokens with one key share a class. None on a map built without the projection.
         target_members: [P, m_p] long, the student ids projected onto each class (-1 padded).
         student_target: [V_s] long, the class each student token is projected onto (-1: none).
+        teacher_start: [V_t] bool, the teacher tokens that start a word (a bare space piece and EOS included);
+            None where the two vocabularies are one (nothing needs conditioning).
+        target_start: [P] bool, the projection classes of word-start keys (EOS included).
+        student_start: [V_s] bool, the student tokens that start a word (EOS included).
+        eos_target: the projection class of the two EOS tokens (-1: none).
     """
 
     teacher_class: Tensor
@@ -60,6 +71,10 @@ class VocabMap:
     teacher_target: Tensor | None = None
     target_members: Tensor | None = None
     student_target: Tensor | None = None
+    teacher_start: Tensor | None = None
+    target_start: Tensor | None = None
+    student_start: Tensor | None = None
+    eos_target: int = -1
 
 
 def token_key(token: str, wordpiece: bool, lower: bool) -> tuple[bool, str] | None:
@@ -96,7 +111,7 @@ def vocab_map(teacher_tokenizer: Any, student_tokenizer: Any) -> VocabMap:
         ids = torch.arange(v_t)
         return VocabMap(ids, ids[:, None], torch.ones(v_s, dtype=torch.bool),
                         {"teacher": 1.0, "student": 1.0, "classes": float(v_t), "projected": 1.0,
-                         "targets": float(v_t)}, ids, ids[:, None], ids)
+                         "targets": float(v_t)}, ids, ids[:, None], ids, eos_target=_eos(teacher_tokenizer))
     lower = _uncased(teacher_tokenizer, t_vocab) or _uncased(student_tokenizer, s_vocab)
     t_keys, s_keys = _keys(teacher_tokenizer, t_vocab, lower), _keys(student_tokenizer, s_vocab, lower)
     teacher_class, members = _classes(t_keys, {i: k for i, k in s_keys.items() if k is not None}, v_t)
@@ -108,11 +123,21 @@ def vocab_map(teacher_tokenizer: Any, student_tokenizer: Any) -> VocabMap:
     student_target = torch.full((v_s,), -1, dtype=torch.long)
     kept = target_members >= 0
     student_target[target_members[kept]] = torch.arange(target_members.shape[0])[:, None].expand_as(kept)[kept]
+    teacher_start = _starts(t_vocab, t_keys, v_t)
+    target_start = torch.zeros(target_members.shape[0], dtype=torch.bool)
+    target_start[teacher_target[teacher_start & (teacher_target >= 0)]] = True
     coverage = {"teacher": float((teacher_class >= 0).float().mean()), "student": float(student_shared.float().mean()),
                 "classes": float(members.shape[0] if (teacher_class >= 0).any() else 0),
                 "projected": float((target_members >= 0).sum()) / v_s,
                 "targets": float(target_members.shape[0] if (teacher_target >= 0).any() else 0)}
-    return VocabMap(teacher_class, members, student_shared, coverage, teacher_target, target_members, student_target)
+    eos = _eos(teacher_tokenizer)
+    return VocabMap(teacher_class, members, student_shared, coverage, teacher_target, target_members, student_target,
+                    teacher_start, target_start, _starts(s_vocab, s_keys, v_s),
+                    int(teacher_target[eos]) if eos >= 0 else -1)
+
+
+def _eos(tokenizer: Any) -> int:
+    return -1 if tokenizer.eos_token_id is None else int(tokenizer.eos_token_id)
 
 
 def _classes(t_keys: dict[int, tuple[bool, str] | None], s_keys: dict[int, tuple[bool, str]],
@@ -153,6 +178,14 @@ def _first_pieces(teacher_tokenizer: Any, t_keys: dict[int, tuple[bool, str] | N
                     out[i] = (False, text[:n])
                     break
     out.update({i: k for i, k in s_keys.items() if k == (True, "</eos>")})
+    return out
+
+
+def _starts(vocab: dict[str, int], keys: dict[int, tuple[bool, str] | None], v: int) -> Tensor:
+    """[V] bool: the tokens whose key starts a word, EOS and bare space pieces ("▁", "Ġ") included."""
+    out = torch.zeros(v, dtype=torch.bool)
+    out[[i for i, k in keys.items() if k is not None and k[0]]] = True
+    out[[i for t, i in vocab.items() if t in ("▁", "Ġ")]] = True
     return out
 
 

@@ -136,7 +136,8 @@ def test_zero2_two_workers_reference_mode_batched_teacher_end_to_end(tmp_path, r
 
     # The same job from a teacher store (mlot teach; final hidden states in fp32 + the LM head: exact in
     # reference mode too, whose ranking couples each micro-batch, and for the identity terms), each micro-batch
-    # served alone: the same loss at every step as the batched live teacher's.
+    # served alone: the same loss at every step as the batched live teacher's, to fp32 rounding (the store applies
+    # the LM head to its own rows: a matmul of another shape, and a logit can differ by an ulp).
     from orchestrator.configuration import apply_overrides
     from orchestrator.teach import run_teach
     store = run_teach(job, fmt="hidden", hidden_dtype="float32")["teacher-sp"]
@@ -144,7 +145,7 @@ def test_zero2_two_workers_reference_mode_batched_teacher_end_to_end(tmp_path, r
     served = run_distill(apply_overrides(job, ["name=z2-store", f"teachers.0.store={store}", "train.eval_every=null",
                                                "train.checkpoint_every=4"]), evaluate=False)
     want, got = dict(_history(s, "train/loss")), dict(_history(served, "train/loss"))
-    assert sorted(got) == [1, 2, 3, 4] and all(abs(got[k] - want[k]) <= 1e-6 for k in want), (want, got)
+    assert sorted(got) == [1, 2, 3, 4] and all(abs(got[k] - want[k]) <= 1e-6 * abs(want[k]) for k in want), (want, got)
 
 
 def _zero3_release_after_use(tmp_path) -> str:

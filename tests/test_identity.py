@@ -46,6 +46,7 @@ def test_vocab_map_on_real_pairs_matches_equal_strings_and_reports_coverage(toks
     assert sent("wild") == {target(sp, "▁wild")} and sent("##berries") == {target(sp, "berries")}
     assert sent("1984") == sent("120") == {target(sp, "1")} and sent("365") == {target(sp, "3")}
     assert sent("[unused7]") == set()  # reserved entries have no string
+    assert m.eos_target == target(sp, "</s>") == sent("[SEP]").pop() >= 0  # the end: the term skips it
     # coverage measured on these vocabularies (SentencePiece v1 32,000; BERT uncased 30,522; Tekken 131,072)
     assert m.coverage == pytest.approx({"teacher": 0.491, "student": 0.390, "classes": 11913, "projected": 0.956,
                                         "targets": 12415}, abs=1e-3)
@@ -209,18 +210,64 @@ def test_projection_kl_is_the_kl_of_the_pushed_forward_distributions_on_a_worked
     student_groups = {0: ([0, 3], [1], [2, 4]), 1: ([0, 3], [], [2, 4, 1])}  # position 1: gold 1 moved to class 2
     for k in (3, 1):
         payload = compress_identity(t_logits, t_labels, t_bounds, vmap, projection_top_k=k, shared=False)
-        want = []
-        for i, j in ((0, 1), (1, 2)):
-            p = torch.stack([t_p[j][c].sum() for c in teacher_groups])
-            q = torch.stack([s_q[i][c].sum() if c else torch.tensor(0.0, dtype=torch.float64)
-                             for c in student_groups[i]])
-            keep = [c for c in p.argsort(descending=True)[:k].tolist() if student_groups[i][c]]
-            p_k, q_k = p[keep], q[keep]
-            p_k, q_k = torch.cat([p_k, 1 - p_k.sum(0, keepdim=True)]), torch.cat([q_k, 1 - q_k.sum(0, keepdim=True)])
-            want.append(float((p_k * (p_k / q_k).log()).sum()))
+        want = [_textbook_kl(t_p[j], s_q[i], teacher_groups, student_groups[i], k) for i, j in ((0, 1), (1, 2))]
         r = projection_kl(s_logits, s_labels, s_bounds, payload, vmap)
         assert r.projected.tolist() == [2] and payload.gold_target.tolist() == [[-1, 0, 2]]
         assert float(r.distill) == pytest.approx(sum(want) / 2, rel=1e-10), k
+
+
+def _textbook_kl(p: torch.Tensor, q: torch.Tensor, teacher_groups, student_groups, k: int) -> float:
+    """KL over the teacher's k most probable classes + the rest, each class's mass summed over its members."""
+    zero = torch.tensor(0.0, dtype=torch.float64)
+    p = torch.stack([p[c].sum() for c in teacher_groups])
+    q = torch.stack([q[c].sum() if c else zero for c in student_groups])
+    keep = [c for c in p.argsort(descending=True)[:k].tolist() if student_groups[c]]
+    p_k, q_k = p[keep], q[keep]
+    p_k, q_k = torch.cat([p_k, 1 - p_k.sum(0, keepdim=True)]), torch.cat([q_k, 1 - q_k.sum(0, keepdim=True)])
+    return float(torch.where(p_k > 0, p_k * (p_k / q_k).log(), zero).sum())
+
+
+def test_projection_is_given_a_word_start_where_the_teachers_gold_token_starts_one():
+    """The worked case above with word starts marked: teacher tokens 0, 1, 3 and the unmapped 4 start words
+    (classes 0 and 2 are word starts), student tokens 0, 1, 3 and 5. Both gold tokens of the teacher start
+    words, so at both positions the teacher's distribution is taken over its word-start tokens and the
+    student's softmax over its own (a student member that does not start a word leaves its class). When the
+    student's gold token at position 1 does not start a word, that position is not compared; nor is it when
+    the teacher's gold token there is EOS."""
+    V_t, V_s = 5, 6
+    g = torch.Generator().manual_seed(11)
+    t_logits, s_logits = torch.randn(1, 4, V_t, generator=g, dtype=torch.float64), torch.randn(
+        1, 3, V_s, generator=g, dtype=torch.float64)
+    t_labels, s_labels = torch.tensor([[-100, 4, 0, 3]]), torch.tensor([[-100, 3, 1]])
+    t_start = torch.tensor([True, True, False, True, True])
+    base = (torch.full((V_t,), -1), torch.zeros(1, 1, dtype=torch.long), torch.zeros(V_s, dtype=torch.bool), {},
+            torch.tensor([0, 0, 1, 2, -1]), torch.tensor([[0, 3], [1, -1], [2, 4]]), torch.tensor([0, 1, 2, 0, 2, -1]),
+            t_start, torch.tensor([True, False, True]))
+    t_bounds, s_bounds = pad_bounds([[0, 0, 2, 4]]), pad_bounds([[0, 2, 4]])
+
+    def given(logits, start):
+        return torch.softmax(logits.masked_fill(~start, float("-inf")), -1)
+
+    teacher_groups = ([0, 1], [2], [3])
+    s_start, s_start_without_1 = torch.tensor([True, True, False, True, False, True]), torch.tensor(
+        [True, False, False, True, False, True])
+    for k in (3, 2):
+        payload = compress_identity(t_logits, t_labels, t_bounds, VocabMap(*base, s_start), projection_top_k=k,
+                                    shared=False)
+        student_groups = {0: ([0, 3], [1], []), 1: ([0, 3], [], [1])}  # members that start words; gold 1 moved
+        want = [_textbook_kl(given(t_logits[0, j], t_start), given(s_logits[0, i], s_start), teacher_groups,
+                             student_groups[i], k) for i, j in ((0, 1), (1, 2))]
+        r = projection_kl(s_logits, s_labels, s_bounds, payload, VocabMap(*base, s_start))
+        assert r.projected.tolist() == [2]
+        assert float(r.distill) == pytest.approx(sum(want) / 2, rel=1e-10), k
+        # the teacher's gold token at position 1 (class 2) made EOS: the end is CE's, not compared
+        end = projection_kl(s_logits, s_labels, s_bounds, payload, VocabMap(*base, s_start, eos_target=2))
+        assert end.projected.tolist() == [1] and float(end.distill) == pytest.approx(want[0], rel=1e-10)
+        skipped = projection_kl(s_logits, s_labels, s_bounds, payload, VocabMap(*base, s_start_without_1))
+        assert skipped.projected.tolist() == [1]
+        assert float(skipped.distill) == pytest.approx(_textbook_kl(
+            given(t_logits[0, 1], t_start), given(s_logits[0, 0], s_start_without_1), teacher_groups,
+            ([0, 3], [], []), k), rel=1e-10)
 
 
 def test_relabelling_the_teachers_vocabulary_moves_the_projection_but_not_the_sorted_terms(toks):
