@@ -48,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import mlot
 from mlot.identity import IdentityConfig, answer_bounds, compress_identity
+from mlot.methods import ALIGNED_DEFAULTS
 from mlot.mixing import PER_SAMPLE_MIXES, nll_per_byte
 from mlot.vocab import vocab_map
 from orchestrator.config import OnPolicyConfig, TrainConfig
@@ -139,6 +140,8 @@ PROJECTION_ARMS: dict[str, Arm] = {
     "MultiLevelOT (tuned)": Arm("multilevel_ot", params=TUNED_MLOT, teachers=("sp",)),
     "vocabulary projection": Arm(teachers=("sp",), identity=PROJECTION),
     "aligned chunks + projection": Arm(teachers=("sp",), identity=replace(PROJECTION, chunk_weight=1.0)),
+    # the ``aligned`` method's defaults (chosen by both task variants: docs/quality.md)
+    "aligned (its defaults)": Arm(teachers=("sp",), identity=IdentityConfig(**ALIGNED_DEFAULTS)),
 }
 
 

@@ -3,8 +3,8 @@
 Of each answer row (row p of a sample when its label p + 1 is not ignored; N rows in all) a loss needs a few
 numbers, never the whole distribution:
 
-* normalisers ``lse = logsumexp(z / tau)`` over the vocabulary or a subset of it (the exact-match term's shared
-  vocabulary), computed without a graph;
+* normalisers ``lse = logsumexp(z / tau)``, computed without a graph: over the vocabulary (every row, once) or
+  over a subset of it (the exact-match term's shared vocabulary, the projection's word starts: the rows it reads);
 * log-probabilities ``z[c] / tau - lse`` at a few columns c per row, differentiable: the label (CE, the
   aligned-chunk term), the k ranked columns (MultiLevelOT, ULD, KL), a shared class's members;
 * for the rankings, no-grad statistics: per-sample column totals, per-row top-k.
@@ -63,7 +63,7 @@ class AnswerRows:
         self._flat = torch.full(labels.shape, -1, dtype=torch.long, device=labels.device)
         self._flat[self.sample, self.pos] = torch.arange(len(self.sample), device=labels.device)
         self.chunk = _chunk(1, logits.shape[-1], logits.device)
-        self._lse: dict[tuple[float, int], tuple[Tensor | None, Tensor]] = {}
+        self._lse: dict[float, Tensor] = {}
         self._gold: dict[bool, Tensor] = {}
         self._sink = _GradSink()
         self._token: Tensor | None = None
@@ -124,16 +124,24 @@ class AnswerRows:
             self._gold[graph] = self.log_probs(rows, self.gold[:, None])[0][:, 0]
         return self._gold[graph]
 
-    def lse(self, tau: float = 1.0, subset: Tensor | None = None) -> Tensor:
-        """[N] ``logsumexp(z / tau)`` of every row (over ``subset`` [V] bool when given); no gradient."""
-        key = (float(tau), id(subset))
-        if key not in self._lse:
-            self.scan([tau], subset=subset)
-        return self._lse[key][1]
+    def lse(self, tau: float = 1.0) -> Tensor:
+        """[N] ``logsumexp(z / tau)`` of every row; no gradient."""
+        if float(tau) not in self._lse:
+            self.scan([tau])
+        return self._lse[float(tau)]
 
     @torch.no_grad()
-    def scan(self, temperatures: Sequence[float], weights: Tensor | None = None, top_k: int | None = None,
-             subset: Tensor | None = None) -> tuple[Tensor | None, Tensor | None]:
+    def _subset_lse(self, rows: Tensor, tau: float, subset: Tensor) -> Tensor:
+        """[Q] ``logsumexp(z / tau)`` over the ``subset`` [V] bool of the answer rows ``rows`` [Q] only: a term on a
+        subset reads a few rows (aligned word starts), so it pays a pass over those, not over all N."""
+        out = torch.empty(len(rows), dtype=self.dtype, device=self.logits.device)
+        for r0, r1, _, z in _blocks(self.logits, self.row[rows], self.chunk, self.dtype):
+            out[r0:r1] = _lse_rows(_scaled(z, tau, subset))[0]
+        return out
+
+    @torch.no_grad()
+    def scan(self, temperatures: Sequence[float], weights: Tensor | None = None, top_k: int | None = None
+             ) -> tuple[Tensor | None, Tensor | None]:
         """One pass over the rows: the normaliser of each temperature (kept for :meth:`lse`) and, at the first,
         the column totals ``sum_n weights[n] * softmax(z_n / tau)`` per sample [B, V] (when ``weights`` [N] is
         given) and each row's ``top_k`` most probable columns [N, k] (when given)."""
@@ -144,7 +152,7 @@ class AnswerRows:
         top = None if top_k is None else torch.empty(self.n, top_k, dtype=torch.long, device=device)
         for r0, r1, _, z in _blocks(self.logits, self.row, self.chunk, self.dtype):
             for j, tau in enumerate(temperatures):
-                row_lse, log_p = _lse_rows(_scaled(z, tau, subset))
+                row_lse, log_p = _lse_rows(_scaled(z, tau, None))
                 lse[j][r0:r1] = row_lse
                 if j == 0 and (totals is not None or top is not None):
                     p = log_p.exp_()
@@ -153,14 +161,14 @@ class AnswerRows:
                     if top is not None:
                         top[r0:r1] = p.topk(top_k, dim=-1).indices
         for tau, x in zip(temperatures, lse):
-            self._lse[(float(tau), id(subset))] = (subset, x)  # the key's tensor stays alive with its entry
+            self._lse[float(tau)] = x
         return totals, top
 
     def log_probs(self, rows: Tensor, columns: Tensor, temperatures: Sequence[float] = (1.0,),
                   subset: Tensor | None = None) -> tuple[Tensor, ...]:
         """``log_softmax(z / tau)[columns]`` of answer rows ``rows`` [Q] (ids, repeats allowed) at ``columns``
         [Q, k] (long): one [Q, k] tensor per temperature, differentiable in the logits."""
-        lse = [self.lse(tau, subset)[rows] for tau in temperatures]
+        lse = [self.lse(tau)[rows] if subset is None else self._subset_lse(rows, tau, subset) for tau in temperatures]
         if self._token is None and torch.is_grad_enabled() and self.logits.requires_grad:
             self._token = _Sink.apply(self.logits, self._sink)
         return _Read.apply(self._token, self.logits, self._sink, self.row[rows], columns,

@@ -98,7 +98,8 @@ def _keys(tokenizer: Any, vocab: dict[str, int], lower: bool) -> dict[int, tuple
     wordpiece = sum(t.startswith("##") for t in vocab) > 0.05 * len(vocab)  # a few "##" tokens exist anywhere
     special = set(tokenizer.all_special_ids)
     keys = {i: None if i in special else token_key(t, wordpiece, lower) for t, i in vocab.items()}
-    keys[tokenizer.eos_token_id] = (True, "</eos>")  # the two EOS tokens correspond
+    if (eos := _eos(tokenizer)) >= 0:
+        keys[eos] = (True, "</eos>")  # the two EOS tokens correspond
     return keys
 
 
@@ -137,6 +138,7 @@ def vocab_map(teacher_tokenizer: Any, student_tokenizer: Any) -> VocabMap:
 
 
 def _eos(tokenizer: Any) -> int:
+    """The EOS token's id, -1 when the tokenizer has none."""
     return -1 if tokenizer.eos_token_id is None else int(tokenizer.eos_token_id)
 
 

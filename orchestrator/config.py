@@ -414,7 +414,7 @@ class TrainConfig(_Section):
 class EvalConfig(_Section):
     """The end-of-job scoring of the exported student (greedy answers, scored as ``metric`` says)."""
 
-    max_rows: int | None = Field(200, ge=1, description="Score a seeded sample of at most this many eval rows (null: all); eval CE during training reads train.eval_rows of them.")
+    max_rows: int | None = Field(200, ge=0, description="Score a seeded sample of at most this many eval rows (null: all; 0: no end-of-job scoring); eval CE during training reads train.eval_rows of them.")
     num_tasks: int = Field(2, ge=1, description="Ray tasks the scored rows are split over (each loads the student once).")
     metric: Literal["qa", "rouge", "all"] = Field("qa", description="What the scoring measures: qa (exact match + F1), rouge (ROUGE-Lsum, for summaries) or all; the exported student's mlot eval uses it too.")
 

@@ -178,9 +178,9 @@ def run_distill(job: JobConfig, *, resume: bool = False, teachers: dict[str, lis
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from workers.student import checkpoint
-    from workers.student.console import Console
+    from workers.student.console import Console, StopSignal
     from workers.student.engine import deepspeed_config
-    from workers.student.recipe import StopSignal, train_loop_per_worker
+    from workers.student.recipe import train_loop_per_worker
 
     run_path = job.run_path
     state_file = storage.join(run_path, "run.json")
@@ -191,10 +191,10 @@ def run_distill(job: JobConfig, *, resume: bool = False, teachers: dict[str, lis
         raise UserError(f"--resume: {run_path} was trained with other model/data/loss settings; "
                         "resume with the config it was started with (steps may change)")
 
-    data = data or (_prepared_before(previous) if resume else None) or prepare_data(job)
-    connect_ray(job)
+    connect_ray(job)  # a wrong address or token, or a cluster that cannot hold the job, fails before tokenising
     job = with_replicas(job)  # replicas: auto, from the cluster's nodes
     check_placeable(job, teachers=teachers is None and job.loss.spec.needs_teacher)
+    data = data or (_prepared_before(previous) if resume else None) or prepare_data(job)
     uri, run_id = start_tracking(job, previous["run_id"] if resume else None, parent_run_id)
     ray_name = previous["ray_name"] if resume else f"{job.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     state = {"run_id": run_id, "ray_name": ray_name, "fingerprint": fingerprint(job), "data": asdict(data)}
@@ -346,7 +346,7 @@ def evaluate_export(job: JobConfig, export_dir: str, data: Any) -> dict[str, flo
     from workers.data.prepared import open_data
 
     n_eval = data.sizes.get("eval", 0)
-    if not n_eval:
+    if not n_eval or job.eval.max_rows == 0:
         return {}
     picks = list(range(n_eval))
     if job.eval.max_rows is not None and n_eval > job.eval.max_rows:

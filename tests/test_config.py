@@ -231,14 +231,14 @@ def test_identity_terms_are_params_of_the_ot_methods_and_checked(tmp_path: Path)
 
 def test_the_quickstart_runs_the_known_truth_task_with_the_aligned_defaults() -> None:
     """``mlot quickstart``'s job: the teacher pre-trains on the task's 48-labels-per-prompt split, the students
-    learn from 3 and are scored on the held-out prompts; ``aligned`` is CE + chunks (1) + projection (3) by
-    default, its payload's own part the smallest (top 1, no SD)."""
+    learn from 3 and are scored on the held-out prompts; ``aligned`` is CE + projection (1) by default (the
+    chunks off), its payload's own part the smallest (top 1, no SD)."""
     from orchestrator.cli import QUICKSTARTS, bundled_config
     cfg = load_config(bundled_config(QUICKSTARTS["truth"]))
     assert cfg.data.source == "builtin:known_truth" and (cfg.data.train_split, cfg.data.eval_split) == ("train", "test")
     assert cfg.teachers[0].pretrain.split == "teacher" and cfg.loss.method == "aligned"
     ident = cfg.loss.spec.identity_config(cfg.loss.params)
-    assert (ident.chunk_weight, ident.projection_weight, ident.shared_weight) == (1.0, 3.0, 0.0)
+    assert (ident.chunk_weight, ident.projection_weight, ident.shared_weight) == (0.0, 1.0, 0.0)
     assert cfg.loss.spec.identity_config({"projection_weight": 0.5}).projection_weight == 0.5
     assert (cfg.loss.payload_config().top_k, cfg.loss.payload_config().use_sd) == (1, False)
 

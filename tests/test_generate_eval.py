@@ -175,7 +175,7 @@ def test_generate_distill_eval_end_to_end(tmp_path, ray_cluster, monkeypatch):
     raw = unlabeled.model_dump(mode="json")
     raw["teachers"].append({**raw["teachers"][0], "name": "teacher-random", "pretrain": {"steps": 0}})
     raw["loss"]["teacher_mix"] = "confidence"
-    summary = run_distill(config_from_dict(raw))
+    summary = run_distill(config_from_dict(raw), evaluate=False)  # scored by run_eval below
     assert Path(summary.export_dir, "config.json").exists()
     weights = {t: [v for _, v in metric_history(summary, f"train/{t}/mix_weight")]
                for t in ("teacher-sp", "teacher-random")}

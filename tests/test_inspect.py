@@ -143,9 +143,12 @@ def test_digits_split_by_one_tokenizer_only_are_warned(capsys, tmp_path):
     # With the chunk-likelihood term on, numbers are compared as whole chunks: a note naming the tokenizer.
     out = inspect_cli(capsys, tmp_path, f"data.source={data}", "loss.params.chunk_weight=0.1")
     assert findings(out) == {} and findings(out, "-")["digits"].startswith("teachers.0.tokenizer: ")
-    # The projection term loses to SFT on such answers (the known-truth study): a warning naming it.
-    out = inspect_cli(capsys, tmp_path, f"data.source={data}", "loss.method=aligned")
+    # The projection term above weight 1 loses to SFT on such answers (the known-truth study): a warning naming
+    # it; at aligned's default (1), which gained there, a note.
+    out = inspect_cli(capsys, tmp_path, f"data.source={data}", "loss.method=aligned", "loss.params.projection_weight=3")
     assert findings(out)["digits"].startswith("loss.params.projection_weight: teacher-sp split(s)")
+    out = inspect_cli(capsys, tmp_path, f"data.source={data}", "loss.method=aligned")
+    assert findings(out) == {} and findings(out, "-")["digits"].startswith("loss.params.projection_weight: ")
 
 
 def test_a_tokenizer_without_a_pad_token_is_explained(capsys, tmp_path, saved):

@@ -166,7 +166,7 @@ def _config(job_dir: Path, name: str, *extra: str) -> Path:
         "teachers.0.resources.num_gpus=1", "teachers.0.resources.accelerator_type=A100",
         "teachers.0.resources.num_cpus=0.5", "train.use_gpu=true", "train.accelerator_type=H100",
         "train.backend=gloo", "train.num_workers=2", "train.batch_size=8", "train.warmup_steps=0",
-        "train.checkpoint_every=2", "train.eval_every=2", "cluster.address=auto",
+        "train.checkpoint_every=2", "train.eval_every=2", "eval.max_rows=0", "cluster.address=auto",
         f"cluster.runtime_env.env_vars.AWS_SECRET_ACCESS_KEY={SECRET}", *extra])
     path = job_dir / f"{name}.yaml"
     path.write_text(dump_config(job))

@@ -18,9 +18,11 @@ from specs import storage
 CKPT_TAG = "mlot"
 
 
-def save(engine: Any, metrics: dict[str, float], step: int, fingerprint: str, upload: str = "sync") -> None:
+def save(engine: Any, metrics: dict[str, float], step: int, fingerprint: str, upload: str = "sync",
+         counters: dict[str, int] | None = None) -> None:
     """Every rank saves its ZeRO shard to local disk and reports; Ray merges the rank directories into one
-    checkpoint on the run's storage.
+    checkpoint on the run's storage. ``counters``: the loop's running counts (skipped micro-batches), restored
+    with the step so that a restarted run goes on counting where it was.
 
     ``upload``: ``sync`` (training resumes once the checkpoint is on storage) or ``async`` (Ray Train uploads it
     in the background and deletes the local copy after; training goes on at once: on remote storage the upload of
@@ -31,7 +33,8 @@ def save(engine: Any, metrics: dict[str, float], step: int, fingerprint: str, up
 
     d = tempfile.mkdtemp(prefix="mlot-ckpt-")  # kept until Ray Train has uploaded it (async: it deletes it)
     try:
-        engine.save_checkpoint(d, tag=CKPT_TAG, client_state={"step": step, "rng": torch.get_rng_state()})
+        engine.save_checkpoint(d, tag=CKPT_TAG, client_state={"step": step, "rng": torch.get_rng_state(),
+                                                                  "counters": counters or {}})
         Path(d, "mlot_job.json").write_text(json.dumps({"step": step, "fingerprint": fingerprint}))
         mode = CheckpointUploadMode.ASYNC if upload == "async" else CheckpointUploadMode.SYNC
         ray.train.report({**metrics, "step": step}, checkpoint=Checkpoint.from_directory(d),
@@ -59,8 +62,9 @@ def _step(ckpt: Any) -> int:
         return json.loads(f.read())["step"]
 
 
-def restore(engine: Any, fingerprint: str, found: str | None = None) -> int:
-    """Load the run's newest checkpoint, if any; return the optimizer step to start at.
+def restore(engine: Any, fingerprint: str, found: str | None = None) -> tuple[int, dict[str, int]]:
+    """Load the run's newest checkpoint, if any; return the optimizer step to start at and the loop's counters
+    saved with it (:func:`save`; none: 0 and {}).
 
     Ray Train hands one over after a worker-group restart and to a ``--resume`` (the driver reuses the run's
     name and storage path); ``found`` is the newest the driver found on storage (:func:`newest`): the later of
@@ -72,7 +76,7 @@ def restore(engine: Any, fingerprint: str, found: str | None = None) -> int:
 
     candidates = [c for c in (ray.train.get_checkpoint(), Checkpoint(found) if found else None) if c is not None]
     if not candidates:
-        return 0
+        return 0, {}
     ckpt = max(candidates, key=_step)
     with ckpt.as_directory() as d:
         meta = json.loads(Path(d, "mlot_job.json").read_text())
@@ -80,8 +84,9 @@ def restore(engine: Any, fingerprint: str, found: str | None = None) -> int:
             raise ValueError(f"checkpoint {d} was written by a job with other model/data/loss settings "
                              f"({meta['fingerprint']} != {fingerprint}); resume it with its own config")
         _, state = engine.load_checkpoint(d, tag=CKPT_TAG)
+    engine.micro_steps = int(state["step"]) * engine.gradient_accumulation_steps()  # DeepSpeed does not save it
     torch.set_rng_state(state["rng"])
-    return int(state["step"])
+    return int(state["step"]), dict(state.get("counters", {}))
 
 
 def export_student(engine: Any, tokenizer: Any, export_dir: str, rank: int, recipe: Any = None,

@@ -1,4 +1,6 @@
-"""The training workers' console lines (progress, restarts, skips), printed by the driver.
+"""The training workers' console lines (progress, restarts, skips), printed by the driver, and the driver's stop
+signal: the two small actors between the driver and its workers (this module imports no framework, so their
+processes start at once).
 
 A worker's stdout reaches the driver only through Ray's log forwarding, which also carries every framework's
 chatter (Ray Train's report dumps, DeepSpeed's warnings, loading bars); the driver leaves it off unless asked
@@ -12,6 +14,19 @@ import sys
 from typing import Any
 
 _console: Any = None  # this worker process's Console actor handle (None: print to stdout)
+
+
+class StopSignal:
+    """Set by the driver on Ctrl-C (a Ray actor): the workers checkpoint at the next step and stop."""
+
+    def __init__(self) -> None:
+        self.stop = False
+
+    def set(self) -> None:
+        self.stop = True
+
+    def is_set(self) -> bool:
+        return self.stop
 
 
 class Console:

@@ -47,19 +47,6 @@ from workers.student.tracking import open_buffer
 from workers.vocab import teacher_map
 
 
-class StopSignal:
-    """Set by the driver on Ctrl-C (a Ray actor): the workers checkpoint at the next step and stop."""
-
-    def __init__(self) -> None:
-        self.stop = False
-
-    def set(self) -> None:
-        self.stop = True
-
-    def is_set(self) -> bool:
-        return self.stop
-
-
 @dataclass
 class StepStats:
     """What one optimizer step's micro-batches add up to."""
@@ -148,7 +135,7 @@ class StudentRecipe:
         self.n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # ZeRO-3: whole size
         self.steps = total_steps(job, self.data.size("train"), self.world)
         self.engine, self.scheduler = build_engine(job, model, self.steps)
-        self.start = checkpoint.restore(self.engine, config["fingerprint"], config.get("resume_from"))
+        self.start, counters = checkpoint.restore(self.engine, config["fingerprint"], config.get("resume_from"))
         self.order = BatchOrder(self.data.size("train"), self.rank, self.world, job.train.batch_size, job.train.seed)
         self.stream = PayloadStream(config["teachers"], config["data"], self.order, self.rank, self.world,
                                     job.train.prefetch, job.loss, on_policy=self._is_on_policy) \
@@ -164,7 +151,7 @@ class StudentRecipe:
             self.tracker.log_params({"student.params": self.n_params, "student.world": self.world,
                                      **{f"identity.{name}.shared_{side}": round(v, 4) for name, m in self.vmaps.items()
                                         for side, v in m.coverage.items()}})
-        self.bad_in_a_row = self.skipped = 0
+        self.bad_in_a_row, self.skipped = 0, counters.get("skipped", 0)
         self.history: list[dict[str, float]] = []
         self.last_eval: dict[str, float] = {}  # the latest eval metrics, carried by every report
         self.progress = Progress("step", self.steps, first=self.start)
@@ -292,7 +279,8 @@ class StudentRecipe:
         if stop:
             report["train/stopped_at_step"] = done
         if done % self.job.train.checkpoint_every == 0 or done == self.steps or stop:
-            checkpoint.save(self.engine, report, done, self.config["fingerprint"], self.job.train.checkpoint_upload)
+            checkpoint.save(self.engine, report, done, self.config["fingerprint"], self.job.train.checkpoint_upload,
+                            counters={"skipped": self.skipped})
         elif "eval/loss" in metrics:
             ray.train.report(report)
 
