@@ -36,7 +36,7 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
-from functools import lru_cache
+from functools import lru_cache, partial
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
@@ -62,7 +62,7 @@ from workers.generation import (
 )
 from workers.models import build_model, load_tokenizer
 from workers.student.engine import lr_lambda
-from workers.student.on_policy import chosen, on_policy_batch, sampling_seed
+from workers.student.on_policy import chosen, on_policy_batch, sample_answers, sampling_seed
 
 REPO = Path(__file__).resolve().parents[1]
 WORDPIECE, SENTENCEPIECE, TEKKEN = "builtin:wordpiece", "builtin:sentencepiece", "builtin:tekken"
@@ -203,8 +203,9 @@ def fit(model: Any, tokenizer: Any, rows: list[dict[str, Any]], budget: Budget, 
         idx, order = order[:batch_size], order[batch_size:]
         answers = None
         if chosen(seed, step, on_policy):
-            batch, answers = on_policy_batch(model, tokenizer, [examples[i] for i in idx], [rows[i] for i in idx],
-                                             settings, sampling_seed(seed, 0, step), torch.device("cpu"))
+            sample = partial(sample_answers, model, tokenizer, settings=settings, seed=sampling_seed(seed, 0, step),
+                             device=torch.device("cpu"))
+            batch, answers = on_policy_batch(sample, tokenizer, [examples[i] for i in idx], [rows[i] for i in idx])
         else:
             batch = collate([examples[i] for i in idx], tokenizer.pad_token_id)
         logits, labels = answer_logits(model, batch, len(tokenizer))

@@ -115,16 +115,15 @@ def _accelerator(kind: str | None) -> dict[str, float]:
     return {f"accelerator_type:{kind}": 0.001} if kind else {}
 
 
-def teacher_request(teacher: Any) -> dict[str, float]:
-    """The Ray resources of one replica of ``teacher`` (a TeacherConfig)."""
-    r = teacher.resources
+def actor_request(r: Any) -> dict[str, float]:
+    """The Ray resources of one serving actor of ``ActorResources`` ``r`` (a teacher replica, the vLLM generator)."""
     return {"CPU": r.num_cpus, "GPU": r.num_gpus, **({"memory": float(r.memory)} if r.memory else {}),
             **_accelerator(r.accelerator_type), **r.custom}
 
 
-def teacher_options(teacher: Any) -> dict[str, Any]:
-    """``ray.remote(...).options`` of a teacher replica: its resources, restarts, and no placement group."""
-    r = teacher.resources
+def actor_options(r: Any) -> dict[str, Any]:
+    """``ray.remote(...).options`` of a serving actor of ``ActorResources`` ``r``: its resources, restarts, and no
+    placement group."""
     opts: dict[str, Any] = {"num_cpus": r.num_cpus, "num_gpus": r.num_gpus, "max_restarts": 2,
                             "max_task_retries": 2, "scheduling_strategy": outside_pg()}
     if r.accelerator_type:
@@ -192,15 +191,20 @@ def with_replicas(job: Any) -> Any:
     if not live:
         return job
     nodes = placement_nodes(job)
-    placed = [worker_request(job.train)] * job.train.num_workers
+    placed = [worker_request(job.train)] * job.train.num_workers + generator_requests(job)
     teachers = []
     for i, t in enumerate(job.teachers):
         if i in live:
-            t = t.model_copy(update={"replicas": max(1, copies_that_fit(nodes, placed, [teacher_request(t)],
+            t = t.model_copy(update={"replicas": max(1, copies_that_fit(nodes, placed, [actor_request(t.resources)],
                                                                          limit=t.max_replicas))})
-        placed += [teacher_request(t)] * (t.replicas if t.replicas != "auto" else 1)
+        placed += [actor_request(t.resources)] * (t.replicas if t.replicas != "auto" else 1)
         teachers.append(t)
     return job.model_copy(update={"teachers": teachers})
+
+
+def generator_requests(job: Any) -> list[dict[str, float]]:
+    """The on-policy vLLM generator's resources, when the job runs one (``train.on_policy.engine: vllm``)."""
+    return [actor_request(job.train.on_policy.resources)] if job.train.on_policy.generator else []
 
 
 def worker_request(train: Any) -> dict[str, float]:
@@ -222,11 +226,12 @@ def check_placeable(job: Any, *, teachers: bool = True, workers: bool = True) ->
     if job.cluster.autoscaling:
         return
     nodes = placement_nodes(job)
-    wants = [(f"teachers.{i}.resources ({t.name}, {t.replicas} replica(s))", teacher_request(t), t.replicas)
+    wants = [(f"teachers.{i}.resources ({t.name}, {t.replicas} replica(s))", actor_request(t.resources), t.replicas)
              for i, t in enumerate(job.teachers) if teachers and not t.store]
     if workers:
         wants.append(("train (one worker: train.use_gpu / accelerator_type / resources_per_worker)",
                       worker_request(job.train), job.train.num_workers))
+        wants += [("train.on_policy.resources (the vLLM generator)", r, 1) for r in generator_requests(job)]
     for what, request, count in wants:
         have = sum(_fits(n, request) for n in nodes)
         if have >= count:

@@ -42,8 +42,8 @@ from specs import (
 __all__ = [
     "BUILTIN_DATASETS", "BUILTIN_TOKENIZERS", "DATA_FILE_SUFFIXES", "ClusterConfig", "DataConfig",
     "DeepSpeedConfig", "EvalConfig", "JobConfig", "LossConfig", "ModelSpec", "OnPolicyConfig",
-    "PretrainConfig", "StudentConfig", "SweepConfig", "TeacherConfig", "TeacherResources", "Template",
-    "TrackingConfig", "TrainConfig", "VllmConfig",
+    "PretrainConfig", "StudentConfig", "SweepConfig", "TeacherConfig", "ActorResources", "Template",
+    "TrackingConfig", "TrainConfig", "VllmConfig", "VllmRuntime",
 ]
 
 #: Local file formats ``data.source`` may point to (a directory of them is fine too).
@@ -166,14 +166,14 @@ class StudentConfig(ModelSpec):
     export_dtype: Literal["float32", "bfloat16", "float16"] | None = Field(None, description="dtype of the exported student (one safetensors model, gathered one layer at a time and written by rank 0); null: the training dtype (dtype). bfloat16 / float16 halve a float32 student's file and rank 0's copy.")
 
 
-class TeacherResources(_Section):
-    """Ray resources of one teacher replica (an actor)."""
+class ActorResources(_Section):
+    """Ray resources of one serving actor (a teacher replica, the on-policy vLLM generator)."""
 
-    num_gpus: float = Field(0, ge=0, description="GPUs per replica (fractions share a GPU).")
-    num_cpus: float = Field(0.25, ge=0, description="CPUs per replica; small so training workers keep the CPUs.")
-    accelerator_type: str | None = Field(None, description="Ray accelerator type to place replicas on, e.g. 'H100'.")
-    memory: int | None = Field(None, ge=0, description="Memory per replica in bytes (Ray logical resource).")
-    custom: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources per replica, e.g. {teacher_node: 1}.")
+    num_gpus: float = Field(0, ge=0, description="GPUs per actor (fractions share a GPU; above 1: tensor parallel for vLLM, a device map for hf).")
+    num_cpus: float = Field(0.25, ge=0, description="CPUs per actor; small so training workers keep the CPUs.")
+    accelerator_type: str | None = Field(None, description="Ray accelerator type to place the actor on, e.g. 'H100'.")
+    memory: int | None = Field(None, ge=0, description="Memory per actor in bytes (Ray logical resource).")
+    custom: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources per actor, e.g. {teacher_node: 1}.")
 
     @field_validator("custom")
     @classmethod
@@ -203,14 +203,19 @@ class ServingConfig(_Section):
     max_wait_ms: float = Field(2.0, ge=0, description="How long an idle replica waits for other requests to batch with the first.")
 
 
-class VllmConfig(_Section):
+class VllmRuntime(_Section):
+    """Where and how a vLLM engine runs: in its own runtime, as vLLM pins another transformers than the project."""
+
+    python: str = Field(".venv-vllm/bin/python", min_length=1, description="Python of the vLLM runtime the engine's actor runs in (vLLM pins another transformers than the project: `bash scripts/setup_vllm.sh` creates .venv-vllm); a path relative to the repository root, or absolute. It must exist on every node that hosts the actor.")
+    max_model_len: int | None = Field(None, ge=2, description="Longest prompt + answer (tokens) the engine holds; null: the model's positions.")
+    kv_cache_gb: float = Field(1.0, gt=0, description="KV-cache memory per engine in GiB (1 GiB holds ~700k tokens of a tiny model, ~8k of a 7B one in bf16).")
+    enforce_eager: bool = Field(True, description="Run the model eagerly (no CUDA graphs / torch.compile): a faster start-up; scoring is prefill-only, which graphs speed up little (a generator decoding long answers on a GPU gains from false).")
+
+
+class VllmConfig(VllmRuntime):
     """The vLLM engine of a teacher (teachers[i].engine: vllm; workers.teacher.vllm_engine)."""
 
-    python: str = Field(".venv-vllm/bin/python", min_length=1, description="Python of the vLLM runtime the replicas run in (vLLM pins another transformers than the project: `bash scripts/setup_vllm.sh` creates .venv-vllm); a path relative to the repository root, or absolute. It must exist on every node that hosts a replica.")
-    max_model_len: int | None = Field(None, ge=2, description="Longest prompt + answer (tokens) the engine holds; null: the model's positions.")
-    kv_cache_gb: float = Field(1.0, gt=0, description="KV-cache memory per replica in GiB (scoring keeps a batch's prompts; 1 GiB holds ~700k tokens of a tiny model, ~8k of a 7B one in bf16).")
     max_logprobs: int | None = Field(None, ge=1, description="Log-probabilities the engine returns per answer row; null: the job loss's top_k + 1. A sweep whose trials raise top_k needs it larger.")
-    enforce_eager: bool = Field(True, description="Run the model eagerly (no CUDA graphs / torch.compile): a faster start-up; scoring is prefill-only, which graphs speed up little.")
 
 
 class TeacherConfig(ModelSpec):
@@ -221,7 +226,7 @@ class TeacherConfig(ModelSpec):
     weight: float = Field(1.0, ge=0, description="Weight of this teacher's distillation loss.")
     replicas: int | str = Field(1, description="Number of actor replicas serving this teacher; auto: as many as the cluster's nodes hold (after the training workers' and the earlier teachers' requests), at most max_replicas.")
     max_replicas: int = Field(8, ge=1, description="The most replicas replicas: auto starts.")
-    resources: TeacherResources = Field(default_factory=TeacherResources, description="Ray resources per replica.")
+    resources: ActorResources = Field(default_factory=ActorResources, description="Ray resources per replica.")
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig, description="Brief task pre-training (for tiny random teachers); null: none.")
     store: str | None = Field(None, min_length=1, description="A teacher store made by `mlot teach` (a folder or URI): read this teacher's outputs from it instead of running it (no teacher resources); refused if it does not match the job.")
     serving: ServingConfig = Field(default_factory=ServingConfig, description="Request batching of each replica.")
@@ -359,7 +364,16 @@ class OnPolicyConfig(_Section):
     temperature: float = Field(1.0, gt=0, description="Sampling temperature of the student's answers.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling of the student's answers (1: the full distribution).")
     ce: bool = Field(False, description="Also train CE on the generated answers (off: only the distillation terms learn from them).")
-    gather: Literal["once", "per_layer"] = Field("once", description="ZeRO-3: once gathers the whole student on every rank for a micro-batch's generation (one all-gather, then decoding with the KV cache and no collective per token: the student must fit one device); per_layer keeps it partitioned and gathers each layer at every decoded token, all ranks in step (for students that do not fit).")
+    engine: Literal["hf", "vllm"] = Field("hf", description="What samples the answers: hf (each rank's own student; train.on_policy.gather under ZeRO-3) or vllm (one copy of the student on vLLM in its own runtime, train.on_policy.vllm, placed by train.on_policy.resources, sent the trainer's weights every sync_every steps: ranks run no collective while answers are sampled).")
+    sync_every: int = Field(1, ge=1, description="engine: vllm: send the trainer's weights to the vLLM copy every N optimizer steps (1: every answer is sampled from the current weights). train.checkpoint_every must be a multiple of it, so a resumed run samples from the weights it sampled from before.")
+    vllm: VllmRuntime = Field(default_factory=VllmRuntime, description="The vLLM generator's runtime and engine settings (engine: vllm).")
+    resources: ActorResources = Field(default_factory=ActorResources, description="Ray resources of the vLLM generator (engine: vllm), e.g. {num_gpus: 1, accelerator_type: L40S}.")
+    gather: Literal["once", "per_layer"] = Field("once", description="engine: hf under ZeRO-3: once gathers the whole student on every rank for a micro-batch's generation (one all-gather, then decoding with the KV cache and no collective per token: the student must fit one device); per_layer keeps it partitioned and gathers each layer at every decoded token, all ranks in step (for students that do not fit).")
+
+    @property
+    def generator(self) -> bool:
+        """Does the job run the vLLM generator (on-policy micro-batches sampled by engine: vllm)?"""
+        return self.fraction > 0 and self.engine == "vllm"
 
 
 class TrainConfig(_Section):
@@ -553,6 +567,9 @@ def _on_policy_problems(job: JobConfig) -> list[tuple[str, Any, str]]:
     for i, t in enumerate(job.teachers):
         if t.store:
             out.append((f"teachers.{i}.store", t.store, "a teacher store holds outputs for the dataset's answers, not for text the student generates: on-policy training (train.on_policy.fraction > 0) needs live teachers"))
+    every = job.train.on_policy.sync_every
+    if job.train.on_policy.engine == "vllm" and job.train.checkpoint_every % every:
+        out.append(("train.on_policy.sync_every", every, f"must divide train.checkpoint_every ({job.train.checkpoint_every}): a run resumed from a checkpoint between two weight syncs would sample from other weights than it did; set sync_every to a divisor of it"))
     return out
 
 

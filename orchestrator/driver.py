@@ -16,15 +16,16 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from orchestrator.cluster import (
+    actor_options,
     check_placeable,
     connect_ray,
     outside_pg,
     reachable_from_workers,
-    teacher_options,
     with_replicas,
 )
 from orchestrator.config import JobConfig
 from orchestrator.configuration import apply_overrides
+from orchestrator.engines import start_generator, start_replicas, vllm_python
 from orchestrator.tracking import start_tracking
 from specs import UserError, storage
 
@@ -89,13 +90,12 @@ def start_teachers(job: JobConfig, data: Any, cache: bool = False) -> dict[str, 
     """
     import ray
 
-    from orchestrator.engines import start_replicas, vllm_python
     from workers.teacher.actor import TeacherActor
 
     check_placeable(job, workers=False)
     for i, t in enumerate(job.teachers):  # a missing vLLM runtime fails before any teacher pretrains
         if t.engine == "vllm" and not t.store:
-            vllm_python(t, i)
+            vllm_python(t.vllm, f"teachers.{i}.vllm")
     teachers: dict[str, list[Any]] = {}
     for i, t in enumerate(job.teachers):
         if t.store:
@@ -105,7 +105,7 @@ def start_teachers(job: JobConfig, data: Any, cache: bool = False) -> dict[str, 
         if t.pretrain.steps and not storage.exists(storage.join(saved, "config.json")):
             say(f"teacher {t.name}: pretraining {t.pretrain.steps} steps on the task")
             t0 = time.time()
-            trainer = ray.remote(TeacherActor).options(**teacher_options(t)).remote(t, job.data, job.loss,
+            trainer = ray.remote(TeacherActor).options(**actor_options(t.resources)).remote(t, job.data, job.loss,
                                                                                     job.train.seed)
             ray.get(trainer.pretrain.remote(pretrain_data(job, t, data), t.pretrain.steps, t.pretrain.lr,
                                             t.pretrain.batch_size, job.train.seed))
@@ -194,6 +194,8 @@ def run_distill(job: JobConfig, *, resume: bool = False, teachers: dict[str, lis
     connect_ray(job)  # a wrong address or token, or a cluster that cannot hold the job, fails before tokenising
     job = with_replicas(job)  # replicas: auto, from the cluster's nodes
     check_placeable(job, teachers=teachers is None and job.loss.spec.needs_teacher)
+    if job.train.on_policy.generator:  # a missing vLLM runtime fails before tokenising
+        vllm_python(job.train.on_policy.vllm, "train.on_policy.vllm")
     data = data or (_prepared_before(previous) if resume else None) or prepare_data(job)
     uri, run_id = start_tracking(job, previous["run_id"] if resume else None, parent_run_id)
     ray_name = previous["ray_name"] if resume else f"{job.name}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -206,6 +208,7 @@ def run_distill(job: JobConfig, *, resume: bool = False, teachers: dict[str, lis
     try:
         if teachers is None:
             teachers = start_teachers(job, data) if job.loss.spec.needs_teacher else {}
+        generator = start_generator(job)  # train.on_policy.engine: vllm
         export_dir = storage.join(run_path, "final")
         stop_signal = ray.remote(StopSignal).options(num_cpus=0, scheduling_strategy=outside_pg()).remote()
         # Only a driver in its main thread drains a console (a sweep's trials run in threads of Tune's actors).
@@ -220,7 +223,7 @@ def run_distill(job: JobConfig, *, resume: bool = False, teachers: dict[str, lis
                 "fingerprint": fingerprint(job),
                 "resume_from": checkpoint.newest(storage.join(run_path, "ray", ray_name), job.train.num_workers)
                 if resume else None,
-                "stop_signal": stop_signal, "console": console, "callbacks": callbacks or [],
+                "stop_signal": stop_signal, "console": console, "callbacks": callbacks or [], "generator": generator,
             },
             scaling_config=ScalingConfig(num_workers=job.train.num_workers, use_gpu=job.train.use_gpu,
                                          resources_per_worker=job.train.resources_per_worker or None,

@@ -18,10 +18,11 @@ from typing import Any
 import yaml
 
 from orchestrator.cluster import (
+    actor_request,
     connect_ray,
     copies_that_fit,
+    generator_requests,
     placement_nodes,
-    teacher_request,
     with_replicas,
     worker_request,
 )
@@ -216,8 +217,8 @@ def _fitting_trials(job: JobConfig, shared_teachers: bool) -> int:
                         "cluster.launcher_config to the cluster-launcher YAML (e.g. cluster.yaml), or set "
                         "tune.max_concurrent (or --max-concurrent)")
     nodes = placement_nodes(job)
-    teachers = [teacher_request(t) for t in job.teachers if not t.store for _ in range(t.replicas)]
-    workers = [worker_request(job.train)] * job.train.num_workers
+    teachers = [actor_request(t.resources) for t in job.teachers if not t.store for _ in range(t.replicas)]
+    workers = [worker_request(job.train)] * job.train.num_workers + generator_requests(job)  # each trial its own
     fit = copies_that_fit(nodes, teachers if shared_teachers else [], workers + ([] if shared_teachers else teachers))
     if job.cluster.address is None:
         fit = min(fit, (os.cpu_count() or 1) // (2 * int(max(1, worker_request(job.train)["CPU"]))))

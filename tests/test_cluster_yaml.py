@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
-from orchestrator.cluster import teacher_request, worker_request
+from orchestrator.cluster import actor_request, worker_request
 from orchestrator.config import JobConfig
 from orchestrator.configuration import load_config
 
@@ -82,7 +82,7 @@ def _job() -> JobConfig:
 
 
 def _teacher_demand(job: JobConfig) -> list[tuple[str, dict[str, float]]]:
-    return [(t.name, {k: v for k, v in teacher_request(t).items() if v}) for t in job.teachers]
+    return [(t.name, {k: v for k, v in actor_request(t.resources).items() if v}) for t in job.teachers]
 
 
 def _worker_demand(job: JobConfig) -> dict[str, float]:

@@ -284,7 +284,7 @@ def test_a_vllm_teacher_is_refused_what_needs_full_logits(tmp_path: Path) -> Non
     assert_names(error_of(tmp_path, data), "teachers.0.serving.max_batch_tokens", "engine: vllm")
     teacher = apply_overrides(cfg, [f"teachers.0.vllm.python={tmp_path}/none/python"]).teachers[0]
     with pytest.raises(UserError, match=r"teachers\.0\.vllm\.python: no Python interpreter .*setup_vllm\.sh"):
-        vllm_python(teacher, 0)
+        vllm_python(teacher.vllm, "teachers.0.vllm")
 
 
 def test_loss_methods_come_from_the_registry(tmp_path: Path) -> None:
@@ -485,3 +485,15 @@ def test_config_is_frozen() -> None:
     with pytest.raises(pydantic.ValidationError, match="frozen"):
         cfg.train.lr = 1.0  # type: ignore[misc]
     assert isinstance(cfg, JobConfig)
+
+
+def test_a_vllm_generator_must_sync_at_every_checkpoint(tmp_path: Path) -> None:
+    """A checkpoint between two weight syncs would resume sampling from other weights: refused, naming the field."""
+    data = raw_quickstart()
+    data["train"] = {**data.get("train", {}), "checkpoint_every": 10,
+                     "on_policy": {"fraction": 0.5, "engine": "vllm", "sync_every": 4}}
+    assert_names(error_of(tmp_path, data), "train.on_policy.sync_every", "must divide train.checkpoint_every (10)")
+    data["train"]["on_policy"]["sync_every"] = 5
+    cfg = load_config(write(tmp_path, data))
+    assert cfg.train.on_policy.generator and not cfg.model_copy(update={"train": cfg.train.model_copy(
+        update={"on_policy": cfg.train.on_policy.model_copy(update={"engine": "hf"})})}).train.on_policy.generator

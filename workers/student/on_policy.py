@@ -18,7 +18,7 @@ run makes the same choices and, with the same sampling seed per (seed, rank, mic
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -57,12 +57,15 @@ def sample_answers(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]],
     batch = collate([(list(p), list(p)) for p in prompts], tokenizer.pad_token_id, side="left")
     eos = tokenizer.eos_token_id
     suppress = sorted(i for i in tokenizer.all_special_ids if i != eos)
+    was_training = model.training
+    model.eval()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)  # the same samples when a resumed run replays this micro-batch
         out = model.generate(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
                              do_sample=True, temperature=settings.temperature, top_p=settings.top_p, top_k=0,
                              max_new_tokens=settings.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
                              eos_token_id=eos, suppress_tokens=suppress or None, synced_gpus=synced)
+    model.train(was_training)
     answers = []
     for row in out[:, batch["input_ids"].shape[1]:].tolist():
         answers.append(row[:row.index(eos) + 1] if eos in row else row)
@@ -89,16 +92,15 @@ def student_examples(prompts: Sequence[Sequence[int]], answers: Sequence[Answer]
     return [(list(p) + list(a.ids), [IGNORE_INDEX] * len(p) + list(a.ids)) for p, a in zip(prompts, answers)]
 
 
-def on_policy_batch(model: Any, tokenizer: Any, examples: Sequence[tuple[list[int], list[int]]],
-                    rows: Sequence[dict[str, Any]], settings: Any, seed: int, device: torch.device,
-                    synced: bool = False) -> tuple[dict[str, torch.Tensor], list[Answer]]:
+def on_policy_batch(sample: Callable[[list[list[int]]], list[list[int]]], tokenizer: Any,
+                    examples: Sequence[tuple[list[int], list[int]]], rows: Sequence[dict[str, Any]]
+                    ) -> tuple[dict[str, torch.Tensor], list[Answer]]:
     """The student's training batch on its own answers to the prompts of ``examples`` (its tokens of the rows,
-    with their gold answers) and ``rows`` (their text fields), and the answers the teachers will score."""
+    with their gold answers) and ``rows`` (their text fields), and the answers the teachers will score.
+    ``sample``: prompts (token ids) -> each one's answer tokens (:func:`sample_answers` on the student's module,
+    or the vLLM generator's ``sample``)."""
     gold = answers_of([labels for _, labels in examples])
     prompts = [ids[:len(ids) - len(answer)] for (ids, _), answer in zip(examples, gold)]
-    was_training = model.training
-    model.eval()
-    generated = sample_answers(model, tokenizer, prompts, settings, seed, device, synced)
-    model.train(was_training)
+    generated = sample(prompts)
     answers = to_answers(tokenizer, generated, rows, gold)
     return collate(student_examples(prompts, answers), tokenizer.pad_token_id), answers

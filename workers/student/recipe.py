@@ -41,7 +41,7 @@ from workers.student.engine import (
 )
 from workers.student.in_loop_eval import eval_plan, evaluate_ce, evaluate_truth
 from workers.student.model import build_student
-from workers.student.on_policy import chosen, on_policy_batch, sampling_seed
+from workers.student.on_policy import chosen, on_policy_batch, sample_answers, sampling_seed
 from workers.student.payload_stream import BatchOrder, Fetched, PayloadStream
 from workers.student.tracking import open_buffer
 from workers.vocab import teacher_map
@@ -61,6 +61,7 @@ class StepStats:
     generation_s: float = 0.0
     generated: list[int] = field(default_factory=list)  # answer tokens of each sampled (used) answer
     fallbacks: int = 0  # unusable generations replaced by the gold answer
+    weight_sync_s: float | None = None  # engine: vllm: sending the weights to the generator (a step that did)
 
     def add_io(self, fetched: Fetched, tokens: int) -> None:
         self.tokens += tokens
@@ -89,6 +90,8 @@ class StepStats:
             out.update({"train/on_policy_frac": self.on_policy / micro_batches, "train/generation_s": self.generation_s,
                         "train/generation_frac": self.generation_s / elapsed,
                         "train/generation_fallbacks": self.fallbacks})
+        if self.weight_sync_s is not None:
+            out["train/weight_sync_s"] = self.weight_sync_s
         if self.generated:  # only steps with sampled answers have a length
             out["train/generated_tokens"] = sum(self.generated) / len(self.generated)
         for name in self.wait_s:
@@ -106,7 +109,7 @@ class StudentRecipe:
     """One training worker. ``config``: job (JobConfig), data (the prepared rows' ``DataRef``),
     teachers ({name: [actor handles]}), run_id/tracking_uri (MLflow), export_dir and export_recipe (the
     ``specs.recipe.Recipe`` saved with the student), fingerprint, resume_from (the newest checkpoint the driver
-    found on storage, or None),
+    found on storage, or None), generator (``train.on_policy.engine: vllm``: the ``VllmGenerator`` actor, or None),
     stop_signal (a StopSignal actor), console (the driver's ``Console`` actor for progress lines, or None: stdout),
     callbacks (``workers.student.callbacks.TrainCallback``s; tests only)."""
 
@@ -151,6 +154,8 @@ class StudentRecipe:
             self.tracker.log_params({"student.params": self.n_params, "student.world": self.world,
                                      **{f"identity.{name}.shared_{side}": round(v, 4) for name, m in self.vmaps.items()
                                         for side, v in m.coverage.items()}})
+        self.generator = config.get("generator")
+        self.weights_step: int | None = None  # engine: vllm: the step of the weights the generator samples from
         self.bad_in_a_row, self.skipped = 0, counters.get("skipped", 0)
         self.history: list[dict[str, float]] = []
         self.last_eval: dict[str, float] = {}  # the latest eval metrics, carried by every report
@@ -177,6 +182,8 @@ class StudentRecipe:
     def _train_step(self, step: int) -> dict[str, float]:
         t0 = time.perf_counter()
         stats = StepStats()
+        if self.generator is not None and (step == self.start or step % self.on_policy.sync_every == 0):
+            stats.weight_sync_s = self._sync_generator(step)
         for micro in range(self.job.train.grad_accum):
             self._micro_step(step * self.job.train.grad_accum + micro, stats)
         metrics = stats.metrics(time.perf_counter() - t0, self.world, self.job.train.grad_accum,
@@ -215,12 +222,37 @@ class StudentRecipe:
         """Sample the student's answers to the prompts of ``rows`` (every rank generates on the same
         micro-batches); returns its training batch on them and the answers the teachers will score."""
         t0 = time.perf_counter()
-        with generation_module(self.engine, self.on_policy.gather, self.world) as (module, synced):
-            batch, answers = on_policy_batch(module, self.tokenizer, self.data.examples("train", rows, STUDENT),
-                                             self.data.rows("train", rows), self.on_policy,
-                                             sampling_seed(self.job.train.seed, self.rank, m), self.device, synced)
+        seed = sampling_seed(self.job.train.seed, self.rank, m)
+        examples, texts = self.data.examples("train", rows, STUDENT), self.data.rows("train", rows)
+        if self.generator is not None:
+            import ray
+
+            def sample(prompts: list[list[int]]) -> list[list[int]]:  # one seed per answer: batching changes none
+                seeds = [seed + i for i in range(len(prompts))]
+                return ray.get(self.generator.sample.remote(prompts, seeds, self.weights_step))
+
+            batch, answers = on_policy_batch(sample, self.tokenizer, examples, texts)
+        else:
+            with generation_module(self.engine, self.on_policy.gather, self.world) as (module, synced):
+                batch, answers = on_policy_batch(
+                    lambda prompts: sample_answers(module, self.tokenizer, prompts, self.on_policy, seed, self.device,
+                                                   synced), self.tokenizer, examples, texts)
         stats.add_generation(time.perf_counter() - t0, answers)
         return batch, answers
+
+    def _sync_generator(self, step: int) -> float:
+        """Send the student's weights after ``step`` optimizer steps to the vLLM generator (``sync_every``, and the
+        first step a worker group trains: a restart's generator may hold newer weights). Every rank gathers (under
+        ZeRO-3 a collective, one submodule at a time), rank 0 sends; the ranks' requests name ``step``, so none
+        samples from other weights. Returns the seconds it took."""
+        import ray
+
+        t0 = time.perf_counter()
+        state = checkpoint.consolidated_state_dict(self.engine.module, self.rank)
+        if self.rank == 0:
+            ray.get(self.generator.load.remote(state, step))
+        self.weights_step = step
+        return time.perf_counter() - t0
 
     def _is_on_policy(self, m: int) -> bool:
         return chosen(self.job.train.seed, m, self.on_policy.fraction)  # the config refuses it without teachers
