@@ -41,7 +41,7 @@ class VllmGenerator:
         # The engine in this actor's process: Ray's restarts and kills then cover it (no engine-core child).
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-        from vllm import LLM, SamplingParams
+        from vllm import LLM
 
         t0 = time.perf_counter()
         self.settings = on_policy
@@ -60,7 +60,6 @@ class VllmGenerator:
                            max_model_len=runtime.max_model_len or max_prompt_length + on_policy.max_new_tokens,
                            kv_cache_memory_bytes=int(runtime.kv_cache_gb * (1 << 30)), enable_prefix_caching=False,
                            tensor_parallel_size=max(1, int(on_policy.resources.num_gpus)))
-        self._params = SamplingParams
         self.version: int | None = None  # the training step of the loaded weights
         self._loaded: asyncio.Condition | None = None  # made in the actor's event loop (the first call)
         self.loads = self.requests = self.answers = 0
@@ -103,13 +102,14 @@ class VllmGenerator:
                      timeout_s: float = 600.0) -> list[list[int]]:
         """Sample an answer to each prompt (token ids) with its own seed, from the weights of step ``version``;
         each answer's tokens up to and including its first EOS (as ``workers.student.on_policy.sample_answers``)."""
+        from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
         async with self._condition():
             await asyncio.wait_for(self._condition().wait_for(lambda: self.version == version), timeout_s)
         t0 = time.perf_counter()
         s = self.settings
-        params = [self._params(temperature=s.temperature, top_p=s.top_p, top_k=0, max_tokens=s.max_new_tokens,
+        params = [SamplingParams(temperature=s.temperature, top_p=s.top_p, top_k=0, max_tokens=s.max_new_tokens,
                                seed=seed, stop_token_ids=[self.eos], allowed_token_ids=self.allowed,
                                detokenize=False) for seed in seeds]
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=False)
