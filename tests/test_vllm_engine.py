@@ -1,5 +1,7 @@
 """The vLLM teacher engine (``teachers[i].engine: vllm``, ``workers.teacher.vllm_engine``) against the HF engine on
-the same weights and rows, and a short distillation of the quickstart through it.
+the same weights and rows, the on-policy vLLM generator (``train.on_policy.engine: vllm``,
+``workers.student.vllm_generator``) against HF ``generate`` on the weights it was sent, and a ZeRO-3 distillation
+of the quickstart through both.
 
 The engine runs in the vLLM runtime ``scripts/setup_vllm.sh`` creates (``.venv-vllm``; ``.ci/run`` does). One
 replica is started for the whole file, as ``mlot distill`` starts it (the teacher pretrained by the HF engine, then
@@ -11,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import metric_history, quickstart_job
+from helpers import ExitAtStep, metric_history, quickstart_job
 
 import mlot
 from orchestrator.config import LossConfig
@@ -29,6 +31,9 @@ SETS = ("teachers.0.engine=vllm", "teachers.0.pretrain.steps=40", "teachers.0.pr
         "loss.params.sd_temperature=1.0",
         # vLLM's CPU attention has kernels for head sizes 32, 64, ...; the quickstart teacher's 96 / 4 = 24 has none.
         "teachers.0.model_config.num_attention_heads=3", "teachers.0.model_config.num_key_value_heads=3")
+#: The student's answers sampled by the vLLM generator; its head size 64 / 2 = 32 (the quickstart's 16 has no kernel).
+GENERATOR = ("train.on_policy.fraction=1.0", "train.on_policy.engine=vllm",
+             "student.model_config.num_attention_heads=2", "student.model_config.num_key_value_heads=2")
 
 
 @pytest.fixture(scope="module")
@@ -179,14 +184,82 @@ def test_greedy_generation_equals_the_hf_engines(served):
     assert answers == served.hf.generate(rows, 8) and sum(map(len, answers)) > 0
 
 
-def test_distill_end_to_end_on_the_vllm_teacher(served):
-    """Four steps of the quickstart (sequence ranking, SD at the teacher's temperature) on the file's replica."""
+def _prompts(served, n=6) -> list[list[int]]:
+    """The student's prompt tokens of ``n`` eval rows (as ``on_policy_batch`` cuts them)."""
+    from workers.data.encoding import answers_of
+    from workers.data.prepared import STUDENT, open_data
+    examples = open_data(served.data).examples("eval", range(n), STUDENT)
+    gold = answers_of([labels for _, labels in examples])
+    return [ids[:len(ids) - len(answer)] for (ids, _), answer in zip(examples, gold)]
+
+
+def test_the_on_policy_generator_decodes_the_weights_it_was_sent(served):
+    """Near-greedy answers from the vLLM generator (vLLM raises a temperature below 0.01 to 0.01) are HF's greedy
+    choices on the weights the trainer sent: every token within 0.1 of the HF model's best logit (a token 0.1 below
+    is drawn with probability e^-10), before and after every weight changes; and a request for weights not yet
+    sent waits for them instead of answering from the old ones."""
+    import ray
+
+    from orchestrator.engines import start_generator
+    from workers.models import build_model, load_tokenizer
+
+    job = apply_overrides(served.job, [*GENERATOR, "train.on_policy.temperature=1e-6",
+                                       "train.on_policy.max_new_tokens=8"])
+    generator = start_generator(job)
+    tok = load_tokenizer(job.student.tokenizer_name)
+    torch.manual_seed(0)
+    model = build_model(None, job.student.hf_config, "float32", tokenizer=tok).eval()
+    special = [i for i in tok.all_special_ids if i != tok.eos_token_id]  # never sampled
+    prompts, seeds = _prompts(served), list(range(6))
+
+    def assert_greedy(answers: list[list[int]]) -> None:
+        assert [len(a) for a in answers] == [8] * len(prompts)  # no EOS drawn (its logit is low in this model)
+        for p, a in zip(prompts, answers):
+            with torch.no_grad():
+                logits = model(torch.tensor([p + a])).logits[0, len(p) - 1:-1]
+            logits[:, special] = -torch.inf
+            gap = logits.max(-1).values - logits.gather(-1, torch.tensor(a)[:, None])[:, 0]
+            assert bool((gap <= 0.1).all()), (p, a, gap)
+
+    try:
+        ray.get(generator.load.remote(model.state_dict(), 0))
+        first = ray.get(generator.sample.remote(prompts, seeds, 0))
+        assert_greedy(first)
+        pending = generator.sample.remote(prompts, seeds, 1)  # step 1's weights: not sent yet
+        assert not ray.wait([pending], timeout=2)[0]
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.1)
+        ray.get(generator.load.remote(model.state_dict(), 1))
+        second = ray.get(pending)
+        assert_greedy(second)
+        assert second != first and ray.get(generator.info.remote())["loads"] == 2
+    finally:
+        ray.kill(generator)
+
+
+def test_distill_end_to_end_on_the_vllm_teacher_and_generator(served, tmp_path):
+    """ZeRO-3, 2 workers, every micro-batch on-policy: the vLLM generator samples both ranks' answers from the
+    weights sent every 2 steps, the vLLM teacher scores them. Rank 0 dies after step 3: the group restarts from
+    step 2's checkpoint, sends step 2's weights again, and step 3 replays to its loss (the same samples)."""
+    from mlflow import MlflowClient
+
     from orchestrator.driver import run_distill
 
-    s = run_distill(served.job, teachers=served.teachers, evaluate=False)
+    job = apply_overrides(served.job, [
+        *GENERATOR, "name=vllm-on-policy", "train.num_workers=2", "student.deepspeed.stage=3", "train.batch_size=4",
+        "train.on_policy.sync_every=2", "train.on_policy.max_new_tokens=6", "train.max_failures=1"])
+    crash = ExitAtStep(3, str(tmp_path / "crashed"))
+    s = run_distill(job, teachers=served.teachers, callbacks=[crash], evaluate=False)
     losses = metric_history(s, "train/loss")
     assert [st for st, _ in losses] == [1, 2, 3, 4] and all(v == v and v > 0 for _, v in losses)
+    assert MlflowClient(s.tracking_uri).get_run(s.run_id).data.tags["mlot.rewinds"] == "2"
+    replays = metric_history(s, "train/replay_loss_diff")
+    assert [st for st, _ in replays] == [3] and replays[0][1] <= 1e-5, replays
+    assert [st for st, _ in metric_history(s, "train/weight_sync_s")] == [1, 3]  # before steps 1 and 3
+    assert [v for _, v in metric_history(s, "train/on_policy_frac")] == [1.0] * 4
+    assert all(0 < v <= 6 for _, v in metric_history(s, "train/generated_tokens"))
     assert all(v > 0 for _, v in metric_history(s, "train/teacher-sp/distill"))
     # The replica's counters (since it started: this file's requests too) reached the run.
     [rows] = [v for _, v in metric_history(s, "teacher/teacher-sp/forward_rows")]
-    assert rows >= 4 * served.job.train.batch_size
+    assert rows >= 4 * 2 * job.train.batch_size

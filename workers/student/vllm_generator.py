@@ -25,6 +25,7 @@ from typing import Any, Sequence
 import torch
 
 from workers.models import causal_lm_config, load_tokenizer
+from workers.vllm_runtime import check_head_size, engine_in_process
 
 
 class VllmGenerator:
@@ -38,9 +39,7 @@ class VllmGenerator:
     """
 
     def __init__(self, student: Any, on_policy: Any, max_prompt_length: int, seed: int) -> None:
-        # The engine in this actor's process: Ray's restarts and kills then cover it (no engine-core child).
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        engine_in_process()
         from vllm import LLM
 
         t0 = time.perf_counter()
@@ -53,7 +52,8 @@ class VllmGenerator:
         self.dtype = student.dtype if torch.cuda.is_available() else "float32"
         runtime = on_policy.vllm
         with tempfile.TemporaryDirectory(prefix="mlot-vllm-student-") as folder:
-            self._write_config(student, tokenizer, folder)
+            config = self._write_config(student, tokenizer, folder)
+            check_head_size(config.get_text_config(), "student.model" if student.model else "student.model_config")
             # load_format="dummy": nothing is read from disk; the trainer sends the weights before the first sample.
             self.llm = LLM(model=folder, skip_tokenizer_init=True, load_format="dummy", dtype=self.dtype, seed=seed,
                            trust_remote_code=student.trust_remote_code, enforce_eager=runtime.enforce_eager,
@@ -67,8 +67,8 @@ class VllmGenerator:
         print(f"[mlot] on-policy generator: vLLM engine up in {time.perf_counter() - t0:.1f}s", flush=True)
 
     @staticmethod
-    def _write_config(student: Any, tokenizer: Any, folder: str) -> None:
-        """The student's HF ``config.json`` in ``folder`` (what vLLM builds its model from)."""
+    def _write_config(student: Any, tokenizer: Any, folder: str) -> Any:
+        """The student's HF config, saved as ``config.json`` in ``folder`` (what vLLM builds its model from)."""
         from transformers import AutoConfig
 
         config = AutoConfig.from_pretrained(student.model, trust_remote_code=student.trust_remote_code) \
@@ -80,6 +80,7 @@ class VllmGenerator:
         saved.pop("dtype", None)  # the engine's dtype is the one asked for
         with open(path, "w") as f:
             json.dump(saved, f)
+        return config
 
     def _condition(self) -> asyncio.Condition:
         if self._loaded is None:

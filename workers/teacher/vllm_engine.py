@@ -16,7 +16,6 @@ saved for vLLM to load), a pretrained one is loaded from the folder the driver s
 
 from __future__ import annotations
 
-import os
 import tempfile
 import time
 from contextlib import contextmanager, nullcontext
@@ -35,6 +34,7 @@ from workers.models import build_model, load_tokenizer, model_vocab_size
 from workers.serving import PayloadReply, PayloadSettings, ServerInfo, node_id
 from workers.teacher.actor import teacher_examples
 from workers.teacher.extras import Extras
+from workers.vllm_runtime import check_head_size, engine_in_process
 
 
 class VllmTeacher:
@@ -47,9 +47,7 @@ class VllmTeacher:
 
     def __init__(self, teacher: Any, data: Any, loss: Any, seed: int = 0, weights_dir: str | None = None,
                  student: Any = None) -> None:
-        # The engine in this actor's process: Ray's restarts and kills then cover it (no engine-core child).
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        engine_in_process()
         from vllm import SamplingParams
         from vllm.platforms import current_platform
 
@@ -115,16 +113,7 @@ class VllmTeacher:
             raise UserError(f"teachers[{self.name}]: its LM head has {rows:,} rows for the tokenizer's "
                             f"{self.vocab_size:,} tokens; vLLM normalises over every row: use engine: hf for this "
                             "teacher" + (" (or pair it with its own tokenizer)" if rows < self.vocab_size else ""))
-        from vllm.platforms import current_platform
-
-        if current_platform.is_cpu():
-            from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
-
-            head = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-            sizes = CPUAttentionBackend.get_supported_head_sizes()
-            if head not in sizes:
-                raise UserError(f"teachers[{self.name}]: head size {head} (hidden_size / num_attention_heads) has "
-                                f"no vLLM CPU attention kernel; supported: {sizes}")
+        check_head_size(text, f"teachers[{self.name}].model_config")
 
     # ------------------------------------------------------------------------ serving
 
