@@ -1,6 +1,7 @@
 """The data path at scale: start-up to the first optimizer step, driver and worker memory, tokenising speed.
 
     python benchmarks/data.py [--sizes 10000 100000] [--baseline REV] [--out DIR]
+    python benchmarks/data.py --whole-job [--sizes 10000 100000]
 
 Writes QED-like JSON lines (the shared QED validation rows, repeated with distinct ids) of each size and runs
 the bundled ``qed_small.yaml`` job (teacher not pretrained, one training step, no evaluation) in a fresh
@@ -11,6 +12,10 @@ process per measurement:
   path before the cached pass, for a ratio in the same run;
 * tokenising only (``workers.data.prepared.prepare``) at the smallest size with 1 and 2 processes, and the
   projection to 1M rows.
+
+``--whole-job`` measures instead the wall time of a whole 2-step job (in-loop eval at step 2 over
+``train.eval_rows``, checkpoint, export, end-of-job scoring over ``eval.max_rows``), the second of two runs of
+each size (the first fills the tokenisation cache), from ``run_distill``'s call to its return.
 
 Start-up is from the process's start to the MLflow timestamp of step 1's metrics; the worker's peak RSS is
 ``train/peak_mem_mb`` of step 1 (CPU: the process's peak RSS); the driver's is its own ``ru_maxrss``.
@@ -65,6 +70,19 @@ def child_startup(rows_file: Path, out: Path, name: str) -> dict[str, float]:
             "prepare_s": float(prepare) if prepare else float("nan")}
 
 
+def child_job(rows_file: Path, out: Path, name: str) -> dict[str, float]:
+    """A whole 2-step job with its evaluations (this process is its driver); its wall time."""
+    from orchestrator.cli import bundled_config
+    from orchestrator.configuration import load_config
+    from orchestrator.driver import run_distill
+
+    job = load_config(bundled_config("qed_small.yaml"), [*overrides(rows_file, out), f"name={name}", "train.steps=2",
+                                                         "train.checkpoint_every=2", "train.eval_every=2"])
+    t0 = time.time()
+    s = run_distill(job)
+    return {"job_s": time.time() - t0, "scored_rows": s.eval.get("n", 0)}
+
+
 def child_tokenise(rows_file: Path, out: Path, num_proc: int) -> dict[str, float]:
     from orchestrator.cli import bundled_config
     from orchestrator.configuration import load_config
@@ -89,16 +107,19 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
     ap.add_argument("--baseline", help="a git revision whose data path to measure alongside (e.g. 893445b)")
     ap.add_argument("--out")
+    ap.add_argument("--whole-job", action="store_true", help="the wall time of a whole 2-step job instead")
     ap.add_argument("--child", nargs=4, metavar=("KIND", "ROWS_FILE", "OUT", "ARG"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         kind, rows_file, out, arg = args.child
-        fn = child_startup if kind == "startup" else lambda f, o, a: child_tokenise(f, o, int(a))
+        fn = {"startup": child_startup, "job": child_job}.get(kind, lambda f, o, a: child_tokenise(f, o, int(a)))
         print(json.dumps(fn(Path(rows_file), Path(out), arg)))
         return
 
     out = Path(args.out or tempfile.mkdtemp(prefix="mlot-data-bench-")).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    if args.whole_job:
+        return whole_job(args.sizes, out)
     baseline = None
     if args.baseline:
         baseline = out / "baseline"
@@ -122,6 +143,24 @@ def main() -> None:
         if baseline:
             subprocess.run(["git", "worktree", "remove", "--force", str(baseline)], cwd=ROOT)
     report(table, speed, min(args.sizes))
+
+
+def whole_job(sizes: list[int], out: Path) -> None:
+    times = {}
+    for n in sizes:
+        rows = out / f"rows-{n}.jsonl"
+        write_rows(rows, n)
+        run_child(["--child", "job", str(rows), str(out / f"job-{n}"), "fill"])  # fills the tokenisation cache
+        times[n] = run_child(["--child", "job", str(rows), str(out / f"job-{n}"), "cached"])
+        print(f"[data] whole job, {n} rows: {json.dumps(times[n])}", flush=True)
+    print("\nqed_small.yaml, 2 steps with in-loop eval, checkpoint, export and scoring, cached run, "
+          f"{os.cpu_count()} CPUs")
+    print("| rows | whole job (s) | scored rows |\n|---|---|---|")
+    for n, t in times.items():
+        print(f"| {n:,} | {t['job_s']:.1f} | {t['scored_rows']:.0f} |")
+    if len(times) > 1:
+        (n0, a), (n1, b) = min(times.items()), max(times.items())
+        print(f"\nwhole job {n1:,} vs {n0:,} rows: {b['job_s'] / a['job_s']:.2f}x")
 
 
 def report(table: list, speed: dict, n_speed: int) -> None:

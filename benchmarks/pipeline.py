@@ -1,6 +1,7 @@
 """The distillation pipeline on a real local Ray cluster: payload size, teacher wait, step time.
 
     python benchmarks/pipeline.py [--steps 40] [--workers 1] [--on-policy 0,0.5,1] [--set KEY=VALUE ...]
+    python benchmarks/pipeline.py --engines per_layer,once,vllm [--steps 12 --workers 2 --set ...]
 
 Runs the bundled quickstart job twice in one process with the same batches: once with live teacher
 actors, once with every payload computed beforehand (a PayloadCache in front of the same teacher), and
@@ -10,6 +11,10 @@ answer token against full bf16 logits.
 ``--on-policy``: then the same job with live teachers for each ``train.on_policy.fraction`` given (the student
 samples its answers on that share of micro-batches and the teachers score them): step time (ratio to the
 first), generation's share of it, mean generated answer length and teacher wait.
+
+``--engines``: only the on-policy step time of each way to sample (``per_layer`` and ``once``: the hf engine's
+``train.on_policy.gather``; ``vllm``: ``train.on_policy.engine: vllm``, weights sent every step), every micro-batch
+on-policy, against the same job off-policy, with the same live teachers.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--set", action="append", default=[])
     ap.add_argument("--on-policy", help="comma-separated train.on_policy.fraction values to compare, e.g. 0,0.5,1")
+    ap.add_argument("--engines", help="comma-separated ways to sample on-policy answers: per_layer, once, vllm")
     args = ap.parse_args()
     import ray
 
@@ -53,6 +59,9 @@ def main() -> None:
     data = prepare_data(job)
     connect_ray(job)
     teachers = start_teachers(job, data)
+    if args.engines:
+        return on_policy_table(base, [0.0] + [1.0] * len(args.engines.split(",")), teachers,
+                               [""] + args.engines.split(","))
     live = run_distill(job, teachers=teachers)
 
     # The same teacher behind a cache, warmed with exactly the batches the workers will ask for.
@@ -88,22 +97,30 @@ def main() -> None:
         on_policy_table(base, [float(f) for f in args.on_policy.split(",")], teachers)
 
 
-def on_policy_table(base: list[str], fractions: list[float], teachers: dict) -> None:
-    """The quickstart job for each on-policy fraction, with the same live teachers."""
+ENGINES = {"": [], "per_layer": ["train.on_policy.gather=per_layer"], "once": ["train.on_policy.gather=once"],
+           "vllm": ["train.on_policy.engine=vllm", "train.on_policy.sync_every=1"]}
+
+
+def on_policy_table(base: list[str], fractions: list[float], teachers: dict, engines: list[str] | None = None) -> None:
+    """The quickstart job for each on-policy fraction (and way to sample, ``ENGINES``), with the same live teachers."""
     rows = []
-    for f in fractions:
-        job = load_config(bundled_config(QUICKSTART), [*base, f"name=on-policy-{f}", f"train.on_policy.fraction={f}"])
-        s = run_distill(job, teachers=teachers)
+    for f, engine in zip(fractions, engines or [""] * len(fractions)):
+        job = load_config(bundled_config(QUICKSTART), [*base, f"name=on-policy-{f}-{engine}",
+                                                       f"train.on_policy.fraction={f}", *ENGINES[engine]])
+        s = run_distill(job, teachers=teachers, evaluate=False)
         step, wait = metric(s, "train/step_s"), metric(s, "train/teacher_wait_s")
         gen = metric(s, "train/generation_s") if f > 0 else [0.0]
+        sync = metric(s, "train/weight_sync_s", skip=0) if engine == "vllm" else []
         length = (metric(s, "train/generated_tokens", skip=0) or [0.0]) if f > 0 else [0.0]
-        rows.append((f, statistics.mean(step), sum(gen) / sum(step), statistics.mean(length), sum(wait) / sum(step)))
+        rows.append((f, engine, statistics.mean(step), sum(gen) / sum(step), statistics.mean(length),
+                     sum(wait) / sum(step), statistics.mean(sync) if sync else 0.0))
     # Means, not medians: with 0 < fraction < 1 the step times are bimodal (generating or not).
-    print("\n| on-policy fraction | student step (mean s) | ratio | generation share | generated tokens "
-          "| teacher wait share |")
-    print("|---|---|---|---|---|---|")
-    for f, step, gen, length, wait in rows:
-        print(f"| {f} | {step:.4f} | {step / rows[0][1]:.2f}x | {gen:.2f} | {length:.1f} | {wait:.2f} |")
+    print("\n| on-policy fraction | sampled by | student step (mean s) | ratio | generation share | generated tokens "
+          "| teacher wait share | weight sync (mean s) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for f, engine, step, gen, length, wait, sync in rows:
+        print(f"| {f} | {engine or '-'} | {step:.4f} | {step / rows[0][2]:.2f}x | {gen:.2f} | {length:.1f} "
+              f"| {wait:.2f} | {sync:.3f} |")
 
 
 if __name__ == "__main__":

@@ -115,12 +115,16 @@ def start_teachers(job: JobConfig, data: Any, cache: bool = False) -> dict[str, 
         # Replicas load saved weights through their constructor, so a replica that Ray restarts after
         # a crash comes back as the same teacher (the run directory must be on storage all nodes see).
         weights = saved if t.pretrain.steps else None
-        replicas = start_replicas(job, t, i, weights, cache)
-        infos = ray.get([a.info.remote() for a in replicas])
-        say(f"teacher {t.name}: {len(replicas)} replica(s) on {infos[0]['device']} ({infos[0]['dtype']}), "
+        teachers[t.name] = start_replicas(job, t, i, weights, cache)
+    # Every teacher's replicas load at once (the actors start as they are created); wait for them all here, so a
+    # teacher that cannot load fails before training starts.
+    for t in job.teachers:
+        if t.store:
+            continue
+        infos = ray.get([a.info.remote() for a in teachers[t.name]])
+        say(f"teacher {t.name}: {len(infos)} replica(s) on {infos[0]['device']} ({infos[0]['dtype']}), "
             f"vocab {infos[0]['vocab_size']}"
             + (f" ({infos[0]['padded_rows']} padded logit rows ignored)" if infos[0]["padded_rows"] else ""))
-        teachers[t.name] = replicas
     return teachers
 
 
@@ -206,9 +210,11 @@ def run_distill(job: JobConfig, *, resume: bool = False, teachers: dict[str, lis
     _log_data(client, run_id, data, new_run=not resume)
     client.set_tag(run_id, "mlot.driver_node", ray.get_runtime_context().get_node_id())  # where this run was driven
     try:
+        generator = start_generator(job)  # train.on_policy.engine: vllm; it loads while the teachers do
         if teachers is None:
             teachers = start_teachers(job, data) if job.loss.spec.needs_teacher else {}
-        generator = start_generator(job)  # train.on_policy.engine: vllm
+        if generator is not None:  # an engine that cannot start fails here, not in a worker's first request
+            ray.get(generator.info.remote())
         export_dir = storage.join(run_path, "final")
         stop_signal = ray.remote(StopSignal).options(num_cpus=0, scheduling_strategy=outside_pg()).remote()
         # Only a driver in its main thread drains a console (a sweep's trials run in threads of Tune's actors).

@@ -14,6 +14,9 @@ os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "30")
 # Ray Train's controller polls its workers every 2 s by default: a finished or failed worker group is noticed up to
 # that late, once per job. The tests' jobs last seconds; poll them more often (every Ray the tests start inherits it).
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+# Ray Train starts a preemption watcher (one more actor process, ~3 s of CPU) with every worker group: it watches for
+# a cloud node's drain notice, which a machine running the tests never gets.
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("MLOT_SHARED", REPO.parent / "shared"))

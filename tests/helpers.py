@@ -73,24 +73,23 @@ def stop(procs: list[subprocess.Popen]) -> None:
     Ray on the machine)."""
     import os
     import signal
-    import time
 
     import psutil
 
-    pids = []
+    alive = []
     for proc in procs:
         try:
-            pids += [proc.pid, *(p.pid for p in psutil.Process(proc.pid).children(recursive=True))]
+            root = psutil.Process(proc.pid)
+            alive += [root, *root.children(recursive=True)]
         except psutil.NoSuchProcess:
             pass
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in pids:
+        for p in alive:
             try:
-                os.kill(pid, sig)
+                os.kill(p.pid, sig)
             except ProcessLookupError:
                 pass
-        if sig == signal.SIGTERM:
-            time.sleep(2)
+        _, alive = psutil.wait_procs(alive, timeout=2 if sig == signal.SIGTERM else 60)  # returns once all are gone
     for proc in procs:
         proc.wait(timeout=60)
 

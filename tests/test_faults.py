@@ -3,7 +3,8 @@
 Each test asserts that no optimizer step is lost: the run ends at its last step, and its loss curve
 matches an undisturbed run where the fault could change it. A training worker's death (the group restarts
 from its checkpoint and replays the same losses) is tested under ZeRO-3 in tests/test_distill_integration.py,
-a killed driver's ``--resume`` in tests/test_multinode.py.
+a killed driver's ``--resume`` in tests/test_multinode.py, the first Ctrl-C (a checkpoint, then ``--resume``) in
+tests/test_generate_eval.py's newcomer test.
 """
 
 import os
@@ -169,34 +170,3 @@ def test_unreachable_ray_address_fails_fast(tmp_path, no_ray):
     code = main(["distill", str(QUICKSTART), "--set", f"output_dir={tmp_path}", "--set",
                  f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", "--set", f"cluster.address=127.0.0.1:{_free_port()}"])
     assert code == 2 and time.time() - t0 < 60
-
-
-def test_ctrl_c_checkpoints_and_resume_continues(tmp_path):
-    cfg = tmp_path / "job.yaml"
-    cfg.write_text(QUICKSTART.read_text())
-    sets = ["--set", f"output_dir={tmp_path}", "--set", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
-            "--set", "name=ctrlc", "--set", "train.steps=400", "--set", "train.checkpoint_every=400",
-            "--set", "train.eval_every=null", "--set", "teachers.0.pretrain.steps=0", "--set", "data.limit=400",
-            "--set", "eval.max_rows=0"]  # no end-of-job scoring
-    mlot = str(Path(sys.executable).parent / "mlot")
-    proc = subprocess.Popen([mlot, "distill", str(cfg), *sets], cwd=tmp_path, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    for line in proc.stdout:  # wait for training progress, then press Ctrl-C once
-        if "[mlot] step" in line:
-            proc.send_signal(signal.SIGINT)
-            break
-    out = proc.communicate(timeout=300)[0]
-    assert proc.returncode == 130, out[-3000:]
-    assert "stopped at step" in out
-    stopped = int(out.split("stopped at step ")[1].split(";")[0].split()[0])
-    assert 0 < stopped < 400
-
-    resumed = subprocess.run([mlot, "distill", str(cfg), *sets, "--resume", "--set", "train.steps=" + str(stopped + 5)],
-                             cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    from mlflow import MlflowClient
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    run = client.search_runs([client.get_experiment_by_name("mlot-quickstart").experiment_id])[0]
-    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
-    assert sorted(set(steps)) == list(range(1, stopped + 6)) and steps.count(stopped + 1) == 1
-    assert run.info.status == "FINISHED"

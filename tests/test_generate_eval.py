@@ -203,14 +203,17 @@ def test_generate_distill_eval_end_to_end(tmp_path, ray_cluster, monkeypatch):
 
 
 @pytest.mark.integration
-def test_cli_distill_reads_plainly_and_its_student_carries_its_recipe(tmp_path):
+def test_cli_distill_reads_plainly_stops_on_ctrl_c_resumes_and_its_student_carries_its_recipe(tmp_path):
     """A newcomer's job, run as they would (``mlot distill`` in a shell): a template over fields other than
-    prompt/answer; the console shows each line once and no framework chatter, and ends with the summary table;
+    prompt/answer; the first Ctrl-C checkpoints and stops (exit 130), ``--resume`` continues from that step, each
+    step logged once; the console shows each line once and no framework chatter, and ends with the summary table;
     the exported student is then scored and answers with no template flags, exactly as with them."""
+    import signal
     import subprocess
     import sys
 
     import yaml
+    from mlflow import MlflowClient
 
     from orchestrator.cli import main
     from orchestrator.evaluation import model_answers, model_recipe, run_eval
@@ -229,22 +232,46 @@ def test_cli_distill_reads_plainly_and_its_student_carries_its_recipe(tmp_path):
                           limit=None)
     config["student"]["template"] = template
     config["teachers"][0].update(template=template, pretrain={"steps": 0})
-    config["train"].update(steps=6, warmup_steps=1, checkpoint_every=6, eval_every=3)
+    # Far more steps than pass before the Ctrl-C arrives; the checkpoint is the one the stop writes.
+    config["train"].update(steps=400, warmup_steps=1, checkpoint_every=400, eval_every=3)
     config["eval"] = {"max_rows": 16, "num_tasks": 1}
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(config))
+    mlot = str(Path(sys.executable).with_name("mlot"))
 
-    run = subprocess.run([str(Path(sys.executable).with_name("mlot")), "distill", "job.yaml"], cwd=tmp_path,
+    def assert_plain(out: str) -> list[str]:
+        lines = [line for line in out.splitlines() if line.strip()]
+        assert len(lines) == len(set(lines)), [x for x in lines if lines.count(x) > 1]
+        for chatter in ("Loading weights", "Reporting training result", "RayTrainWorker", "TrainController", "it/s"):
+            assert chatter not in out, chatter
+        return [x for x in lines if x.startswith("[mlot] step ")]
+
+    proc = subprocess.Popen([mlot, "distill", "job.yaml"], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    seen = []
+    for line in proc.stdout:  # wait for training progress, then press Ctrl-C once
+        seen.append(line)
+        if line.startswith("[mlot] step "):
+            proc.send_signal(signal.SIGINT)
+            break
+    out = "".join(seen) + proc.communicate(timeout=300)[0]
+    assert proc.returncode == 130 and "stopped at step" in out, out[-3000:]
+    assert "eta" in assert_plain(out)[0]
+    stopped = int(out.split("stopped at step ")[1].split(";")[0].split()[0])
+    assert 0 < stopped < 400
+
+    steps = stopped + 5
+    run = subprocess.run([mlot, "distill", "job.yaml", "--resume", "--set", f"train.steps={steps}"], cwd=tmp_path,
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    lines = [line for line in run.stdout.splitlines() if line.strip()]
-    assert len(lines) == len(set(lines)), [x for x in lines if lines.count(x) > 1]
-    progress = [x for x in lines if x.startswith("[mlot] step ")]
-    assert len(progress) == 6 and progress[-1].startswith("[mlot] step 6/6 [####################] 100%")
-    assert "eta" in progress[0] and "done in" in progress[-1]
-    for chatter in ("Loading weights", "Reporting training result", "RayTrainWorker", "TrainController", "it/s"):
-        assert chatter not in run.stdout + run.stderr, chatter
+    progress = assert_plain(run.stdout + run.stderr)
+    assert len(progress) == 5 and progress[-1].startswith(f"[mlot] step {steps}/{steps} [####################] 100%")
+    assert "done in" in progress[-1]
     table = run.stdout[run.stdout.index("student "):]
     assert "exact match" in table and "eval CE" in table and str(tmp_path / "runs" / "newcomer" / "final") in table
+    client = MlflowClient(f"sqlite:///{tmp_path}/m.db")
+    [logged] = client.search_runs([client.get_experiment_by_name("mlot").experiment_id])
+    logged_steps = [m.step for m in client.get_metric_history(logged.info.run_id, "train/loss")]
+    assert sorted(logged_steps) == list(range(1, steps + 1)) and logged.info.status == "FINISHED"
 
     model = str(tmp_path / "runs" / "newcomer" / "final")
     flags = dict(columns={"lead": "lead", "question": "question", "answer": "answers"}, template=Template(**template),

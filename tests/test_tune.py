@@ -39,8 +39,9 @@ def test_bad_space_files_name_the_key(tmp_path, job, text, needle):
 
 
 def _sweep(tmp_path, name: str, space_text: str, *, steps: int, eval_every: int, limit: int, batch: int,
-           extra: tuple[str, ...] = (), **kwargs):
-    """Write a space file, build a small quickstart job, run the sweep on a fresh local Ray; (job, summary)."""
+           extra: tuple[str, ...] = (), keep_ray: bool = False, **kwargs):
+    """Write a space file, build a small quickstart job, run the sweep on a local Ray (shut down after it unless
+    ``keep_ray``: the next sweep then reuses it); (job, summary)."""
     import ray
 
     from orchestrator.tune import run_tune
@@ -54,7 +55,8 @@ def _sweep(tmp_path, name: str, space_text: str, *, steps: int, eval_every: int,
     try:
         return job, run_tune(job, str(space), **kwargs)
     finally:
-        ray.shutdown()
+        if not keep_ray:
+            ray.shutdown()
 
 
 # One good learning rate and a hopeless one: ASHA must stop the hopeless trial early. The aligned-chunk and
@@ -73,7 +75,7 @@ def test_small_asha_sweep_shares_teacher_work_and_logs_runs(tmp_path):
     # On the known-truth task, ranked by what each trial learnt of p* (its workers' eval/truth_kl).
     small = {"steps": 6, "eval_every": 2, "limit": 300, "batch": 8, "num_samples": 1, "scheduler": "asha",
              "extra": ("data.source=builtin:known_truth",), "metric": "eval/truth_kl"}
-    job, s = _sweep(tmp_path, "sw", ASHA_SPACE, **small)  # 2 cores: one trial at a time
+    job, s = _sweep(tmp_path, "sw", ASHA_SPACE, **small, keep_ray=True)  # 2 cores: one trial at a time
     assert len(s.table) == 2
     assert s.table[0]["config"]["train.lr"] == 3.0e-3 and s.table[0]["status"] == "completed"
     assert any(row["status"] == "stopped early" for row in s.table)

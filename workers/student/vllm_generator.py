@@ -46,9 +46,10 @@ class VllmGenerator:
         self.settings = on_policy
         tokenizer = load_tokenizer(student.tokenizer_name, student.trust_remote_code)
         self.eos = tokenizer.eos_token_id
-        special = set(tokenizer.all_special_ids) - {self.eos}
-        # As the hf engine: no special token but EOS is ever sampled, so an answer's tokens are exactly its text.
-        self.allowed = [i for i in range(len(tokenizer)) if i not in special] if special else None
+        # As the hf engine: no special token but EOS is sampled, so an answer's tokens are exactly its text. vLLM's
+        # strongest bias (-100: a probability times e^-100) on the few special ids, not a vocabulary-long allowed
+        # list that every answer's request would carry and check (152k ids each).
+        self.bias = {i: -100.0 for i in sorted(set(tokenizer.all_special_ids) - {self.eos})} or None
         self.dtype = student.dtype if torch.cuda.is_available() else "float32"
         runtime = on_policy.vllm
         with tempfile.TemporaryDirectory(prefix="mlot-vllm-student-") as folder:
@@ -111,7 +112,7 @@ class VllmGenerator:
         t0 = time.perf_counter()
         s = self.settings
         params = [SamplingParams(temperature=s.temperature, top_p=s.top_p, top_k=0, max_tokens=s.max_new_tokens,
-                               seed=seed, stop_token_ids=[self.eos], allowed_token_ids=self.allowed,
+                               seed=seed, stop_token_ids=[self.eos], logit_bias=self.bias,
                                detokenize=False) for seed in seeds]
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=False)
         answers = []
