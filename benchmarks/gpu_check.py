@@ -3,7 +3,7 @@
     python benchmarks/gpu_check.py                        # on a GPU machine: about 5-8 minutes on one GPU
     python benchmarks/gpu_check.py --device cpu --quick   # the CPU smoke test the suite runs (< 3 minutes)
 
-Three sections, one table row per case (``section | case | metric = value ...``), and the same rows in
+Six sections, one table row per case (``section | case | metric = value ...``), and the same rows in
 ``--out`` (JSON: ``{"device", "torch", "cuda", "quick", "rows": [{"section", "case", ...metrics}]}``):
 
 1. ``parity``: paper and reference mode, forward + backward on ``--device`` against the same inputs on
@@ -25,6 +25,10 @@ Three sections, one table row per case (``section | case | metric = value ...``)
    exactly): teacher tokens/s of each, their ratio, the vLLM replica's start-up and the largest payload difference
    (bf16 kernels round differently). Skipped, with the reason printed, without a GPU or a vLLM runtime: the CPU
    engine is checked by ``tests/test_vllm_engine.py``.
+6. ``student_loss``: the student's CE over 16 x 256 answer rows at V = 151,936, fp32 (``--quick``: 2 x 16 rows,
+   V = 512), forward + backward: peak memory of mlot's chunked student loss (``mlot.Objective``) and of the dense
+   restatement (``F.cross_entropy`` on an fp32 copy of the rows), their ratio and the largest loss and gradient
+   differences (``ok`` when both are <= 1e-5).
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from pathlib import Path
 import torch
 from common import PeakMemory, timeit
 from loss import make_inputs  # the benchmarks folder is on the path: this is a script beside them
+from students import answer_labels
 
 import mlot
 from mlot.ot import sinkhorn_log, uniform_log_marginal
@@ -165,6 +170,39 @@ def run_distill_checks(device: str, quick: bool) -> list[dict]:
     return rows
 
 
+def bench_student_loss(device: str, quick: bool) -> list[dict]:
+    """Peak memory of the student's CE, chunked (``mlot.Objective``) against dense, on the same logits."""
+    import torch.nn.functional as F
+
+    from mlot.identity import IdentityConfig
+
+    B, T, V = (2, 16, 512) if quick else (16, 256, 151_936)
+    g = torch.Generator().manual_seed(0)
+    labels = answer_labels(B, T, V, g).to(device)
+    logits = (torch.randn(B, T + 1, V, generator=g) * 2).to(device)
+    objective = mlot.Objective(mlot.get_method("sft"), "paper", {}, 1.0, IdentityConfig())
+
+    def chunked(x):
+        return objective(x, labels, {}, {})[0]
+
+    def dense(x):  # row t predicts label t + 1, over an fp32 copy of every row
+        return F.cross_entropy(x[:, :-1].float().reshape(-1, V), labels[:, 1:].reshape(-1), ignore_index=-100)
+
+    out = {}
+    for name, fn in (("chunked", chunked), ("dense", dense)):
+        x = logits.detach().requires_grad_()
+        with PeakMemory(device) as mem:
+            loss = fn(x)
+            loss.backward()
+        out[name] = (mem.peak, float(loss.detach()), x.grad)
+        del x
+    (c_mem, c_loss, c_grad), (d_mem, d_loss, d_grad) = out["chunked"], out["dense"]
+    loss_diff, grad_diff = abs(c_loss - d_loss), float((c_grad - d_grad).abs().max())
+    return [{"section": "student_loss", "case": f"CE, {B}x{T} rows, V={V}", "chunked_peak_mb": c_mem / 2**20,
+             "dense_peak_mb": d_mem / 2**20, "ratio": d_mem / max(c_mem, 1), "loss_diff": loss_diff,
+             "grad_diff": grad_diff, "ok": loss_diff <= 1e-5 and grad_diff <= 1e-5}]
+
+
 #: The serving benchmarks' teacher: the quickstart teacher grown to ~1.1B parameters (head size 128).
 BIG_TEACHER = [f"teachers.0.hf_config.{k}={v}" for k, v in (
     ("hidden_size", 2048), ("num_hidden_layers", 16), ("intermediate_size", 5632), ("num_attention_heads", 16),
@@ -287,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     rows = check_parity(args.device, args.quick) + bench_loss(args.device, args.quick, args.reps)
     rows += run_distill_checks(args.device, args.quick) + bench_serving(args.quick)
-    rows += bench_vllm(args.device, args.vllm_python)
+    rows += bench_vllm(args.device, args.vllm_python) + bench_student_loss(args.device, args.quick)
     print_table(rows)
     Path(args.out).write_text(json.dumps({"device": args.device, "torch": torch.__version__,
                                           "cuda": torch.cuda.get_device_name() if args.device.startswith("cuda")

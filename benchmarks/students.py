@@ -63,7 +63,7 @@ def _bounds(lengths: list[int], chars: list[int], g: torch.Generator) -> torch.T
     return pad_bounds([[0, *cut, c] for cut, c in zip(cuts, chars)])
 
 
-def _labels(B: int, T: int, V: int, g: torch.Generator) -> torch.Tensor:
+def answer_labels(B: int, T: int, V: int, g: torch.Generator) -> torch.Tensor:
     """[B, T + 1]: the answer window of a left-padded batch (row t predicts label t + 1), every answer T tokens."""
     labels = torch.randint(0, V, (B, T + 1), generator=g)
     labels[:, 0] = -100
@@ -87,7 +87,7 @@ def make_inputs(args: argparse.Namespace, path: Path) -> None:
     chars = [4 * T] * B
     s_bounds, t_bounds = _bounds([T] * B, chars, g), _bounds([Tt] * B, chars, g)
     t_logits = torch.randn(B, Tt + 1, Vt, generator=g) * 2
-    t_labels = _labels(B, Tt, Vt, g)
+    t_labels = answer_labels(B, Tt, Vt, g)
     payloads = {}
     for name, (method, params, ident) in LOSSES.items():
         m = mlot.get_method(method)
@@ -99,7 +99,7 @@ def make_inputs(args: argparse.Namespace, path: Path) -> None:
             p.identity = compress_identity(t_logits, t_labels, t_bounds, vmap if cfg.shared else None, cfg.shared_top_k)
             p.identity.student_bounds = s_bounds
         payloads[name] = p.to_numpy()
-    torch.save({"labels": _labels(B, T, V, g), "payloads": payloads,
+    torch.save({"labels": answer_labels(B, T, V, g), "payloads": payloads,
                 "vmap": (vmap.teacher_class, vmap.student_members, vmap.student_shared)}, path)
 
 
