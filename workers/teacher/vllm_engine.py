@@ -113,7 +113,7 @@ class VllmTeacher:
             raise UserError(f"teachers[{self.name}]: its LM head has {rows:,} rows for the tokenizer's "
                             f"{self.vocab_size:,} tokens; vLLM normalises over every row: use engine: hf for this "
                             "teacher" + (" (or pair it with its own tokenizer)" if rows < self.vocab_size else ""))
-        check_head_size(text, f"teachers[{self.name}].model_config")
+        check_head_size(text, f"teachers[{self.name}]")
 
     # ------------------------------------------------------------------------ serving
 
