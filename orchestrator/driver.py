@@ -209,10 +209,13 @@ def run_distill(job: JobConfig, *, resume: bool = False, teachers: dict[str, lis
     client = MlflowClient(uri)
     _log_data(client, run_id, data, new_run=not resume)
     client.set_tag(run_id, "mlot.driver_node", ray.get_runtime_context().get_node_id())  # where this run was driven
+    started: list[Any] = []  # the actors this call starts (not a caller's teachers): they end with it
     try:
         generator = start_generator(job)  # train.on_policy.engine: vllm; it loads while the teachers do
+        started += [generator] if generator is not None else []
         if teachers is None:
             teachers = start_teachers(job, data) if job.loss.spec.needs_teacher else {}
+            started += [actor for replicas in teachers.values() for actor in replicas]
         if generator is not None:  # an engine that cannot start fails here, not in a worker's first request
             ray.get(generator.info.remote())
         export_dir = storage.join(run_path, "final")
@@ -263,6 +266,9 @@ def run_distill(job: JobConfig, *, resume: bool = False, teachers: dict[str, lis
         if parent_run_id is None:
             client.set_terminated(run_id, "FAILED")
         raise
+    finally:
+        for actor in started:
+            ray.kill(actor)
     return DistillSummary(job.name, export_dir, run_id, uri, dict(result.metrics or {}), scores)
 
 
