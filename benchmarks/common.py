@@ -9,6 +9,12 @@ from typing import Callable
 
 import torch
 
+from orchestrator.cli import QUICKSTARTS
+
+#: The QA quickstart job (orchestrator/configs/quickstart.yaml) the pipeline, serving, store, identity and sweep
+#: benchmarks measure.
+QUICKSTART = QUICKSTARTS["qa"]
+
 
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:

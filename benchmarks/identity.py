@@ -21,17 +21,16 @@ import tempfile
 import time
 
 import torch
+from common import QUICKSTART
 
 import mlot
-from orchestrator.cli import QUICKSTARTS, bundled_config
+from orchestrator.cli import bundled_config
 from orchestrator.configuration import apply_overrides, load_config
 from workers.data.prepared import STUDENT, Rows, open_data, prepare
 from workers.forward import answer_logits
 from workers.models import build_model, load_tokenizer
 from workers.teacher.actor import TeacherActor
 from workers.vocab import teacher_map
-
-QUICKSTART = QUICKSTARTS["qa"]  # the QA quickstart job these measurements were made on
 
 SETTINGS = {"MultiLevelOT": [], "+ aligned chunks": ["loss.params.chunk_weight=1.0"],
             "+ chunks + exact match": ["loss.params.chunk_weight=1.0", "loss.params.shared_weight=1.0"]}

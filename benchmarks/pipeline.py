@@ -24,16 +24,15 @@ import statistics
 import tempfile
 from pathlib import Path
 
+from common import QUICKSTART
 from mlflow import MlflowClient
 
 import mlot
-from orchestrator.cli import QUICKSTARTS, bundled_config
+from orchestrator.cli import bundled_config
 from orchestrator.configuration import load_config
 from orchestrator.driver import connect_ray, prepare_data, run_distill, start_teachers
 from workers.data.prepared import Rows
 from workers.student.payload_stream import BatchOrder
-
-QUICKSTART = QUICKSTARTS["qa"]  # the QA quickstart job these measurements were made on
 
 
 def metric(summary, key: str, skip: int = 2) -> list[float]:

@@ -18,13 +18,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import QUICKSTART
 from mlflow import MlflowClient
 
-from orchestrator.cli import QUICKSTARTS, bundled_config
+from orchestrator.cli import bundled_config
 from orchestrator.configuration import load_config
 from orchestrator.driver import connect_ray, prepare_data, run_distill, start_teachers
-
-QUICKSTART = QUICKSTARTS["qa"]  # the QA quickstart job these measurements were made on
 
 TEACHER = ["teachers.0.hf_config.hidden_size=512", "teachers.0.hf_config.num_hidden_layers=8",
            "teachers.0.hf_config.intermediate_size=1408", "teachers.0.hf_config.num_attention_heads=8",

@@ -19,18 +19,17 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import QUICKSTART
 from mlflow import MlflowClient
 from pipeline import metric
 
 import mlot
-from orchestrator.cli import QUICKSTARTS, bundled_config
+from orchestrator.cli import bundled_config
 from orchestrator.configuration import apply_overrides, load_config
 from orchestrator.driver import connect_ray, prepare_data, run_distill, start_teachers
 from orchestrator.teach import run_teach
 from workers.data.prepared import Rows
 from workers.student.payload_stream import BatchOrder
-
-QUICKSTART = QUICKSTARTS["qa"]  # the QA quickstart job these measurements were made on
 
 FORMATS = {"payload (fp32)": {}, "payload (fp16)": {"compress": "fp16"},
            "hidden (bf16)": {"fmt": "hidden"}, "hidden (fp32)": {"fmt": "hidden", "hidden_dtype": "float32"}}

@@ -15,11 +15,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from orchestrator.cli import QUICKSTARTS, bundled_config
+from common import QUICKSTART
+
+from orchestrator.cli import bundled_config
 from orchestrator.configuration import load_config
 from orchestrator.tune import run_tune
-
-QUICKSTART = QUICKSTARTS["qa"]  # the QA quickstart job these measurements were made on
 
 
 def teacher_rows(s) -> int:
