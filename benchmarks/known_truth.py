@@ -62,7 +62,7 @@ from workers.generation import (
 )
 from workers.models import build_model, load_tokenizer
 from workers.student.engine import lr_lambda
-from workers.student.on_policy import chosen, on_policy_batch, sample_answers, sampling_seed
+from workers.student.on_policy import LABELS, OWN, kind, on_policy_examples, sample_answers, sampling_seed
 
 REPO = Path(__file__).resolve().parents[1]
 WORDPIECE, SENTENCEPIECE, TEKKEN = "builtin:wordpiece", "builtin:sentencepiece", "builtin:tekken"
@@ -94,6 +94,8 @@ class Arm:
     identity: IdentityConfig = IdentityConfig()  # the mlot.identity terms' weights (on the first teacher)
     mix: str = "sum"  # loss.teacher_mix (mlot.mixing)
     on_policy: float = 0.0  # train.on_policy.fraction: steps on the student's own sampled answers (no CE there)
+    policy_mode: str = "replace"  # train.on_policy.mode: instead of the labels' step, or added to it
+    policy_start: int = 0  # train.on_policy.start_step: steps on the labels only first (a warm start)
 
 
 ARMS: dict[str, Arm] = {
@@ -123,6 +125,11 @@ IDENTITY_ARMS: dict[str, Arm] = {
 POLICY_ARMS: dict[str, Arm] = {
     "MultiLevelOT, on-policy 0.5": Arm("multilevel_ot", teachers=("sp",), on_policy=0.5),
     "aligned chunks, on-policy 0.5": Arm(teachers=("sp",), identity=IdentityConfig(chunk_weight=1.0), on_policy=0.5),
+    # issue 25: on-policy added to the label steps (mode add), on the default loss, warm-started or from the start
+    "aligned, on-policy 0.5 added after 100 steps": Arm(teachers=("sp",), identity=IdentityConfig(**ALIGNED_DEFAULTS),
+                                                        on_policy=0.5, policy_mode="add", policy_start=100),
+    "aligned, on-policy 0.5 added": Arm(teachers=("sp",), identity=IdentityConfig(**ALIGNED_DEFAULTS), on_policy=0.5,
+                                        policy_mode="add"),
     "MultiLevelOT, trained + random teacher (sum)": Arm("multilevel_ot", teachers=("sp", "random")),
     "MultiLevelOT, trained + random teacher (best)": Arm("multilevel_ot", teachers=("sp", "random"), mix="best"),
 }
@@ -179,15 +186,17 @@ def held_out(model: Any, tokenizer: Any, task: str) -> dict[str, float]:
 
 
 def fit(model: Any, tokenizer: Any, rows: list[dict[str, Any]], budget: Budget, seed: int, steps: int,
-        batch_size: int, loss_fn: Any = None, curve: bool = False, on_policy: float = 0.0) -> dict[str, Any]:
+        batch_size: int, loss_fn: Any = None, curve: bool = False, on_policy: OnPolicyConfig | None = None
+        ) -> dict[str, Any]:
     """AdamW with the product's warm-up + linear schedule over epoch-shuffled batches of ``rows``.
 
-    ``loss_fn(logits, labels, indices, answers) -> (loss, parts)`` (default CE). ``on_policy``: the share of
-    steps on which the student answers the batch's prompts itself (the product's ``train.on_policy``, the same
-    ``workers.student.on_policy`` code); ``answers`` are then its answers (None on the other steps). Returns the
-    held-out curve (when asked) and the mean of each loss part over the last 10 steps."""
+    ``loss_fn(logits, labels, indices, answers) -> (loss, parts)`` (default CE). ``on_policy``: the product's
+    ``train.on_policy`` (the same ``workers.student.on_policy`` code): on its chosen steps the student answers the
+    batch's prompts itself, ``answers`` are then its answers (None for the labels), trained instead of the labels
+    or added to them (one loss over both, as the product's recipe). Returns the held-out curve (when asked) and
+    the mean of each loss part over the last 10 steps."""
     examples = [encode_example(r, tokenizer, TEMPLATE, MAX_PROMPT, MAX_ANSWER) for r in rows]
-    settings = OnPolicyConfig(fraction=on_policy, max_new_tokens=MAX_ANSWER)
+    settings = on_policy or OnPolicyConfig(max_new_tokens=MAX_ANSWER)
     train = TrainConfig(steps=steps, lr=budget.lr, warmup_steps=budget.warmup_steps, schedule="linear")
     opt = torch.optim.AdamW(model.parameters(), lr=train.lr, weight_decay=train.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(train, steps))
@@ -201,15 +210,18 @@ def fit(model: Any, tokenizer: Any, rows: list[dict[str, Any]], budget: Budget, 
             g.shuffle(perm)
             order += perm
         idx, order = order[:batch_size], order[batch_size:]
-        answers = None
-        if chosen(seed, step, on_policy):
+        what = kind(seed, step, settings, first=settings.start_step + 1)  # steps count from 1 here
+        pieces = [] if what == OWN else [([examples[i] for i in idx], None)]  # (examples, the student's answers)
+        if what != LABELS:
             sample = partial(sample_answers, model, tokenizer, settings=settings, seed=sampling_seed(seed, 0, step),
                              device=torch.device("cpu"))
-            batch, answers = on_policy_batch(sample, tokenizer, [examples[i] for i in idx], [rows[i] for i in idx])
-        else:
-            batch = collate([examples[i] for i in idx], tokenizer.pad_token_id)
-        logits, labels = answer_logits(model, batch, len(tokenizer))
-        loss, parts = loss_fn(logits, labels, idx, answers) if loss_fn else (mlot.causal_lm_loss(logits, labels), {})
+            pieces.append(on_policy_examples(sample, tokenizer, [examples[i] for i in idx], [rows[i] for i in idx]))
+        loss, parts = 0.0, {}
+        for i, (piece, answers) in enumerate(pieces):  # mode add: the labels' loss + the on-policy loss
+            logits, labels = answer_logits(model, collate(piece, tokenizer.pad_token_id), len(tokenizer))
+            mine = loss_fn(logits, labels, idx, answers) if loss_fn else (mlot.causal_lm_loss(logits, labels), {})
+            loss = loss + mine[0]
+            parts.update({f"on_policy/{k}" if i else k: v for k, v in mine[1].items()})
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -217,7 +229,8 @@ def fit(model: Any, tokenizer: Any, rows: list[dict[str, Any]], budget: Budget, 
         last = (last + [{"loss": loss.item(), **{k: float(v) for k, v in parts.items()}}])[-10:]
         if curve and (step % every == 0 or step == steps):
             points.append({"step": step, **held_out(model, tokenizer, budget.task)})
-    return {"curve": points, "final_terms": {k: float(np.mean([p[k] for p in last])) for k in last[-1]}}
+    terms = sorted(set().union(*last))  # on_policy/* only on the steps that had answers
+    return {"curve": points, "final_terms": {k: float(np.mean([p[k] for p in last if k in p])) for k in terms}}
 
 
 # ---------------------------------------------------------------------------- teachers
@@ -366,8 +379,10 @@ def run_arm(out: str, name: str, arm: Arm, seed: int, budget: Budget) -> dict[st
     rows, unusable = arm_rows(out, name, arm, seed, tok, budget.task)
     loss_fn = ArmLoss(out, arm, rows, tok)
     model = tiny_model(tok, seed)
+    policy = OnPolicyConfig(fraction=arm.on_policy, mode=arm.policy_mode, start_step=arm.policy_start,
+                            max_new_tokens=MAX_ANSWER)
     result = fit(model, tok, rows, budget, seed, budget.steps, budget.batch_size, loss_fn, curve=True,
-                 on_policy=arm.on_policy)
+                 on_policy=policy)
     return {"arm": name, "seed": seed, "final": result["curve"][-1], "curve": result["curve"],
             "final_terms": result["final_terms"], "unusable_targets": unusable, "seconds": time.time() - t0}
 

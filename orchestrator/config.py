@@ -364,6 +364,8 @@ class OnPolicyConfig(_Section):
     temperature: float = Field(1.0, gt=0, description="Sampling temperature of the student's answers.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling of the student's answers (1: the full distribution).")
     ce: bool = Field(False, description="Also train CE on the generated answers (off: only the distillation terms learn from them).")
+    mode: Literal["replace", "add"] = Field("replace", description="replace: a chosen micro-batch trains on the student's own answers instead of its labels (GKD's mix); add: on both, the labels' loss plus the on-policy loss on the student's answers to the same prompts (one forward over twice the rows).")
+    start_step: int = Field(0, ge=0, description="Optimizer steps trained on the labels only before any micro-batch is on-policy (a warm start: the student learns to answer before it samples).")
     engine: Literal["hf", "vllm"] = Field("hf", description="What samples the answers: hf (each rank's own student; train.on_policy.gather under ZeRO-3) or vllm (one copy of the student on vLLM in its own runtime, train.on_policy.vllm, placed by train.on_policy.resources, sent the trainer's weights every sync_every steps: ranks run no collective while answers are sampled).")
     sync_every: int = Field(1, ge=1, description="engine: vllm: send the trainer's weights to the vLLM copy every N optimizer steps (1: every answer is sampled from the current weights). train.checkpoint_every must be a multiple of it, so a resumed run samples from the weights it sampled from before.")
     vllm: VllmRuntime = Field(default_factory=VllmRuntime, description="The vLLM generator's runtime and engine settings (engine: vllm).")
@@ -567,6 +569,9 @@ def _on_policy_problems(job: JobConfig) -> list[tuple[str, Any, str]]:
     for i, t in enumerate(job.teachers):
         if t.store:
             out.append((f"teachers.{i}.store", t.store, "a teacher store holds outputs for the dataset's answers, not for text the student generates: on-policy training (train.on_policy.fraction > 0) needs live teachers"))
+    start, steps = job.train.on_policy.start_step, job.train.steps
+    if steps is not None and start >= steps:
+        out.append(("train.on_policy.start_step", start, f"no micro-batch would be on-policy: train.steps is {steps}; set start_step below it (0: on-policy from the first step)"))
     every = job.train.on_policy.sync_every
     if job.train.on_policy.engine == "vllm" and job.train.checkpoint_every % every:
         out.append(("train.on_policy.sync_every", every, f"must divide train.checkpoint_every ({job.train.checkpoint_every}): a run resumed from a checkpoint between two weight syncs would sample from other weights than it did; set sync_every to a divisor of it"))

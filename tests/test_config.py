@@ -260,6 +260,10 @@ def test_on_policy_and_teacher_mix_are_checked(tmp_path: Path) -> None:
     assert_names(error_of(tmp_path, data), "train.on_policy.fraction")
     data["train"]["on_policy"] = {"fraction": 1.0, "max_new_tokens": 400}
     assert_names(error_of(tmp_path, data), "data.max_prompt_length", "train.on_policy.max_new_tokens")
+    data["train"] |= {"steps": 50, "on_policy": {"fraction": 0.5, "start_step": 50}}
+    assert_names(error_of(tmp_path, data), "train.on_policy.start_step", "train.steps is 50")
+    data["train"]["on_policy"] = {"fraction": 0.5, "mode": "sum"}
+    assert_names(error_of(tmp_path, data), "train.on_policy.mode", "replace", "add")
 
 
 def test_a_vllm_teacher_is_refused_what_needs_full_logits(tmp_path: Path) -> None:

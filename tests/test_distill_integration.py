@@ -164,8 +164,10 @@ def _zero3_release_after_use(tmp_path) -> str:
 
 def test_zero3_on_policy_accumulation_with_a_nan_micro_batch_uneven_eval_and_a_restart(tmp_path, ray_cluster):
     """ZeRO-3, 2 workers, grad_accum 2, two teachers with other tokenizers, student-logit NaN on one rank,
-    33 eval rows (17 + 16: one rank runs an extra forward), and every micro-batch on-policy (the student samples
-    its answers, all ranks generating together as ZeRO-3 needs, and both teachers score that text): the run logs
+    33 eval rows (17 + 16: one rank runs an extra forward), and, after a warm start of one step on the labels,
+    every micro-batch on-policy *added* to its labels (``mode: add``: the student samples its answers, all ranks
+    generating together as ZeRO-3 needs, both teachers score that text, and one forward trains on the labels and
+    the answers): the run logs
     exactly train.steps optimizer steps, its total is the weighted sum of its logged terms, and when rank 0 dies
     after step 3 the group restarts from step 2's checkpoint and trains step 3 again to the loss it had (the same
     samples: restore is exact, weights, optimizer, schedule, RNG, data position, the skip count), each step logged
@@ -179,7 +181,7 @@ def test_zero3_on_policy_accumulation_with_a_nan_micro_batch_uneven_eval_and_a_r
                "train.batch_size=8", "data.limit=330", "loss.ce_weight=0.7",
                "train.schedule=constant", "train.eval_every=2", "train.checkpoint_every=2", "train.max_failures=1",
                "train.on_policy.fraction=1.0", "train.on_policy.max_new_tokens=4", "train.on_policy.ce=true",
-               add_teacher=TEKKEN)
+               "train.on_policy.mode=add", "train.on_policy.start_step=1", add_teacher=TEKKEN)
     steps_log = tmp_path / "optimizer_steps.txt"
     s = run_distill(job, callbacks=[poison, OptimizerSteps(str(steps_log)), crash], evaluate=False)
 
@@ -197,21 +199,23 @@ def test_zero3_on_policy_accumulation_with_a_nan_micro_batch_uneven_eval_and_a_r
     assert [v for _, v in _history(s, "train/nonfinite_skipped")] == [0, 1, 1, 1]  # step 4 counted after the restart
     assert [st for st, _ in _history(s, "eval/loss")] == [2, 4]
 
-    # On-policy: every micro-batch generated (up to 4 tokens per answer), within the step's time.
-    assert [v for _, v in _history(s, "train/on_policy_frac")] == [1.0] * 4
-    assert all(0 < v <= 4 for _, v in _history(s, "train/generated_tokens"))
-    assert all(0 < v < 1 for _, v in _history(s, "train/generation_frac"))
-    # The logged total is ce_weight * CE + sum_j w_j * alpha * distill_j, recomputed from the logged terms
-    # (on.policy.ce: the CE of the student's own answers).
+    # On-policy from step 2 (start_step 1): every micro-batch generated (up to 4 tokens per answer).
+    assert [v for _, v in _history(s, "train/on_policy_frac")] == [0.0, 1.0, 1.0, 1.0]
+    assert [st for st, v in _history(s, "train/generated_tokens") if 0 < v <= 4] == [2, 3, 4]
+    assert [st for st, v in _history(s, "train/generation_frac") if 0 < v < 1] == [2, 3, 4]
+    # The logged total is, on the labels and (from step 2) on the answers, ce_weight * CE + sum_j w_j * alpha *
+    # distill_j, recomputed from the logged terms (on_policy.ce: the CE of the student's own answers too).
     alpha, weights = 0.15, {"teacher-sp": 1.0, "teacher-tekken": 0.5}
     total = dict(_history(s, "train/loss"))
-    ce = dict(_history(s, "train/ce"))
-    distill = {t: dict(_history(s, f"train/{t}/distill")) for t in weights}
     for step in (1, 2, 3, 4):
-        want = 0.7 * ce[step] + sum(w * alpha * distill[t][step] for t, w in weights.items())
+        want = 0.0
+        for part in ("", "on_policy/") if step > 1 else ("",):
+            ce = dict(_history(s, f"train/{part}ce"))[step]
+            distill = [dict(_history(s, f"train/{part}{t}/distill"))[step] for t in weights]
+            want += 0.7 * ce + sum(w * alpha * d for w, d in zip(weights.values(), distill))
+            assert all(math.isfinite(v) and v > 0 for v in distill) and distill[0] != distill[1]
         assert total[step] == pytest.approx(want, rel=1e-5), step
-        terms = [distill[t][step] for t in weights]
-        assert all(math.isfinite(v) and v > 0 for v in terms) and terms[0] != terms[1]
+    assert [st for st, _ in _history(s, "train/on_policy/loss")] == [2, 3, 4]
     for t in weights:
         assert all(v > 0 for _, v in _history(s, f"train/{t}/payload_bytes_per_token"))
         assert _history(s, f"train/{t}/wait_s")

@@ -16,7 +16,7 @@ from workers.data.encoding import answers_of
 from workers.data.prepared import STUDENT, Rows, open_data, prepare
 from workers.generation import Answer, encode_answers
 from workers.models import build_model, load_tokenizer
-from workers.student.on_policy import chosen, sample_answers, student_examples, to_answers
+from workers.student.on_policy import BOTH, LABELS, OWN, chosen, kind, sample_answers, student_examples, to_answers
 from workers.teacher.actor import TeacherActor
 
 
@@ -32,6 +32,16 @@ def test_the_on_policy_choice_depends_on_seed_and_micro_batch_only():
     assert 500 <= len(picks) <= 700 and picks == [m for m in range(2000) if chosen(7, m, 0.3)]
     assert picks != [m for m in range(2000) if chosen(8, m, 0.3)]
     assert not any(chosen(7, m, 0.0) for m in range(100)) and all(chosen(7, m, 1.0) for m in range(100))
+
+
+def test_a_warm_start_trains_on_labels_first_and_mode_add_keeps_the_labels_of_every_chosen_micro_batch():
+    replace_ = OnPolicyConfig(fraction=0.3)
+    add = OnPolicyConfig(fraction=0.3, mode="add")
+    picks = {m for m in range(2000) if chosen(7, m, 0.3)}
+    assert [kind(7, m, replace_) for m in range(2000)] == [OWN if m in picks else LABELS for m in range(2000)]
+    # from micro-batch 500 on (start_step 250 at grad_accum 2), the same choices; none before
+    assert [kind(7, m, add, first=500) for m in range(2000)] == \
+        [BOTH if m in picks and m >= 500 else LABELS for m in range(2000)]
 
 
 def _student(job, tok):

@@ -185,7 +185,7 @@ def test_greedy_generation_equals_the_hf_engines(served):
 
 
 def _prompts(served, n=6) -> list[list[int]]:
-    """The student's prompt tokens of ``n`` eval rows (as ``on_policy_batch`` cuts them)."""
+    """The student's prompt tokens of ``n`` eval rows (as ``on_policy_examples`` cuts them)."""
     from workers.data.encoding import answers_of
     from workers.data.prepared import STUDENT, open_data
     examples = open_data(served.data).examples("eval", range(n), STUDENT)

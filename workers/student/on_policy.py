@@ -1,6 +1,6 @@
 """On-policy micro-batches (GKD-style): the student answers its own prompts, the teachers score that text.
 
-Student side: :func:`on_policy_batch`: :func:`sample_answers` generates from the batch's prompts (the
+Student side: :func:`on_policy_examples`: :func:`sample_answers` generates from the batch's prompts (the
 student's own template and tokens, as in training), :func:`to_answers` turns the generated ids into
 :class:`Answer`s, and :func:`student_examples` makes the training examples (prompt + generated ids, labels
 on the answer).
@@ -10,9 +10,12 @@ teacher's own tokenizer and template, so both sides' answer spans cover the same
 A generation that is empty, EOS-only, or not valid text (a byte-level tokenizer can stop inside a UTF-8
 character) cannot be encoded by a teacher: that sample falls back to the row's gold answer, and is counted.
 
-Which micro-batches are on-policy (:func:`chosen`) depends on (seed, micro-batch) only, not on the rank:
-under ZeRO-3 every forward is a collective, so all ranks must generate on the same micro-batches. A resumed
-run makes the same choices and, with the same sampling seed per (seed, rank, micro-batch), the same samples.
+Which micro-batches are on-policy (:func:`chosen`, :func:`kind`) depends on (seed, micro-batch) only, not on
+the rank: under ZeRO-3 every forward is a collective, so all ranks must generate on the same micro-batches. A
+resumed run makes the same choices and, with the same sampling seed per (seed, rank, micro-batch), the same
+samples. A chosen micro-batch trains on the student's answers *instead of* its labels (``mode: replace``,
+GKD's mix) or on both (``mode: add``: the label loss plus the on-policy loss on the same prompts), and none is
+chosen before ``start_step`` (a warm start: the student learns to answer from the labels before it samples).
 """
 
 from __future__ import annotations
@@ -37,6 +40,22 @@ def _unit(*parts: int) -> float:
 def chosen(seed: int, m: int, fraction: float) -> bool:
     """Is micro-batch ``m`` on-policy? The same answer on every rank, and in a resumed run."""
     return fraction >= 1 or (fraction > 0 and _unit(seed, m) < fraction)
+
+
+#: What a micro-batch trains on: its labels, the student's own answers to its prompts, or both.
+LABELS, OWN, BOTH = "labels", "own", "both"
+
+
+def kind(seed: int, m: int, settings: Any, first: int = 0) -> str:
+    """:data:`LABELS`, :data:`OWN` or :data:`BOTH` for micro-batch ``m`` (the same on every rank and on resumption).
+
+    Args:
+        settings: ``train.on_policy`` (``fraction``, ``mode``).
+        first: the first micro-batch that may be on-policy (``start_step`` optimizer steps of micro-batches in).
+    """
+    if m < first or not chosen(seed, m, settings.fraction):
+        return LABELS
+    return BOTH if settings.mode == "add" else OWN
 
 
 def sampling_seed(seed: int, rank: int, m: int) -> int:
@@ -92,10 +111,10 @@ def student_examples(prompts: Sequence[Sequence[int]], answers: Sequence[Answer]
     return [(list(p) + list(a.ids), [IGNORE_INDEX] * len(p) + list(a.ids)) for p, a in zip(prompts, answers)]
 
 
-def on_policy_batch(sample: Callable[[list[list[int]]], list[list[int]]], tokenizer: Any,
-                    examples: Sequence[tuple[list[int], list[int]]], rows: Sequence[dict[str, Any]]
-                    ) -> tuple[dict[str, torch.Tensor], list[Answer]]:
-    """The student's training batch on its own answers to the prompts of ``examples`` (its tokens of the rows,
+def on_policy_examples(sample: Callable[[list[list[int]]], list[list[int]]], tokenizer: Any,
+                       examples: Sequence[tuple[list[int], list[int]]], rows: Sequence[dict[str, Any]]
+                       ) -> tuple[list[tuple[list[int], list[int]]], list[Answer]]:
+    """The student's training examples on its own answers to the prompts of ``examples`` (its tokens of the rows,
     with their gold answers) and ``rows`` (their text fields), and the answers the teachers will score.
     ``sample``: prompts (token ids) -> each one's answer tokens (:func:`sample_answers` on the student's module,
     or the vLLM generator's ``sample``)."""
@@ -103,4 +122,4 @@ def on_policy_batch(sample: Callable[[list[list[int]]], list[list[int]]], tokeni
     prompts = [ids[:len(ids) - len(answer)] for (ids, _), answer in zip(examples, gold)]
     generated = sample(prompts)
     answers = to_answers(tokenizer, generated, rows, gold)
-    return collate(student_examples(prompts, answers), tokenizer.pad_token_id), answers
+    return student_examples(prompts, answers), answers

@@ -70,7 +70,9 @@ class PayloadStream:
     :meth:`_hedge_s`. So a replica's death costs a step one retry, not the restart (requests carry
     ``max_task_retries=0``: none waits inside Ray through it). A payload carries the batch id it was computed
     for; a mismatch is a hard error. ``loss`` (a LossConfig) is sent along: long-lived teachers serve trials with
-    different settings. ``on_policy(m)``: is micro-batch m on-policy (asked for only with its answers)?
+    different settings. ``on_policy(m)``: does micro-batch m train on the student's answers only (asked for only
+    with them, in :meth:`get`)? A ``mode: add`` micro-batch's labels are asked for ahead like any other, its
+    answers by :meth:`score`.
     """
 
     def __init__(self, teachers: dict[str, list[Any]], data: DataRef, order: BatchOrder, rank: int, world: int,
@@ -162,22 +164,32 @@ class PayloadStream:
         while self.inflight and self.inflight[0][0] < m:  # e.g. skipped after a restart
             self.inflight.popleft()
         got_m, refs = self.inflight.popleft()
+        if got_m != m:
+            raise RuntimeError(f"micro-batch {m}: the stream's next request is for micro-batch {got_m}")
         if (refs is None) != (answers is not None):
             raise RuntimeError(f"micro-batch {m}: on-policy is {refs is None}, answers given: {answers is not None}")
-        if refs is None:
-            self.answers[m] = answers
-            refs = {name: self._request(name, m) for name in self.teachers}
+        return self.score(m, answers) if refs is None else self._collect(m, refs)
+
+    def score(self, m: int, answers: list[Any]) -> Fetched:
+        """The payloads of the student's ``answers`` to micro-batch m's prompts, asked for now (they exist only
+        once generated): an on-policy m's (through :meth:`get`), or the second half of a ``mode: add`` one."""
+        self.answers[m] = answers
+        try:
+            return self._collect(m, {name: self._request(name, m) for name in self.teachers})
+        finally:
+            self.answers.pop(m, None)
+
+    def _collect(self, m: int, refs: dict[str, tuple[Any, int]]) -> Fetched:
         out = Fetched()
         for name, ref in refs.items():
             t0 = time.perf_counter()
             reply = self._fetch(name, ref, m)
             out.wait_s[name] = time.perf_counter() - t0
             self.usual_wait[name] = 0.9 * self.usual_wait.get(name, out.wait_s[name]) + 0.1 * out.wait_s[name]
-            if reply["batch_id"] != [self.rank, m] or got_m != m:
+            if reply["batch_id"] != [self.rank, m]:
                 raise RuntimeError(f"teacher {name} answered batch {reply['batch_id']} for batch {[self.rank, m]}")
             payload = mlot.TeacherPayload.from_numpy(reply["payload"])
             out.payloads[name] = payload
             out.nbytes[name] = payload.nbytes()
             out.answer_tokens[name] = int(payload.lengths.sum())
-        self.answers.pop(m, None)
         return out

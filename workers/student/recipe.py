@@ -7,7 +7,8 @@ stream, tracking) -> ``train`` (one optimizer step per loop step, each ``grad_ac
 ``loss.method``, where ``identity_j`` are the optional identity-aware terms (``mlot.identity.identity_terms``)
 and ``w_j`` the teachers' weights, or per-sample weights (``loss.teacher_mix``, ``mlot.mixing``). On an
 on-policy micro-batch (``train.on_policy``) the student first samples its own answers (``_generate``) and
-the teachers score that text.
+the teachers score that text; it replaces the labels (``mode: replace``) or is added to them (``mode: add``: one
+forward over both, the two losses summed, the on-policy parts logged as ``on_policy/<part>``).
 
 A micro-batch whose student logits or loss are not finite on *any* rank is skipped on *every* rank:
 it still backs up a zero and steps the engine, so DeepSpeed's accumulation windows, the optimizer
@@ -24,8 +25,9 @@ import torch
 
 import mlot
 from specs.progress import Progress
+from workers.data.encoding import collate
 from workers.data.prepared import STUDENT, open_data
-from workers.forward import answer_logits, to_device
+from workers.forward import answer_logits, answer_window, to_device
 from workers.models import load_tokenizer
 from workers.student import checkpoint, console
 from workers.student.console import say
@@ -41,10 +43,12 @@ from workers.student.engine import (
 )
 from workers.student.in_loop_eval import eval_plan, evaluate_ce, evaluate_truth
 from workers.student.model import build_student
-from workers.student.on_policy import chosen, on_policy_batch, sample_answers, sampling_seed
+from workers.student.on_policy import LABELS, OWN, kind, on_policy_examples, sample_answers, sampling_seed
 from workers.student.payload_stream import BatchOrder, Fetched, PayloadStream
 from workers.student.tracking import open_buffer
 from workers.vocab import teacher_map
+
+Example = tuple[list[int], list[int]]  # a student's (input_ids, labels)
 
 
 @dataclass
@@ -52,7 +56,7 @@ class StepStats:
     """What one optimizer step's micro-batches add up to."""
 
     sums: dict[str, Any] = field(default_factory=dict)  # loss terms (tensors: no device sync per micro-batch)
-    counted: int = 0
+    counted: dict[str, int] = field(default_factory=dict)  # micro-batches with each term (on_policy/*: some)
     tokens: int = 0
     wait_s: dict[str, float] = field(default_factory=dict)
     nbytes: dict[str, int] = field(default_factory=dict)
@@ -77,12 +81,12 @@ class StepStats:
         self.fallbacks += sum(not a.sampled for a in answers)
 
     def add_terms(self, parts: dict[str, torch.Tensor]) -> None:
-        self.counted += 1
         for k, v in parts.items():
             self.sums[k] = self.sums.get(k, 0.0) + v
+            self.counted[k] = self.counted.get(k, 0) + 1
 
     def metrics(self, elapsed: float, world: int, micro_batches: int, on_policy: bool) -> dict[str, float]:
-        out = {f"train/{k}": float(v) / self.counted for k, v in self.sums.items()}
+        out = {f"train/{k}": float(v) / self.counted[k] for k, v in self.sums.items()}
         wait = sum(self.wait_s.values())
         out.update({"train/tokens_per_s": self.tokens * world / elapsed, "train/step_s": elapsed,
                     "train/teacher_wait_s": wait, "train/teacher_wait_frac": wait / elapsed})
@@ -141,7 +145,7 @@ class StudentRecipe:
         self.start, counters = checkpoint.restore(self.engine, config["fingerprint"], config.get("resume_from"))
         self.order = BatchOrder(self.data.size("train"), self.rank, self.world, job.train.batch_size, job.train.seed)
         self.stream = PayloadStream(config["teachers"], config["data"], self.order, self.rank, self.world,
-                                    job.train.prefetch, job.loss, on_policy=self._is_on_policy) \
+                                    job.train.prefetch, job.loss, on_policy=lambda m: self._kind(m) == OWN) \
             if self.method.needs_teacher else None
         self.tracker = open_buffer(config["tracking_uri"], config["run_id"]) \
             if self.rank == 0 and config["run_id"] else None
@@ -182,7 +186,7 @@ class StudentRecipe:
     def _train_step(self, step: int) -> dict[str, float]:
         t0 = time.perf_counter()
         stats = StepStats()
-        if self.generator is not None and (step == self.start or step % self.on_policy.sync_every == 0):
+        if self.generator is not None and self._sync_due(step):
             stats.weight_sync_s = self._sync_generator(step)
         for micro in range(self.job.train.grad_accum):
             self._micro_step(step * self.job.train.grad_accum + micro, stats)
@@ -196,17 +200,20 @@ class StudentRecipe:
 
     def _micro_step(self, m: int, stats: StepStats) -> None:
         """Forward, loss, backward and engine step of micro-batch ``m`` (a skip is a zero backward)."""
-        rows, on_policy = self.order(m), self._is_on_policy(m)
-        if on_policy:
-            batch, answers = self._generate(m, rows, stats)
-            fetched = self.stream.get(m, answers)
-        else:
-            batch = self.data.batch("train", rows, STUDENT, self.tokenizer.pad_token_id)
+        rows, what = self.order(m), self._kind(m)
+        pieces = []  # (the student's examples, the teachers' payloads on them, CE on them?, tokens)
+        if what != OWN:
             fetched = self.stream.get(m) if self.stream else Fetched()
+            pieces.append((self.data.examples("train", rows, STUDENT), fetched, True))
+        if what != LABELS:
+            examples, answers = self._generate(m, rows, stats)
+            fetched = self.stream.get(m, answers) if what == OWN else self.stream.score(m, answers)
+            pieces.append((examples, fetched, self.on_policy.ce))
+        batch = collate([e for examples, _, _ in pieces for e in examples], self.tokenizer.pad_token_id)
         logits, labels = answer_logits(self.engine, to_device(batch, self.device), self.vocab)
         for cb in self.callbacks:
             logits = cb.on_logits(m, self.rank, logits)
-        loss, parts = self._loss_step(logits, labels, fetched.payloads, on_policy) \
+        loss, parts = self._loss_step(logits, labels, [(len(e), f.payloads, ce) for e, f, ce in pieces]) \
             if answer_rows_finite(logits, labels) else (None, {})
         if any_rank(loss is None or not bool(torch.isfinite(loss)), self.device):
             self._count_skip(m, "student logits" if loss is None else "loss")
@@ -216,11 +223,13 @@ class StudentRecipe:
             stats.add_terms(parts)
         self.engine.backward(loss)
         self.engine.step()
-        stats.add_io(fetched, int(batch["attention_mask"].sum()))
+        tokens = int(batch["attention_mask"].sum())
+        for i, (_, fetched, _) in enumerate(pieces):
+            stats.add_io(fetched, 0 if i else tokens)  # the batch's tokens once
 
-    def _generate(self, m: int, rows: list[int], stats: StepStats) -> tuple[dict[str, torch.Tensor], list[Any]]:
+    def _generate(self, m: int, rows: list[int], stats: StepStats) -> tuple[list[Example], list[Any]]:
         """Sample the student's answers to the prompts of ``rows`` (every rank generates on the same
-        micro-batches); returns its training batch on them and the answers the teachers will score."""
+        micro-batches); returns its training examples on them and the answers the teachers will score."""
         t0 = time.perf_counter()
         seed = sampling_seed(self.job.train.seed, self.rank, m)
         examples, texts = self.data.examples("train", rows, STUDENT), self.data.rows("train", rows)
@@ -231,14 +240,14 @@ class StudentRecipe:
                 seeds = [seed + i for i in range(len(prompts))]
                 return ray.get(self.generator.sample.remote(prompts, seeds, self.weights_step))
 
-            batch, answers = on_policy_batch(sample, self.tokenizer, examples, texts)
+            out, answers = on_policy_examples(sample, self.tokenizer, examples, texts)
         else:
             with generation_module(self.engine, self.on_policy.gather, self.world) as (module, synced):
-                batch, answers = on_policy_batch(
+                out, answers = on_policy_examples(
                     lambda prompts: sample_answers(module, self.tokenizer, prompts, self.on_policy, seed, self.device,
                                                    synced), self.tokenizer, examples, texts)
         stats.add_generation(time.perf_counter() - t0, answers)
-        return batch, answers
+        return out, answers
 
     def _sync_generator(self, step: int) -> float:
         """Send the student's weights after ``step`` optimizer steps to the vLLM generator (``sync_every``, and the
@@ -254,14 +263,39 @@ class StudentRecipe:
         self.weights_step = step
         return time.perf_counter() - t0
 
-    def _is_on_policy(self, m: int) -> bool:
-        return chosen(self.job.train.seed, m, self.on_policy.fraction)  # the config refuses it without teachers
+    def _kind(self, m: int) -> str:
+        """What micro-batch m trains on (``workers.student.on_policy.kind``; the config refuses on-policy without
+        teachers)."""
+        return kind(self.job.train.seed, m, self.on_policy, self.on_policy.start_step * self.job.train.grad_accum)
 
-    def _loss_step(self, logits: torch.Tensor, labels: torch.Tensor, payloads: dict[str, mlot.TeacherPayload],
-                   on_policy: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The training objective of one micro-batch (``mlot.objective``) and its named parts (detached)."""
-        payloads = {name: payload.to(self.device) for name, payload in payloads.items()}
-        return self.objective(logits, labels, payloads, self.vmaps, ce=not on_policy or self.on_policy.ce)
+    def _sync_due(self, step: int) -> bool:
+        """Does the vLLM generator get the weights after ``step`` optimizer steps? Every ``sync_every`` steps from
+        the first that may be on-policy (``start_step``), and at the first step this worker group trains (a
+        restart's generator may hold newer weights)."""
+        first = max(self.start, self.on_policy.start_step)
+        return step == first or (step > first and step % self.on_policy.sync_every == 0)
+
+    def _loss_step(self, logits: torch.Tensor, labels: torch.Tensor,
+                   pieces: list[tuple[int, dict[str, mlot.TeacherPayload], bool]]
+                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The training objective of one micro-batch (``mlot.objective``) and its named parts (detached).
+
+        Args:
+            logits: [B, K, V], labels: [B, K]: the rows of each piece in turn.
+            pieces: (rows, the teachers' payloads on them, CE on them?) per piece: the labels, the student's own
+                answers, or both (``mode: add``: the losses summed, the second's parts logged as ``on_policy/*``).
+        """
+        total, parts, first = 0.0, {}, 0
+        for i, (n, payloads, ce) in enumerate(pieces):
+            lab = labels[first:first + n]
+            k = answer_window(lab)  # the piece's own answer window (the batch's is the longest of both)
+            loss, mine = self.objective(logits[first:first + n, -k:], lab[:, -k:],
+                                        {name: p.to(self.device) for name, p in payloads.items()}, self.vmaps, ce=ce)
+            total, first = total + loss, first + n
+            parts.update({f"on_policy/{key}" if i else key: v for key, v in mine.items()})
+        if len(pieces) > 1:
+            parts["loss"] = total.detach()
+        return total, parts
 
     def _count_skip(self, m: int, what: str) -> None:
         self.skipped += 1
