@@ -6,10 +6,11 @@ The per-rank peak RSS of each phase of a ZeRO-3 distillation job (the quickstart
 2 steps, micro-batch 2, gradient checkpointing, through the export) for the quickstart's tiny student and students
 of ~100M and ~300M parameters. Phases: build (model, DeepSpeed engine, checkpoint restore), train (2 steps and the
 final checkpoint), export; each phase's peak is the resident high-water mark (VmHWM, reset through
-/proc/self/clear_refs as the phase starts). Two ZeRO-3 settings: ``default`` (the generated config: DeepSpeed keeps
-up to 1e9 gathered parameters live, i.e. these students whole, while training) and ``release`` (every gathered
-parameter freed after use, as a model too big to keep whole needs: the settings of the ZeRO-3 integration test).
-Two code paths:
+/proc/self/clear_refs as the phase starts). ZeRO-3 settings: ``default`` (the generated config: DeepSpeed keeps
+up to 1e9 gathered parameters live, i.e. these students whole, while training; buffers sized by the hidden size,
+``specs.deepspeed``), ``release`` (every gathered parameter freed after use, as a model too big to keep whole needs:
+the settings of the ZeRO-3 integration test, with DeepSpeed's reduce buckets of 5e8 elements) and ``release_auto``
+(``release`` with reduce buckets of ``"auto"`` size). Two code paths:
 
 * ``new``: the student built partitioned (``workers.student.model.build_student``) and exported one submodule at a
   time (``workers.student.checkpoint.consolidated_state_dict``);
@@ -53,10 +54,12 @@ SIZES = {
 RELEASE = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0, "stage3_max_live_parameters": 0,
                                  "stage3_max_reuse_distance": 0, "stage3_prefetch_bucket_size": 0,
                                  "stage3_gather_16bit_weights_on_model_save": True}}
+JSONS = {"release": RELEASE,  # DeepSpeed's own reduce buckets (5e8 elements)
+         "release_auto": {"zero_optimization": {**RELEASE["zero_optimization"], "reduce_bucket_size": "auto"}}}
 
 
 def add_memory_options(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--zero3", nargs="+", choices=["default", "release"], default=["default", "release"],
+    ap.add_argument("--zero3", nargs="+", choices=["default", *JSONS], default=["default", "release"],
                     help="memory: ZeRO-3 settings")
     ap.add_argument("--sizes", nargs="+", choices=list(SIZES), default=list(SIZES), help="memory: student sizes")
     ap.add_argument("--paths", nargs="+", choices=["old", "new"], default=["old", "new"], help="memory: code paths")
@@ -150,9 +153,9 @@ def child(zero3: str, size: str, path: str, out: Path) -> dict:
     data["student"]["model_config"].update(SIZES[size])
     data["cluster"]["runtime_env"] = {"worker_process_setup_hook": f"student_memory.worker_setup_{path}",
                                       "env_vars": {"PYTHONPATH": PYTHONPATH, "TQDM_DISABLE": "1"}}
-    if zero3 == "release":
+    if zero3 in JSONS:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "zero3.json").write_text(json.dumps(RELEASE))
+        (out / "zero3.json").write_text(json.dumps(JSONS[zero3]))
         data["student"]["deepspeed"] = {"config_path": str(out / "zero3.json")}
     job = config_from_dict(data, [
         f"name=students-{size}-{path}", f"output_dir={out}", f"tracking.uri=sqlite:///{out}/mlflow.db",

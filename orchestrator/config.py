@@ -38,6 +38,7 @@ from specs import (
     Template,
     format_fields,
 )
+from specs import deepspeed as deepspeed_spec
 
 __all__ = [
     "BUILTIN_DATASETS", "BUILTIN_TOKENIZERS", "DATA_FILE_SUFFIXES", "ClusterConfig", "DataConfig",
@@ -94,12 +95,14 @@ class DeepSpeedConfig(_Section):
                 problems.append(("config_path", self.config_path, f"no such file (resolved to {path.absolute()}); expected an existing DeepSpeed JSON file or null"))
             else:
                 try:
-                    ok = isinstance(json.loads(path.read_text()), dict)
+                    cfg = json.loads(path.read_text())
                 except (OSError, ValueError) as exc:
                     problems.append(("config_path", self.config_path, f"not readable as JSON: {exc}"))
                 else:
-                    if not ok:
+                    if not isinstance(cfg, dict):
                         problems.append(("config_path", self.config_path, "the JSON file must hold an object (a DeepSpeed config)"))
+                    elif unfilled := deepspeed_spec.unresolvable(cfg):
+                        problems.append(("config_path", self.config_path, f"{', '.join(unfilled)}: \"auto\" is filled only for {', '.join(f'zero_optimization.{k}' for k in deepspeed_spec.SIZED)}, bf16/fp16.enabled and the batch sizes; set a value there"))
         if problems:
             raise FieldProblem(*problems)
         return self

@@ -179,6 +179,33 @@ def test_deepspeed_config_path_must_exist(tmp_path: Path) -> None:
     assert load_config(write(tmp_path, data)).student.deepspeed.config_path == missing
 
 
+def test_a_deepspeed_jsons_auto_values_are_filled_as_transformers_fills_them_or_named(tmp_path: Path) -> None:
+    """``"auto"`` (transformers' Trainer convention) sizes ZeRO's buffers from the student's hidden size H: reduce
+    buckets of H² elements (not DeepSpeed's 5e8), prefetch 0.9·H², whole parameters under 10·H; the generated
+    ZeRO-3 config uses the same; an "auto" mlot cannot fill is named with the fix."""
+    from workers.student.engine import deepspeed_config
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 3, "reduce_bucket_size": "auto",
+                                                      "stage3_prefetch_bucket_size": "auto"},
+                                "bf16": {"enabled": "auto"}, "train_batch_size": "auto"}))
+    data = raw_quickstart()
+    data["student"] |= {"deepspeed": {"config_path": str(path)}, "dtype": "bfloat16"}
+    job = load_config(write(tmp_path, data))
+    zero = deepspeed_config(job, hidden=2048)["zero_optimization"]
+    assert (zero["reduce_bucket_size"], zero["stage3_prefetch_bucket_size"]) == (2048 ** 2, int(0.9 * 2048 ** 2))
+    assert deepspeed_config(job, hidden=2048)["bf16"] == {"enabled": True}
+    assert "reduce_bucket_size" not in deepspeed_config(job)["zero_optimization"]  # before the model is built
+    generated = deepspeed_config(load_config(QUICKSTART, ["student.deepspeed.stage=3"]), hidden=4096)
+    assert generated["zero_optimization"] | {"stage": 3} == generated["zero_optimization"]
+    assert (generated["zero_optimization"]["reduce_bucket_size"], generated["zero_optimization"]["sub_group_size"],
+            generated["zero_optimization"]["stage3_param_persistence_threshold"]) == (4096 ** 2, 10 ** 7, 40960)
+    assert generated["bf16"] == {"enabled": False} and deepspeed_config(load_config(QUICKSTART), hidden=64)[
+        "zero_optimization"] == {"stage": 2, "stage3_gather_16bit_weights_on_model_save": True}  # stage 2 as before
+    path.write_text(json.dumps({"zero_optimization": {"stage": 3, "sub_group_size": "auto"}}))
+    assert_names(error_of(tmp_path, data), "student.deepspeed.config_path", "zero_optimization.sub_group_size",
+                 "set a value there")
+
+
 def test_duplicate_teacher_names(tmp_path: Path) -> None:
     data = raw_quickstart()
     data["teachers"].append(copy.deepcopy(data["teachers"][0]))

@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 # the same-tokenizer KL, the identity terms, on-policy, mixing); the losses themselves, ULD and the reference mode
 # included, are tied to their formulas in test_baselines.py, test_loss_paper.py and test_loss_reference.py.
 ARMS = ["SFT", "SeqKD (greedy)", "MultiLevelOT, two teachers", "same-tokenizer KL (ceiling)",
-        "MultiLevelOT + exact match + chunks", "aligned chunks, on-policy 0.5",
+        "MultiLevelOT + exact match + chunks", "aligned, on-policy 0.5 added",
         "MultiLevelOT, trained + random teacher (best)"]
 
 
@@ -77,8 +77,9 @@ def test_each_arms_loss_is_its_logged_terms_recombined(study):
     # teacher mixing (mlot.mixing): per sample the teacher with the lowest NLL per answer byte
     best = terms["MultiLevelOT, trained + random teacher (best)"]
     assert best["t0/mix_weight"] + best["t1/mix_weight"] == pytest.approx(1.0)
-    # on-policy (half the steps on the student's own answers, no CE there) distils on both kinds of step
-    assert terms["aligned chunks, on-policy 0.5"]["t0/chunk_kl"] > 0
+    # on-policy added to the labels (mode add, half the steps): the projection on the labels and on the answers
+    policy = terms["aligned, on-policy 0.5 added"]
+    assert policy["t0/projection_kl"] > 0 and policy["on_policy/t0/projection_kl"] > 0
 
 
 def test_the_mlflow_run_has_the_table_the_plot_and_the_same_numbers(study):

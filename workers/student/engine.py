@@ -18,24 +18,30 @@ from typing import Any, Iterator
 import torch
 import torch.distributed as dist
 
+from specs import deepspeed as deepspeed_spec
 
-def deepspeed_config(job: Any) -> dict[str, Any]:
+
+def deepspeed_config(job: Any, hidden: int | None = None) -> dict[str, Any]:
     """The DeepSpeed config for this job: ZeRO stage/offload from ``student.deepspeed``, or its JSON.
 
     The optimizer is ours (a client AdamW), so DeepSpeed builds no fused CPU Adam; batch sizes always
-    come from ``train`` (a JSON that disagrees would silently change the effective batch).
+    come from ``train`` (a JSON that disagrees would silently change the effective batch). ``"auto"`` values are
+    filled as transformers' Trainer fills them (``specs.deepspeed``); the generated ZeRO-3 config uses them for its
+    buffer sizes, which ``hidden`` (the student's hidden size, once it is built) sizes.
     """
     ds, train = job.student.deepspeed, job.train
     if ds.config_path:
         cfg = json.loads(Path(ds.config_path).read_text())
     else:
         zero: dict[str, Any] = {"stage": ds.stage, "stage3_gather_16bit_weights_on_model_save": True}
+        if ds.stage == 3:
+            zero.update(dict.fromkeys(deepspeed_spec.SIZED, "auto"), sub_group_size=deepspeed_spec.SUB_GROUP)
         if ds.offload_optimizer:
             zero["offload_optimizer"] = {"device": "cpu"}
         if ds.offload_param:
             zero["offload_param"] = {"device": "cpu"}
-        cfg = {"zero_optimization": zero, "bf16": {"enabled": job.student.dtype == "bfloat16"},
-               "fp16": {"enabled": job.student.dtype == "float16"}}
+        cfg = {"zero_optimization": zero, "bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"}}
+    cfg = deepspeed_spec.resolve(cfg, hidden, job.student.dtype)
     cfg.update({
         "train_micro_batch_size_per_gpu": train.batch_size,
         "gradient_accumulation_steps": train.grad_accum,
@@ -92,8 +98,9 @@ def build_engine(job: Any, model: torch.nn.Module, steps: int) -> tuple[Any, Any
     optimizer = torch.optim.AdamW(model.parameters(), lr=job.train.lr, weight_decay=job.train.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(job.train, steps))
     skip_shm_build()
+    config = deepspeed_config(job, getattr(model.config, "hidden_size", None))
     engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                                   config=deepspeed_config(job), dist_init_required=False)
+                                                   config=config, dist_init_required=False)
     return engine, scheduler
 
 
