@@ -9,8 +9,9 @@ final checkpoint), export; each phase's peak is the resident high-water mark (Vm
 /proc/self/clear_refs as the phase starts). ZeRO-3 settings: ``default`` (the generated config: DeepSpeed keeps
 up to 1e9 gathered parameters live, i.e. these students whole, while training; buffers sized by the hidden size,
 ``specs.deepspeed``), ``release`` (every gathered parameter freed after use, as a model too big to keep whole needs:
-the settings of the ZeRO-3 integration test, with DeepSpeed's reduce buckets of 5e8 elements) and ``release_auto``
-(``release`` with reduce buckets of ``"auto"`` size). Two code paths:
+the settings of the ZeRO-3 integration test, with DeepSpeed's reduce buckets of 5e8 elements), ``release_auto``
+(``release`` with reduce buckets of ``"auto"`` size) and ``release_auto_sub`` (that, the optimizer stepped in
+sub-groups of 1e7 elements as the generated config does). Two code paths:
 
 * ``new``: the student built partitioned (``workers.student.model.build_student``) and exported one submodule at a
   time (``workers.student.checkpoint.consolidated_state_dict``);
@@ -55,7 +56,9 @@ RELEASE = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold
                                  "stage3_max_reuse_distance": 0, "stage3_prefetch_bucket_size": 0,
                                  "stage3_gather_16bit_weights_on_model_save": True}}
 JSONS = {"release": RELEASE,  # DeepSpeed's own reduce buckets (5e8 elements)
-         "release_auto": {"zero_optimization": {**RELEASE["zero_optimization"], "reduce_bucket_size": "auto"}}}
+         "release_auto": {"zero_optimization": {**RELEASE["zero_optimization"], "reduce_bucket_size": "auto"}},
+         "release_auto_sub": {"zero_optimization": {**RELEASE["zero_optimization"], "reduce_bucket_size": "auto",
+                                                    "sub_group_size": 10_000_000}}}
 
 
 def add_memory_options(ap: argparse.ArgumentParser) -> None:
