@@ -222,6 +222,8 @@ def fit(model: Any, tokenizer: Any, rows: list[dict[str, Any]], budget: Budget, 
             mine = loss_fn(logits, labels, idx, answers) if loss_fn else (mlot.causal_lm_loss(logits, labels), {})
             loss = loss + mine[0]
             parts.update({f"on_policy/{k}" if i else k: v for k, v in mine[1].items()})
+        if len(pieces) > 1:
+            parts["loss"] = loss.detach()  # the step's total, as the product logs it
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -80,6 +80,10 @@ def test_each_arms_loss_is_its_logged_terms_recombined(study):
     # on-policy added to the labels (mode add, half the steps): the projection on the labels and on the answers
     policy = terms["aligned, on-policy 0.5 added"]
     assert policy["t0/projection_kl"] > 0 and policy["on_policy/t0/projection_kl"] > 0
+    # the logged total (means over the last 10 steps) = the labels' CE + projection, plus on the k steps with answers
+    # their own loss: k / 10 of its mean over those steps
+    k = 10 * (policy["loss"] - policy["ce"] - policy["t0/projection_kl"]) / policy["on_policy/loss"]
+    assert 1 <= round(k) <= 10 and k == pytest.approx(round(k), abs=1e-3), k
 
 
 def test_the_mlflow_run_has_the_table_the_plot_and_the_same_numbers(study):

@@ -201,7 +201,7 @@ class StudentRecipe:
     def _micro_step(self, m: int, stats: StepStats) -> None:
         """Forward, loss, backward and engine step of micro-batch ``m`` (a skip is a zero backward)."""
         rows, what = self.order(m), self._kind(m)
-        pieces = []  # (the student's examples, the teachers' payloads on them, CE on them?, tokens)
+        pieces = []  # (the student's examples, the teachers' payloads on them, CE on them?)
         if what != OWN:
             fetched = self.stream.get(m) if self.stream else Fetched()
             pieces.append((self.data.examples("train", rows, STUDENT), fetched, True))
