@@ -128,6 +128,16 @@ def start_teachers(job: JobConfig, data: Any, cache: bool = False) -> dict[str, 
     return teachers
 
 
+def stop_teachers(teachers: dict[str, list[Any]] | None) -> None:
+    """Stop the replicas ``start_teachers`` started: alive, they hold their CPUs and GPUs for as long as the Ray
+    they run on (a notebook's, a joined cluster's driver session)."""
+    import ray
+
+    for replicas in (teachers or {}).values():
+        for actor in replicas:
+            ray.kill(actor)
+
+
 def start_store_teacher(job: JobConfig, teacher: Any) -> list[Any]:
     """Readers of a teacher's store (``mlot teach``), after checking that it matches the job: they serve payloads
     like the teacher's actors would, with no model and no GPU."""

@@ -14,7 +14,7 @@ from typing import Any
 
 from orchestrator.cluster import connect_ray, with_replicas
 from orchestrator.config import JobConfig
-from orchestrator.driver import prepare_data, say, start_teachers
+from orchestrator.driver import prepare_data, say, start_teachers, stop_teachers
 from orchestrator.tracking import experiment_id
 from specs import UserError, storage
 from workers.teacher.store_format import HIDDEN, META, PAYLOAD, StoreMeta, check_format, shard_path, store_identity
@@ -54,10 +54,7 @@ def run_teach(job: JobConfig, out: str | None = None, fmt: str = "payload", comp
         client.set_terminated(run_id, "FAILED")
         raise
     finally:
-        import ray
-        for replicas in teachers.values():
-            for actor in replicas:
-                ray.kill(actor)
+        stop_teachers(teachers)
     return paths
 
 

@@ -28,7 +28,7 @@ from orchestrator.cluster import (
 )
 from orchestrator.config import JobConfig
 from orchestrator.configuration import ConfigError, apply_overrides, dump_config
-from orchestrator.driver import prepare_data, run_distill, say, start_teachers
+from orchestrator.driver import prepare_data, run_distill, say, start_teachers, stop_teachers
 from orchestrator.tracking import experiment_id, redact
 from specs import UserError, storage
 from workers.data.prepared import data_inputs
@@ -151,48 +151,52 @@ def run_tune(job: JobConfig, space_path: str, *, num_samples: int = 1, scheduler
         storage.write_text(state_file, json.dumps({"parent_run_id": parent}))
 
     teachers = start_teachers(job, data, cache=True) if share_teachers and job.teachers else None
-    trainable = tune.with_resources(
-        tune.with_parameters(_trial, base=job, data=data, teachers=teachers, parent_run_id=parent, sweep=sweep),
-        # The trial function only drives a TorchTrainer: a sliver of a CPU, so it never holds one the workers
-        # need, and any node of any cluster can host it (Tune refuses a trial that asks for nothing).
-        {"cpu": 0.01})
-    tune_path = storage.join(run_path, "tune")
-    if resume:
-        tuner = tune.Tuner.restore(storage.join(tune_path, sweep), trainable=trainable, resume_unfinished=True,
-                                   resume_errored=True)
-    else:
-        sched = None
-        if scheduler == "asha":
-            from ray.tune.schedulers import ASHAScheduler
-            # max_t one past the last report: ASHA must never stop a trial at its final report, which
-            # would kill it while it exports the student and closes its MLflow run.
-            sched = ASHAScheduler(time_attr="training_iteration", grace_period=1, reduction_factor=2,
-                                  max_t=_reports_per_trial(job) + 1)
-        algo = None
-        if search == "optuna":
-            from ray.tune.search.optuna import OptunaSearch
-            algo = OptunaSearch()
-        tuner = tune.Tuner(trainable, param_space=space, tune_config=tune.TuneConfig(
-            metric=metric, mode=mode, scheduler=sched, search_alg=algo, num_samples=num_samples,
-            max_concurrent_trials=max_concurrent or job.tune.max_concurrent or _fitting_trials(job, bool(teachers))),
-            run_config=tune.RunConfig(name=sweep, storage_path=tune_path))
-    say(f"sweep {sweep}: {Path(space_path).name}, {num_samples} sample(s), scheduler {scheduler or 'none'}, "
-        f"teachers {'shared' if teachers else 'per trial'}")
-    results = tuner.fit()
+    try:
+        trainable = tune.with_resources(
+            tune.with_parameters(_trial, base=job, data=data, teachers=teachers, parent_run_id=parent, sweep=sweep),
+            # The trial function only drives a TorchTrainer: a sliver of a CPU, so it never holds one the workers
+            # need, and any node of any cluster can host it (Tune refuses a trial that asks for nothing).
+            {"cpu": 0.01})
+        tune_path = storage.join(run_path, "tune")
+        if resume:
+            tuner = tune.Tuner.restore(storage.join(tune_path, sweep), trainable=trainable, resume_unfinished=True,
+                                       resume_errored=True)
+        else:
+            sched = None
+            if scheduler == "asha":
+                from ray.tune.schedulers import ASHAScheduler
+                # max_t one past the last report: ASHA must never stop a trial at its final report, which
+                # would kill it while it exports the student and closes its MLflow run.
+                sched = ASHAScheduler(time_attr="training_iteration", grace_period=1, reduction_factor=2,
+                                      max_t=_reports_per_trial(job) + 1)
+            algo = None
+            if search == "optuna":
+                from ray.tune.search.optuna import OptunaSearch
+                algo = OptunaSearch()
+            tuner = tune.Tuner(trainable, param_space=space, tune_config=tune.TuneConfig(
+                metric=metric, mode=mode, scheduler=sched, search_alg=algo, num_samples=num_samples,
+                max_concurrent_trials=(max_concurrent or job.tune.max_concurrent
+                                       or _fitting_trials(job, bool(teachers)))),
+                run_config=tune.RunConfig(name=sweep, storage_path=tune_path))
+        say(f"sweep {sweep}: {Path(space_path).name}, {num_samples} sample(s), scheduler {scheduler or 'none'}, "
+            f"teachers {'shared' if teachers else 'per trial'}")
+        results = tuner.fit()
 
-    table = results_table(results, metric, mode, _reports_per_trial(job))
-    _close_children(client, parent, sweep, table)
-    best = table[0] if table else None
-    best_path = storage.join(run_path, "best.yaml")
-    if best is not None:
-        storage.write_text(best_path, dump_config(trial_job(job, best["config"], f"{job.name}-best")))
-    forward_rows = sum(ray.get(a.info.remote())["forward_rows"] for hs in teachers.values() for a in hs) \
-        if teachers else None
-    _log_results(client, parent, table, metric, forward_rows, data.sizes["train"])
-    if teachers:
-        _log_cache(client, parent, {t.name: teachers[t.name] for t in job.teachers if not t.store})
-    client.set_terminated(parent, "FINISHED")
-    return TuneSummary(table, best_path, parent, forward_rows, time.time() - t0, job.tracking.resolved_uri())
+        table = results_table(results, metric, mode, _reports_per_trial(job))
+        _close_children(client, parent, sweep, table)
+        best = table[0] if table else None
+        best_path = storage.join(run_path, "best.yaml")
+        if best is not None:
+            storage.write_text(best_path, dump_config(trial_job(job, best["config"], f"{job.name}-best")))
+        forward_rows = sum(ray.get(a.info.remote())["forward_rows"] for hs in teachers.values() for a in hs) \
+            if teachers else None
+        _log_results(client, parent, table, metric, forward_rows, data.sizes["train"])
+        if teachers:
+            _log_cache(client, parent, {t.name: teachers[t.name] for t in job.teachers if not t.store})
+        client.set_terminated(parent, "FINISHED")
+        return TuneSummary(table, best_path, parent, forward_rows, time.time() - t0, job.tracking.resolved_uri())
+    finally:  # the sweep's shared teachers end with it
+        stop_teachers(teachers)
 
 
 def _reports_per_trial(job: JobConfig) -> int:
