@@ -309,7 +309,7 @@ class LossConfig(_Section):
     Methods and their parameters come from the registry in ``mlot.methods`` (one definition each).
     """
 
-    method: str = Field("multilevel_ot", description="Distillation loss: a method of mlot.METHODS (multilevel_ot, uld, kl, sft; sft: CE only, no teachers).")
+    method: str = Field("aligned", description="Distillation loss: a method of mlot.METHODS (aligned: CE + the vocabulary projection at weight 1, the default the known-truth study chose on both of its variants, docs/quality.md; multilevel_ot: the paper's; uld, kl, sft; sft: CE only, no teachers).")
     mode: Literal["paper", "reference"] = Field("paper", description="MultiLevelOT mode: the paper's method, or the released code's arithmetic.")
     ce_weight: float = Field(1.0, ge=0, description="Weight of the student's cross-entropy on the answer.")
     params: dict[str, Any] = Field(default_factory=dict, description="Parameters of the method (see mlot.METHODS[method].params); unknown names are refused.")
@@ -501,7 +501,7 @@ class JobConfig(_Section):
             for i, t in enumerate(self.teachers):
                 if t.tokenizer_name != self.student.tokenizer_name:
                     problems.append((f"teachers.{i}.tokenizer", t.tokenizer_name,
-                                     f"loss.method {self.loss.method!r} compares distributions over one vocabulary: every teacher must use the student's tokenizer ({self.student.tokenizer_name!r}); use multilevel_ot / uld / mined across tokenizers"))
+                                     f"loss.method {self.loss.method!r} compares distributions over one vocabulary: every teacher must use the student's tokenizer ({self.student.tokenizer_name!r}); use aligned / multilevel_ot / uld across tokenizers"))
         known = set(self.data.columns)
         for prefix, spec in [("student", self.student)] + [(f"teachers.{i}", t) for i, t in enumerate(self.teachers)]:
             for key in ("prompt", "answer"):

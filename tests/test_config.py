@@ -55,6 +55,17 @@ def assert_names(text: str, *parts: str) -> None:
 # ------------------------------------------------------------------------------------ bundled configs
 
 
+def test_a_config_that_names_no_loss_method_gets_the_one_the_study_chose() -> None:
+    """No ``loss.method``: ``aligned``, CE + the vocabulary projection at weight 1 (``mlot.methods.ALIGNED_DEFAULTS``,
+    the setting docs/quality.md measured on both known-truth variants), not the paper's MultiLevelOT."""
+    raw = raw_quickstart()
+    del raw["loss"]["method"], raw["loss"]["params"]
+    loss = config_from_dict(raw).loss
+    assert loss.method == "aligned"
+    identity = loss.spec.identity_config(loss.params)
+    assert (identity.projection_weight, identity.chunk_weight, identity.shared_weight) == (1.0, 0.0, 0.0)
+
+
 def test_quickstart_loads() -> None:
     cfg = load_config(QUICKSTART)
     assert cfg.student.hf_config is not None and cfg.student.hf_config["model_type"] == "llama"
