@@ -1,6 +1,7 @@
-"""Shared test setup: offline HF, quiet Ray, locations of ../shared material."""
+"""Shared test setup: offline HF, quiet Ray, one local Ray for the in-process jobs, locations of ../shared material."""
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -60,3 +61,54 @@ def s3():
         else:
             os.environ[k] = v
     stop([proc])
+
+
+def pytest_collection_modifyitems(config, items):
+    """Modules that start clusters of their own (marker ``cluster``: an existing head, several nodes) run last, so
+    that every other module's in-process jobs share one local Ray (``local_ray``), started once for the suite."""
+    items.sort(key=lambda item: item.get_closest_marker("cluster") is not None)
+
+
+def _alive_actors() -> dict[str, str]:
+    """Alive actors by id (class names): Ray's own (``_``-prefixed: Ray Data's coordinator lives as long as Ray)
+    are not a module's."""
+    from ray.util.state import list_actors
+    alive = list_actors(filters=[("state", "=", "ALIVE")], limit=10_000)
+    return {a.actor_id: a.class_name for a in alive if not a.class_name.startswith("_")}
+
+
+@pytest.fixture(scope="session")
+def _suite_ray(s3):
+    """The address of the suite's local Ray, once started (after the S3 server: its workers inherit the AWS
+    variables). Shut down at the end of the session."""
+    state = {"gcs": None}
+    yield state
+    import ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def local_ray(_suite_ray):
+    """The suite's local Ray, started as ``mlot distill`` starts one (``connect_ray``), for a module's in-process
+    jobs; started again when a module before this one shut it down. Actors a module leaves alive would hold
+    the CPUs the next module's jobs ask for: the module's tests stop what they start, and when something is
+    still alive at the end (named here) this Ray is shut down, as each module's own Ray was before."""
+    import ray
+    from helpers import QUICKSTART
+
+    from orchestrator.cluster import connect_ray
+    from orchestrator.configuration import load_config
+
+    if not (ray.is_initialized() and ray.get_runtime_context().gcs_address == _suite_ray["gcs"]):
+        ray.shutdown()
+        connect_ray(load_config(QUICKSTART))
+        _suite_ray["gcs"] = ray.get_runtime_context().gcs_address
+    before = _alive_actors()
+    yield
+    if ray.is_initialized() and ray.get_runtime_context().gcs_address == _suite_ray["gcs"]:
+        deadline = time.monotonic() + 10  # ray.kill returns before the actor is gone
+        while (left := {k: v for k, v in _alive_actors().items() if k not in before}) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        if left:
+            print(f"\nlocal_ray: actors left alive, Ray restarted for the next module: {sorted(left.values())}")
+            ray.shutdown()

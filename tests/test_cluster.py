@@ -8,6 +8,7 @@ import secrets
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -76,6 +77,19 @@ def test_a_job_joins_an_existing_cluster_with_the_token_where_ray_keeps_it(ray_h
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     gcs, answer = run.stdout.split()[-2:]
     assert gcs.endswith(":" + address.rsplit(":", 1)[1]) and answer == "42"  # the head's GCS, a task ran there
+
+
+def test_an_unreachable_address_fails_fast(tmp_path):
+    """Nothing listens at ``cluster.address``: the CLI exits 2 at once (in this process, with no Ray of its own)."""
+    import ray
+
+    from orchestrator.cli import main
+    ray.shutdown()  # an initialised Ray would be used as it is, whatever the address
+    [port] = free_ports(1)
+    t0 = time.time()
+    code = main(["distill", str(QUICKSTART), "--set", f"output_dir={tmp_path}", "--set",
+                 f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", "--set", f"cluster.address=127.0.0.1:{port}"])
+    assert code == 2 and time.time() - t0 < 60
 
 
 def test_local_default_never_joins_a_foreign_ray(ray_head, monkeypatch):

@@ -19,13 +19,6 @@ from specs import UserError, storage
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-    yield
-    ray.shutdown()
-
-
 def _record_driver_gets(monkeypatch) -> list:
     """Everything ray.get returns in the driver process (this one): payloads must never be among it."""
     import ray
@@ -59,7 +52,7 @@ def _loadable(path: str, vocab: int):
     return model
 
 
-def test_zero2_two_workers_reference_mode_batched_teacher_end_to_end(tmp_path, ray_cluster, monkeypatch):
+def test_zero2_two_workers_reference_mode_batched_teacher_end_to_end(tmp_path, local_ray, monkeypatch):
     """Also: the run writes to a storage URI (file://, the code path of s3:// and gs://): checkpoints, the
     pretrained teacher its replicas load, and the exported student all go through it. And the identity-aware
     terms (``mlot.identity``) are on: the teacher ships their payload with the student's bounds."""
@@ -162,7 +155,7 @@ def _zero3_release_after_use(tmp_path) -> str:
     return str(path)
 
 
-def test_zero3_on_policy_accumulation_with_a_nan_micro_batch_uneven_eval_and_a_restart(tmp_path, ray_cluster):
+def test_zero3_on_policy_accumulation_with_a_nan_micro_batch_uneven_eval_and_a_restart(tmp_path, local_ray):
     """ZeRO-3, 2 workers, grad_accum 2, two teachers with other tokenizers, student-logit NaN on one rank,
     33 eval rows (17 + 16: one rank runs an extra forward), and, after a warm start of one step on the labels,
     every micro-batch on-policy *added* to its labels (``mode: add``: the student samples its answers, all ranks

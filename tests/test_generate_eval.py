@@ -96,13 +96,6 @@ def test_generate_parser():
 # ------------------------------------------------------------------------------------------- end to end
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-    yield
-    ray.shutdown()
-
-
 def _labeled_file(path: Path, n: int) -> Path:
     """Quickstart rows as a local jsonl with an id and a list of gold answers (like QED's)."""
     from workers.data.tasks import quickstart_dataset
@@ -135,7 +128,7 @@ def test_generate_rejects_bad_requests_before_starting_anything(tmp_path):
 
 
 @pytest.mark.integration
-def test_generate_distill_eval_end_to_end(tmp_path, ray_cluster, monkeypatch):
+def test_generate_distill_eval_end_to_end(tmp_path, local_ray, monkeypatch):
     from helpers import metric_history
     from mlflow import MlflowClient
 

@@ -17,18 +17,14 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def taught(tmp_path_factory, s3):
-    """A quickstart job (200 rows) and its teacher's payload store, made by run_teach on a local Ray (started
-    after the S3 server, so its actors reach it)."""
-    import ray
-
+def taught(tmp_path_factory, local_ray):
+    """A quickstart job (200 rows) and its teacher's payload store, made by run_teach on the suite's local Ray
+    (started after the S3 server, so its actors reach it)."""
     from orchestrator.teach import run_teach
-    ray.shutdown()
     tmp = tmp_path_factory.mktemp("store")
     job = quickstart_job(tmp, "st", "data.limit=200")
     paths = run_teach(job, out=str(tmp / "stores"), shard_rows=64, batch_size=32)
-    yield job, paths["teacher-sp"], tmp
-    ray.shutdown()
+    return job, paths["teacher-sp"], tmp
 
 
 def _payload(reply) -> mlot.TeacherPayload:

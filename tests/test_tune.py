@@ -39,11 +39,8 @@ def test_bad_space_files_name_the_key(tmp_path, job, text, needle):
 
 
 def _sweep(tmp_path, name: str, space_text: str, *, steps: int, eval_every: int, limit: int, batch: int,
-           extra: tuple[str, ...] = (), keep_ray: bool = False, **kwargs):
-    """Write a space file, build a small quickstart job, run the sweep on a local Ray (shut down after it unless
-    ``keep_ray``: the next sweep then reuses it); (job, summary)."""
-    import ray
-
+           extra: tuple[str, ...] = (), **kwargs):
+    """Write a space file, build a small quickstart job, run the sweep on the Ray already started; (job, summary)."""
     from orchestrator.tune import run_tune
 
     space = tmp_path / "space.yaml"
@@ -52,11 +49,7 @@ def _sweep(tmp_path, name: str, space_text: str, *, steps: int, eval_every: int,
                                    f"train.steps={steps}", "train.warmup_steps=0", f"train.eval_every={eval_every}",
                                    f"train.checkpoint_every={steps}", "teachers.0.pretrain.steps=0",
                                    f"data.limit={limit}", f"train.batch_size={batch}", *extra])
-    try:
-        return job, run_tune(job, str(space), **kwargs)
-    finally:
-        if not keep_ray:
-            ray.shutdown()
+    return job, run_tune(job, str(space), **kwargs)
 
 
 # One good learning rate and a hopeless one: ASHA must stop the hopeless trial early. The aligned-chunk and
@@ -66,8 +59,7 @@ ASHA_SPACE = ("train.lr: {grid: [3.0e-3, 1.0e-9]}\nloss.params.teacher_temperatu
 
 
 @pytest.mark.integration
-def test_small_asha_sweep_shares_teacher_work_and_logs_runs(tmp_path):
-    import ray
+def test_small_asha_sweep_shares_teacher_work_and_logs_runs(tmp_path, local_ray):
     from mlflow import MlflowClient
 
     from orchestrator.configuration import load_config as load
@@ -75,7 +67,7 @@ def test_small_asha_sweep_shares_teacher_work_and_logs_runs(tmp_path):
     # On the known-truth task, ranked by what each trial learnt of p* (its workers' eval/truth_kl).
     small = {"steps": 6, "eval_every": 2, "limit": 300, "batch": 8, "num_samples": 1, "scheduler": "asha",
              "extra": ("data.source=builtin:known_truth",), "metric": "eval/truth_kl"}
-    job, s = _sweep(tmp_path, "sw", ASHA_SPACE, **small, keep_ray=True)  # 2 cores: one trial at a time
+    job, s = _sweep(tmp_path, "sw", ASHA_SPACE, **small)  # 2 cores: one trial at a time
     assert len(s.table) == 2
     assert s.table[0]["config"]["train.lr"] == 3.0e-3 and s.table[0]["status"] == "completed"
     assert any(row["status"] == "stopped early" for row in s.table)
@@ -102,12 +94,9 @@ def test_small_asha_sweep_shares_teacher_work_and_logs_runs(tmp_path):
 
     # The best config is a complete job config (every section resolved): `mlot validate` accepts it as it is.
     from orchestrator.cli import main
-    try:
-        best = load(s.best_config_path)
-        assert best.train.lr == 3.0e-3 and best.name == "sw-best"
-        assert main(["validate", s.best_config_path]) == 0
-    finally:
-        ray.shutdown()
+    best = load(s.best_config_path)
+    assert best.train.lr == 3.0e-3 and best.name == "sw-best"
+    assert main(["validate", s.best_config_path]) == 0
 
 
 # Optuna search runs on a multi-node cluster in tests/test_multinode.py (one sweep serves both checks).

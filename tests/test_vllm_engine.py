@@ -37,16 +37,13 @@ GENERATOR = ("train.on_policy.fraction=1.0", "train.on_policy.engine=vllm",
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    import ray
+def served(tmp_path_factory, local_ray):
 
-    from orchestrator.cluster import connect_ray
-    from orchestrator.driver import prepare_data, start_teachers
+    from orchestrator.driver import prepare_data, start_teachers, stop_teachers
     from workers.teacher.actor import TeacherActor
 
     tmp = tmp_path_factory.mktemp("vllm")
     job = quickstart_job(tmp, "vllm", *SETS)
-    connect_ray(job)
     data = prepare_data(job)
     t0 = time.perf_counter()
     teachers = start_teachers(job, data)
@@ -54,7 +51,7 @@ def served(tmp_path_factory):
     hf = TeacherActor(job.teachers[0], job.data, job.loss, seed=job.train.seed,
                       weights_dir=storage.join(job.run_path, "teachers", "teacher-sp"), student=job.student)
     yield SimpleNamespace(job=job, data=data, teachers=teachers, vllm=teachers["teacher-sp"][0], hf=hf)
-    ray.shutdown()
+    stop_teachers(teachers)
 
 
 def _rows(served, split="train", n=8):
@@ -169,7 +166,7 @@ def test_a_loss_that_needs_full_logits_is_refused_per_request(served):
     """A sweep's trial whose loss the engine cannot serve gets a UserError naming the setting."""
     import ray
     with pytest.raises(UserError, match="sd_temperature=2.0"):
-        ray.get(served.vllm.payload.remote(_rows(served), loss=LossConfig()))
+        ray.get(served.vllm.payload.remote(_rows(served), loss=LossConfig(method="multilevel_ot")))
     with pytest.raises(UserError, match="max_logprobs to at least 61"):
         ray.get(served.vllm.payload.remote(_rows(served), loss=LossConfig(params={"ranking": "token", "top_k": 60,
                                                                                   "sd_temperature": 1.0})))
