@@ -1,6 +1,7 @@
 """Ray Tune sweeps on a real local Ray cluster: ASHA, MLflow parent/child runs, shared teacher work."""
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -85,6 +86,14 @@ def test_small_asha_sweep_shares_teacher_work_and_logs_runs(tmp_path, local_ray)
                for term in ("chunk_kl", "projection_kl"))
     assert {a.path for a in client.list_artifacts(s.parent_run_id)} >= {"results.md", "space.yaml", "plots"}
     assert json.loads((tmp_path / "sw" / "sweep.json").read_text())["parent_run_id"] == s.parent_run_id
+    # The sweep's shared teachers ended with it: none holds its CPUs on this Ray for the next job.
+    from ray.util.state import list_actors
+    for _ in range(40):  # ray.kill returns before the actor is gone
+        alive = list_actors(filters=[("class_name", "=", "TeacherActor"), ("state", "=", "ALIVE")])
+        if not alive:
+            break
+        time.sleep(0.25)
+    assert not alive, alive
 
     # Resuming the (finished) sweep restores its trials instead of re-running them, under the same parent.
     _, again = _sweep(tmp_path, "sw", ASHA_SPACE, **small, resume=True)

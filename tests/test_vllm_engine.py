@@ -168,8 +168,8 @@ def test_a_loss_that_needs_full_logits_is_refused_per_request(served):
     with pytest.raises(UserError, match="sd_temperature=2.0"):
         ray.get(served.vllm.payload.remote(_rows(served), loss=LossConfig(method="multilevel_ot")))
     with pytest.raises(UserError, match="max_logprobs to at least 61"):
-        ray.get(served.vllm.payload.remote(_rows(served), loss=LossConfig(params={"ranking": "token", "top_k": 60,
-                                                                                  "sd_temperature": 1.0})))
+        ray.get(served.vllm.payload.remote(_rows(served), loss=LossConfig(method="multilevel_ot", params={
+            "ranking": "token", "top_k": 60, "sd_temperature": 1.0})))
 
 
 def test_greedy_generation_equals_the_hf_engines(served):
