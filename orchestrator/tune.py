@@ -162,22 +162,10 @@ def run_tune(job: JobConfig, space_path: str, *, num_samples: int = 1, scheduler
             tuner = tune.Tuner.restore(storage.join(tune_path, sweep), trainable=trainable, resume_unfinished=True,
                                        resume_errored=True)
         else:
-            sched = None
-            if scheduler == "asha":
-                from ray.tune.schedulers import ASHAScheduler
-                # max_t one past the last report: ASHA must never stop a trial at its final report, which
-                # would kill it while it exports the student and closes its MLflow run.
-                sched = ASHAScheduler(time_attr="training_iteration", grace_period=1, reduction_factor=2,
-                                      max_t=_reports_per_trial(job) + 1)
-            algo = None
-            if search == "optuna":
-                from ray.tune.search.optuna import OptunaSearch
-                algo = OptunaSearch()
-            tuner = tune.Tuner(trainable, param_space=space, tune_config=tune.TuneConfig(
-                metric=metric, mode=mode, scheduler=sched, search_alg=algo, num_samples=num_samples,
-                max_concurrent_trials=(max_concurrent or job.tune.max_concurrent
-                                       or _fitting_trials(job, bool(teachers)))),
-                run_config=tune.RunConfig(name=sweep, storage_path=tune_path))
+            concurrent = max_concurrent or job.tune.max_concurrent or _fitting_trials(job, bool(teachers))
+            tune_config = _tune_config(job, num_samples, scheduler, search, metric, mode, concurrent)
+            tuner = tune.Tuner(trainable, param_space=space, tune_config=tune_config,
+                               run_config=tune.RunConfig(name=sweep, storage_path=tune_path))
         say(f"sweep {sweep}: {Path(space_path).name}, {num_samples} sample(s), scheduler {scheduler or 'none'}, "
             f"teachers {'shared' if teachers else 'per trial'}")
         results = tuner.fit()
@@ -197,6 +185,26 @@ def run_tune(job: JobConfig, space_path: str, *, num_samples: int = 1, scheduler
         return TuneSummary(table, best_path, parent, forward_rows, time.time() - t0, job.tracking.resolved_uri())
     finally:  # the sweep's shared teachers end with it
         stop_teachers(teachers)
+
+
+def _tune_config(job: JobConfig, num_samples: int, scheduler: str | None, search: str | None, metric: str,
+                 mode: str, max_concurrent: int) -> Any:
+    """A new sweep's ``tune.TuneConfig``: the scheduler (``asha``) and search algorithm (``optuna``) asked for."""
+    from ray import tune
+
+    sched = None
+    if scheduler == "asha":
+        from ray.tune.schedulers import ASHAScheduler
+        # max_t one past the last report: ASHA must never stop a trial at its final report, which
+        # would kill it while it exports the student and closes its MLflow run.
+        sched = ASHAScheduler(time_attr="training_iteration", grace_period=1, reduction_factor=2,
+                              max_t=_reports_per_trial(job) + 1)
+    algo = None
+    if search == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+        algo = OptunaSearch()
+    return tune.TuneConfig(metric=metric, mode=mode, scheduler=sched, search_alg=algo, num_samples=num_samples,
+                           max_concurrent_trials=max_concurrent)
 
 
 def _reports_per_trial(job: JobConfig) -> int:
