@@ -1,10 +1,12 @@
 """Benchmarks of the student side; ``--what`` picks a section (add new ones to SECTIONS).
 
-loss: peak memory and time of the student's loss (``mlot.Objective``: CE, a method, the identity terms), forward
-    and backward, on fp32 logits of 16 x 256 answer rows at V = 151,936 (Qwen's vocabulary), for the dense student
-    loss of commit 909d33d (``--baseline``: CE over an fp32 copy of the logits, the identity terms over full
-    log-softmaxes, MultiLevelOT's own chunked reads with a gradient buffer each) and for this checkout (every
-    term reads the rows chunk by chunk through ``mlot.rows``, into one gradient buffer).
+loss: peak memory and time of the student's loss (``mlot.Objective``: CE, a method, the identity terms) with its LM
+    head, forward and backward: fp32 hidden states of 16 x 256 answer rows, a head of H = 896 (Qwen2.5-0.5B's) at
+    V = 151,936 (Qwen's vocabulary). Three variants: the dense student loss of commit 909d33d (``--baseline``: CE
+    over an fp32 copy of the logits, the identity terms over full log-softmaxes, MultiLevelOT's own chunked reads
+    with a gradient buffer each) on the head's built logits; this checkout on the built logits (``chunked``: every
+    term reads the rows chunk by chunk through ``mlot.rows``, into one gradient buffer); this checkout reading the
+    head (``head``: ``mlot.HeadLogits``, no [rows, V] tensor at all).
 
     python benchmarks/students.py --what loss                   # one [rows, V] fp32 copy is 2.5 GB
     python benchmarks/students.py --what loss --vocab 32768     # where memory is short (it says so)
@@ -18,9 +20,10 @@ the teacher payload this process compressed once), then
   autograd's backward included, and counts each new tensor storage until it is freed): the peak of what the
   loss holds at once, whatever the allocator caches.
 
-Both include the logits' gradient, one [rows, V] tensor: the floor of any loss that hands it to autograd. The
-gradients of the two variants are saved and compared by max |difference| (``dloss``, ``dgrad``: chunked vs the
-baseline). No timing here is a test: these are measurements, for the record (docs/benchmarks.md).
+The built variants include the logits and their gradient, a [rows, V] tensor each: the floor of any loss that
+hands autograd logits; all three include the head's weight gradient ([V, H], 0.51 GiB here). The gradients of the
+hidden states and of the weight are saved and compared with the baseline's by max |difference| (``dloss``,
+``dgrad``). No timing here is a test: these are measurements, for the record (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -119,6 +122,8 @@ def _hwm() -> int:
 def run_variant(args: argparse.Namespace) -> None:
     """Time, rss and tensor peak of one loss on one ``mlot`` (``args.root``); prints a JSON line, saves the grad."""
     sys.path.insert(0, args.root)
+    for name in [m for m in sys.modules if m.split(".")[0] == "mlot"]:  # common imported the checkout's (orchestrator)
+        del sys.modules[name]
     import mlot
     from mlot.identity import IdentityConfig, VocabMap
 
@@ -130,19 +135,23 @@ def run_variant(args: argparse.Namespace) -> None:
         else {}
     vmaps = {"t": VocabMap(*data["vmap"], {})}
     labels = data["labels"]
-    logits = torch.randn(args.batch, args.answer + 1, args.vocab, generator=torch.Generator().manual_seed(1)) * 2
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(args.batch, args.answer + 1, args.hidden, generator=g)
+    weight = torch.randn(args.vocab, args.hidden, generator=g) * (2 / args.hidden ** 0.5)  # logits ~ N(0, 2^2)
 
-    def step() -> tuple[torch.Tensor, torch.Tensor]:
-        x = logits.detach().requires_grad_()
+    def step() -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        h, w = hidden.detach().requires_grad_(), weight.detach().requires_grad_()
+        x = mlot.HeadLogits(h, w) if args.variant == "head" else torch.nn.functional.linear(h, w)
         loss, _ = objective(x, labels, payloads, vmaps)
         loss.backward()
-        return loss.detach(), x.grad
+        return loss.detach(), (h.grad, w.grad)
 
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident size
     rss0, t0 = _rss(), time.perf_counter()
     loss, grad = step()
     seconds, rss = time.perf_counter() - t0, _hwm() - rss0
-    torch.save(grad, args.grad)
+    torch.save(grad[0], args.grad)
+    torch.save(grad[1], args.grad + ".w")
     del grad
     with LiveTensorPeak() as live:
         step()
@@ -183,7 +192,7 @@ def loss_section(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
         make_inputs(args, tmp / "inputs.pt")
-        roots = {"baseline": _baseline_tree(args.baseline, tmp / "baseline"), "chunked": REPO}
+        roots = {"baseline": _baseline_tree(args.baseline, tmp / "baseline"), "chunked": REPO, "head": REPO}
         print(f"{'loss':24s} {'variant':9s} {'tensors GiB':>11s} {'copies':>6s} {'rss GiB':>8s} {'s':>7s} "
               f"{'tensors x':>9s} {'rss x':>6s} {'dloss':>9s} {'dgrad':>9s}")
         for name in args.losses:
@@ -191,19 +200,23 @@ def loss_section(args: argparse.Namespace) -> None:
             for variant, root in roots.items():
                 cmd = [sys.executable, __file__, "--what", "loss", "--variant", variant, "--root", str(root),
                        "--loss", name, "--inputs", str(tmp / "inputs.pt"), "--grad", str(tmp / f"{variant}.pt"),
-                       "--batch", str(args.batch), "--answer", str(args.answer), "--vocab", str(args.vocab)]
-                out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-                got[variant] = json.loads(out.strip().splitlines()[-1])
-            base, new = got["baseline"], got["chunked"]
-            dloss, dgrad = abs(new["loss"] - base["loss"]), _max_diff(tmp / "baseline.pt", tmp / "chunked.pt")
+                       "--batch", str(args.batch), "--answer", str(args.answer), "--vocab", str(args.vocab),
+                       "--hidden", str(args.hidden)]
+                run = subprocess.run(cmd, capture_output=True, text=True)
+                if run.returncode:
+                    sys.exit(f"{name} / {variant} failed:\n{run.stderr[-3000:]}")
+                got[variant] = json.loads(run.stdout.strip().splitlines()[-1])
+            base = got["baseline"]
             for variant, r in got.items():
+                dloss = abs(r["loss"] - base["loss"])
+                dgrad = max(_max_diff(tmp / f"baseline.pt{w}", tmp / f"{variant}.pt{w}") for w in ("", ".w"))
                 tail = "" if r is base else (f"{base['tensors'] / r['tensors']:9.2f} {base['rss'] / r['rss']:6.2f} "
                                              f"{dloss:9.2e} {dgrad:9.2e}")
                 print(f"{name:24s} {variant:9s} {r['tensors'] / 2**30:11.2f} {r['tensors'] / copy:6.2f} "
                       f"{r['rss'] / 2**30:8.2f} {r['seconds']:7.2f} {tail}", flush=True)
     print("tensors: peak of what the loss holds (common.LiveTensorPeak); copies: that in [rows, V] fp32 copies "
-          "(the gradient is one); rss: resident high-water mark above the start; x: baseline / chunked; "
-          "dloss, dgrad: max |chunked - baseline|")
+          "(the logits' gradient is one); rss: resident high-water mark above the start; x: baseline / variant; "
+          "dloss, dgrad: max |variant - baseline| (dgrad: of the hidden states and the head's weight)")
 
 
 SECTIONS = {"loss": loss_section, "memory": memory_section}  # memory: see student_memory.py
@@ -216,6 +229,7 @@ def main() -> None:
     ap.add_argument("--answer", type=int, default=256, help="answer rows per sample")
     ap.add_argument("--vocab", type=int, default=151936, help="student vocabulary (smaller where memory is short)")
     ap.add_argument("--teacher-vocab", type=int, default=32000)
+    ap.add_argument("--hidden", type=int, default=896, help="the student's hidden size (its LM head's input)")
     ap.add_argument("--losses", nargs="+", default=list(LOSSES), choices=list(LOSSES))
     ap.add_argument("--baseline", default=BASELINE, help="git commit of the dense loss to compare with")
     add_memory_options(ap)

@@ -11,6 +11,7 @@
 from . import identity, mixing
 from .baselines import causal_lm_loss, kl_distill, mined, mined_alignment, sft, uld
 from .config import MultiLevelOTConfig, make_config
+from .head import HeadLogits
 from .methods import METHODS, Method, get_method, register
 from .multilevel import compress_teacher, multilevel_ot
 from .objective import Objective
@@ -20,8 +21,8 @@ from .result import DistillResult
 from .spans import answer_spans, gather_rows
 
 __all__ = [
-    "METHODS", "DistillResult", "Method", "MultiLevelOTConfig", "Objective", "TeacherPayload", "answer_spans",
-    "causal_lm_loss", "compress_teacher", "full_logits_bytes_per_token", "gather_rows", "get_method", "identity",
-    "kl_distill", "make_config", "mined", "mined_alignment", "mixing", "multilevel_ot", "register", "sft",
+    "METHODS", "DistillResult", "HeadLogits", "Method", "MultiLevelOTConfig", "Objective", "TeacherPayload",
+    "answer_spans", "causal_lm_loss", "compress_teacher", "full_logits_bytes_per_token", "gather_rows", "get_method",
+    "identity", "kl_distill", "make_config", "mined", "mined_alignment", "mixing", "multilevel_ot", "register", "sft",
     "sinkhorn_log", "sinkhorn_plain", "uld",
 ]

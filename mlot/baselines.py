@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from .config import make_config
+from .head import graph_zero
 from .multilevel import compress_teacher, multilevel_ot
 from .payload import TeacherPayload
 from .result import DistillResult
@@ -33,7 +34,7 @@ def causal_lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
 def sft(student_logits: Tensor, student_labels: Tensor, teacher_logits: Any = None, teacher_labels: Any = None,
         **params: Any) -> DistillResult:
     """SFT: no distillation term (the objective is CE alone). Returns a zero that keeps the graph."""
-    zero = student_logits.sum() * 0.0
+    zero = graph_zero(student_logits)
     return DistillResult(distill=zero, alpha=0.0, per_sample=zero.expand(student_logits.shape[0]))
 
 

@@ -58,6 +58,8 @@ class Method:
         identity: True for methods that take the identity-aware terms (``mlot.identity``) next to their
             own: ``shared_weight``, ``chunk_weight``, ``projection_weight`` and their ``*_top_k`` are then
             parameters too.
+        dense_modes: the modes whose loss needs the student's logits built (a dense [B, L, V] softmax), not
+            read from the LM head (``mlot.head.HeadLogits``).
     """
 
     name: str
@@ -70,6 +72,7 @@ class Method:
     same_vocabulary: bool = False
     distributed: bool = True
     identity: bool = False
+    dense_modes: tuple[str, ...] = ()
 
     @property
     def accepted(self) -> tuple[str, ...]:
@@ -168,7 +171,8 @@ def _kl_payload(mode: str, p: Mapping[str, Any]) -> MultiLevelOTConfig:
 
 register(Method(
     "multilevel_ot", lambda s, sl, payload, mode, **p: multilevel_ot(s, sl, payload, mode=mode, **p),
-    params=_MLOT_PARAMS, payload=lambda mode, p: make_config(mode, **p), modes=("paper", "reference"), identity=True))
+    params=_MLOT_PARAMS, payload=lambda mode, p: make_config(mode, **p), modes=("paper", "reference"), identity=True,
+    dense_modes=("reference",)))
 register(Method(
     "uld", lambda s, sl, payload, mode, **p: uld(s, sl, payload, **p), params=_MLOT_PARAMS,
     payload=lambda mode, p: make_config("paper", **{**ULD_PARAMS, **p}), defaults={"top_k": ULD_DISTRIBUTED_TOP_K},

@@ -12,16 +12,15 @@ numbers, never the whole distribution:
 Plain autograd would cast and log-softmax whole [N, V] blocks and keep them for backward: at V = 152k and
 16 x 256 rows, 2.5 GB per fp32 copy, several per term. :class:`AnswerRows` computes the numbers over chunks
 of rows (an fp32 block of ~4 MB on a CPU, ~256 MB on a GPU: ``mlot.softmax._chunk``), keeps only them (and
-the caller's logits, by reference) and in backward recomputes each chunk's softmax:
+the caller's logits, by reference) and in backward recomputes each chunk's softmax, once for all reads
+(``mlot.chunks``): CE, a method's terms and the identity terms of every teacher cost one [B, L, V] gradient in
+the logits' dtype, not one each summed pairwise. Given the LM head instead of logits (``mlot.head.HeadLogits``)
+no [B, L, V] tensor exists at all: each chunk's logits are computed from its hidden rows, and backward hands
+autograd the gradients of the hidden states and of the head.
 
-    d/dz_v = sum_tau (g_tau,v [v read] - p_tau,v * sum_c g_tau,c) / tau,   p = softmax of z / tau (on the subset)
-
-All reads of one :class:`AnswerRows` add into one gradient buffer that a single node hands to autograd
-(:class:`_Sink`): CE, a method's terms and the identity terms of every teacher cost one [B, L, V] gradient in
-the logits' dtype, not one each summed pairwise. As in Liger-Kernel's chunked losses the reader does the
-chunking and the bookkeeping and each loss states only its math; unlike there, the math runs after the
-chunk loop, on the few numbers read (a ranking, Sinkhorn or a chunk sum couples a sample's rows, so a loss
-is not a sum of per-chunk losses).
+As in Liger-Kernel's chunked losses the reader does the chunking and the bookkeeping and each loss states only
+its math; unlike there, the math runs after the chunk loop, on the few numbers read (a ranking, Sinkhorn or a
+chunk sum couples a sample's rows, so a loss is not a sum of per-chunk losses).
 
 The losses find the reader with :func:`answer_rows`; :class:`mlot.Objective` makes one per micro-batch and
 shares it (:func:`sharing`), so every term of the objective reads through it.
@@ -35,14 +34,15 @@ from typing import Iterator, Sequence
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
-from .softmax import _chunk
+from .chunks import RowSource, lse_rows, scaled
+from .head import HeadLogits
 from .spans import IGNORE_INDEX, compute_dtype
 
 
 class AnswerRows:
-    """The answer rows of ``logits`` [B, L, V] (any float dtype; computed in fp32, fp64 for fp64 input).
+    """The answer rows of ``logits`` [B, L, V] (any float dtype; computed in fp32, fp64 for fp64 input), or of the
+    logits an LM head would compute (:class:`mlot.head.HeadLogits`, never built).
 
     Attributes:
         logits, labels: as given; labels [B, L] hold -100 outside the answers.
@@ -51,7 +51,7 @@ class AnswerRows:
         dtype: the compute dtype; chunk: rows per chunk.
     """
 
-    def __init__(self, logits: Tensor, labels: Tensor) -> None:
+    def __init__(self, logits: Tensor | HeadLogits, labels: Tensor) -> None:
         if logits.dim() != 3 or labels.shape != logits.shape[:2]:
             raise ValueError(f"logits must be [batch, seq_len, vocab] and labels [batch, seq_len], got shapes "
                              f"{tuple(logits.shape)} and {tuple(labels.shape)}")
@@ -62,15 +62,19 @@ class AnswerRows:
         self.row = self.sample * labels.shape[1] + self.pos
         self._flat = torch.full(labels.shape, -1, dtype=torch.long, device=labels.device)
         self._flat[self.sample, self.pos] = torch.arange(len(self.sample), device=labels.device)
-        self.chunk = _chunk(1, logits.shape[-1], logits.device)
+        self.src = RowSource(logits, self.row)  # the chunked passes, and the one backward of every read
         self._lse: dict[float, Tensor] = {}
         self._gold: dict[bool, Tensor] = {}
-        self._sink = _GradSink()
         self._token: Tensor | None = None
 
     @property
     def n(self) -> int:
         return len(self.sample)
+
+    @property
+    def chunk(self) -> int:
+        """Rows per chunk."""
+        return self.src.chunk
 
     # ------------------------------------------------------------------------ rows of a [B, W] layout
 
@@ -135,8 +139,8 @@ class AnswerRows:
         """[Q] ``logsumexp(z / tau)`` over the ``subset`` [V] bool of the answer rows ``rows`` [Q] only: a term on a
         subset reads a few rows (aligned word starts), so it pays a pass over those, not over all N."""
         out = torch.empty(len(rows), dtype=self.dtype, device=self.logits.device)
-        for r0, r1, _, z in _blocks(self.logits, self.row[rows], self.chunk, self.dtype):
-            out[r0:r1] = _lse_rows(_scaled(z, tau, subset))[0]
+        for r0, r1, z in self.src.chunks(rows):
+            out[r0:r1] = lse_rows(scaled(z, tau, subset))[0]
         return out
 
     @torch.no_grad()
@@ -150,9 +154,9 @@ class AnswerRows:
         lse = [torch.empty(self.n, dtype=self.dtype, device=device) for _ in temperatures]
         totals = None if weights is None else torch.zeros(self.logits.shape[0], V, dtype=self.dtype, device=device)
         top = None if top_k is None else torch.empty(self.n, top_k, dtype=torch.long, device=device)
-        for r0, r1, _, z in _blocks(self.logits, self.row, self.chunk, self.dtype):
+        for r0, r1, z in self.src.chunks(None):
             for j, tau in enumerate(temperatures):
-                row_lse, log_p = _lse_rows(_scaled(z, tau, None))
+                row_lse, log_p = lse_rows(scaled(z, tau, None))
                 lse[j][r0:r1] = row_lse
                 if j == 0 and (totals is not None or top is not None):
                     p = log_p.exp_()
@@ -169,10 +173,9 @@ class AnswerRows:
         """``log_softmax(z / tau)[columns]`` of answer rows ``rows`` [Q] (ids, repeats allowed) at ``columns``
         [Q, k] (long): one [Q, k] tensor per temperature, differentiable in the logits."""
         lse = [self.lse(tau)[rows] if subset is None else self._subset_lse(rows, tau, subset) for tau in temperatures]
-        if self._token is None and torch.is_grad_enabled() and self.logits.requires_grad:
-            self._token = _Sink.apply(self.logits, self._sink)
-        return _Read.apply(self._token, self.logits, self._sink, self.row[rows], columns,
-                           tuple(float(t) for t in temperatures), subset, self.chunk, self.dtype, *lse)
+        if self._token is None and torch.is_grad_enabled() and self.src.requires_grad:
+            self._token = self.src.sink()
+        return self.src.read(self._token, rows, columns, tuple(float(t) for t in temperatures), subset, lse)
 
 
 def spread(values: Tensor, mask: Tensor) -> Tensor:
@@ -213,116 +216,3 @@ def sharing(rows: AnswerRows) -> Iterator[AnswerRows]:
         yield rows
     finally:
         _SHARED.reset(token)
-
-
-# ---------------------------------------------------------------------------- the chunked passes
-
-
-def _segments(row: Tensor, chunk: int) -> list[tuple[int, int, int | None]]:
-    """Chunks (r0, r1, first) of ``row`` [Q] (rows of ``logits.flatten(0, 1)``), at most ``chunk`` rows each.
-    Where rows r0..r1 are consecutive (an answer, left to right), ``first`` is the first: the chunk is a view of
-    the logits, no copy; runs shorter than a quarter chunk are gathered together (``first`` None)."""
-    rows = row.tolist()  # one device sync per pass
-    runs = [0] + [i for i in range(1, len(rows)) if rows[i] != rows[i - 1] + 1] + [len(rows)]
-    out: list[tuple[int, int, int | None]] = []
-    gathered = 0  # start of the pending short runs
-
-    def flush(upto: int) -> None:
-        out.extend((r0, min(upto, r0 + chunk), None) for r0 in range(gathered, upto, chunk))
-
-    for a, b in zip(runs[:-1], runs[1:]):
-        if b - a >= max(1, chunk // 4):
-            flush(a)
-            out.extend((r0, min(b, r0 + chunk), rows[r0]) for r0 in range(a, b, chunk))
-            gathered = b
-    flush(len(rows))
-    return out
-
-
-def _blocks(logits: Tensor, row: Tensor, chunk: int, dtype: torch.dtype
-            ) -> Iterator[tuple[int, int, int | None, Tensor]]:
-    """Yield (r0, r1, first, z [r1 - r0, V]): rows ``row[r0:r1]`` of ``logits.flatten(0, 1)`` (a view of the
-    logits) in ``dtype``, a chunk at a time (:func:`_segments`)."""
-    flat = logits.flatten(0, 1)
-    for r0, r1, first in _segments(row, chunk):
-        z = flat[first:first + r1 - r0] if first is not None else flat.index_select(0, row[r0:r1])
-        yield r0, r1, first, z.to(dtype)
-
-
-def _scaled(z: Tensor, tau: float, subset: Tensor | None) -> Tensor:
-    """z / tau, -inf off the subset."""
-    zt = z if tau == 1 else z / tau
-    return zt if subset is None else zt.masked_fill(~subset, float("-inf"))
-
-
-def _lse_rows(zt: Tensor) -> tuple[Tensor, Tensor]:
-    """Of rows zt [c, V]: their logsumexp [c] and log-softmax [c, V]. One fused log-softmax kernel, read at each
-    row's max: log_softmax(zt)[argmax] = -log(sum exp(zt - max)) exactly, so lse = max - that."""
-    log_p = torch.log_softmax(zt, -1)
-    top, at = zt.max(-1, keepdim=True)
-    return (top - log_p.gather(-1, at)).squeeze(-1), log_p
-
-
-class _GradSink:
-    """The one gradient buffer all reads of one :class:`AnswerRows` add into, until :class:`_Sink` takes it."""
-
-    def __init__(self) -> None:
-        self.grad: Tensor | None = None
-
-    def buffer(self, logits: Tensor) -> Tensor:
-        if self.grad is None:
-            self.grad = torch.zeros(logits.shape, dtype=logits.dtype, device=logits.device)
-        return self.grad
-
-    def take(self) -> Tensor | None:
-        grad, self.grad = self.grad, None
-        return grad
-
-
-class _Sink(torch.autograd.Function):
-    """logits -> a scalar every read takes as an input. Autograd runs a node only after everything that reads
-    its output, so this backward runs after every read's: it hands autograd the filled buffer, once."""
-
-    @staticmethod
-    def forward(ctx, logits: Tensor, sink: _GradSink) -> Tensor:  # type: ignore[override]
-        ctx.sink = sink
-        return logits.new_zeros(())
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, _: Tensor):  # type: ignore[override]
-        return ctx.sink.take(), None
-
-
-class _Read(torch.autograd.Function):
-    """Rows ``row`` [Q] of ``logits.flatten(0, 1)`` at ``columns`` [Q, k], per temperature ``z / tau - lse``; the
-    gradient goes to the sink (this node returns none for the logits itself). Saves the logits (by reference),
-    ``row`` and ``columns``: backward recomputes each chunk's softmax."""
-
-    @staticmethod
-    def forward(ctx, token: Tensor | None, logits: Tensor, sink: _GradSink, row: Tensor, columns: Tensor,
-                temperatures: tuple[float, ...], subset: Tensor | None, chunk: int, dtype: torch.dtype,
-                *lse: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
-        z = logits.flatten(0, 1)[row[:, None], columns].to(dtype)
-        ctx.save_for_backward(logits, row, columns, subset)
-        ctx.sink, ctx.temperatures, ctx.chunk, ctx.dtype = sink, temperatures, chunk, dtype
-        return tuple(z / tau - x[:, None] for tau, x in zip(temperatures, lse))
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, *grads: Tensor):  # type: ignore[override]
-        logits, row, columns, subset = ctx.saved_tensors
-        grad = ctx.sink.buffer(logits).view(-1, logits.shape[-1])
-        for r0, r1, first, z in _blocks(logits, row, ctx.chunk, ctx.dtype):
-            acc = None
-            for g, tau in zip(grads, ctx.temperatures):
-                g = g[r0:r1]
-                p = torch.softmax(_scaled(z, tau, subset), -1)
-                d = p.mul_(-g.sum(-1, keepdim=True)).scatter_add_(-1, columns[r0:r1], g)
-                d = d if tau == 1 else d.div_(tau)
-                acc = d if acc is None else acc.add_(d)
-            if first is None:  # gathered rows may repeat (the exact-match term's): index_add_ sums them
-                grad.index_add_(0, row[r0:r1], acc.to(grad.dtype))
-            else:
-                grad[first:first + r1 - r0] += acc.to(grad.dtype)
-        return (None,) * (9 + len(ctx.temperatures))

@@ -315,6 +315,7 @@ class LossConfig(_Section):
     params: dict[str, Any] = Field(default_factory=dict, description="Parameters of the method (see mlot.METHODS[method].params); unknown names are refused.")
     teacher_mix: str = Field("sum", description="How several teachers' losses combine (mlot.mixing): sum (weights), mean (weights normalised), best (per sample, the teacher with the lowest NLL per answer byte), confidence (per-sample softmax(log weight - NLL per byte / mix_temperature)).")
     mix_temperature: float = Field(1.0, gt=0, description="Temperature of teacher_mix confidence, in nats per byte.")
+    fused_head: bool = Field(True, description="Read the student's logits from its LM head chunk by chunk (mlot.HeadLogits): no [rows, vocab] logits or logit gradient is ever built, the memory of the loss is a few chunks. false: the model builds its logits (the reference mode always does).")
 
     @model_validator(mode="after")
     def _check_params(self) -> LossConfig:
@@ -345,6 +346,11 @@ class LossConfig(_Section):
         from mlot.methods import get_method
 
         return get_method(self.method)
+
+    @property
+    def reads_head(self) -> bool:
+        """Does the student's loss read its LM head (``fused_head``, in a mode that needs no built logits)?"""
+        return self.fused_head and self.mode not in self.spec.dense_modes
 
     def payload_config(self) -> Any:
         """The ``mlot.MultiLevelOTConfig`` a teacher compresses with for this loss."""

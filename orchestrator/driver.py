@@ -52,14 +52,15 @@ def prepare_data(job: JobConfig) -> Any:
 def fingerprint(job: JobConfig) -> str:
     """What a checkpoint must agree on to be resumed: models, tokenizers, data, loss, batch shape, seed.
 
-    Steps, schedule length, tracking, cluster and the export dtype may change between a run and its resumption.
+    Steps, schedule length, tracking, cluster, the export dtype and ``loss.fused_head`` (the same loss, read from
+    the LM head or from built logits) may change between a run and its resumption.
     """
     keep = {
         "student": job.student.model_dump(mode="json", exclude={"deepspeed", "export_dtype"}),
         "teachers": [t.model_dump(mode="json", include={"name", "model", "hf_config", "tokenizer", "template"})
                      for t in job.teachers],
         "data": job.data.model_dump(mode="json", exclude={"num_proc", "cache_dir"}),
-        "loss": job.loss.model_dump(mode="json"),
+        "loss": job.loss.model_dump(mode="json", exclude={"fused_head"}),
         "train": job.train.model_dump(mode="json", include={"batch_size", "grad_accum", "seed", "num_workers"}),
     }
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]

@@ -11,6 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import mlot
+import mlot.chunks
 import mlot.softmax
 from mlot.identity import IdentityConfig, compress_identity, pad_bounds
 from mlot.rows import AnswerRows, sharing
@@ -122,6 +123,7 @@ CASES = {
     "uld + chunk term": ("uld", {}, IdentityConfig(chunk_weight=1.0)),
     "aligned: chunks + projection": ("aligned", {}, IdentityConfig(chunk_weight=1.0, projection_weight=3.0)),
     "kl": ("kl", {"top_k": 20}, IdentityConfig()),
+    "kl over the whole vocabulary": ("kl", {"top_k": None}, IdentityConfig()),
 }
 
 
@@ -239,3 +241,88 @@ def test_no_rows_by_vocabulary_tensor_is_saved_or_made(monkeypatch, case):
     assert made == ["zeros"], made  # the gradient buffer, once for all terms and teachers
     dense_largest, dense_made = measure(DenseRows)
     assert dense_largest >= full and len(dense_made) > 5
+
+
+def _head(logits: torch.Tensor, hidden: int = 16, pad: int = 24, seed: int = 5):
+    """An LM head for the batch of ``logits`` [B, L, V]: hidden states [B, L, H], a weight [V + pad, H] (padded
+    embedding rows, never read) and a bias. The logits are ``hidden @ W[:V].T + b[:V]``, scaled to a few units."""
+    g = torch.Generator().manual_seed(seed)
+    B, L, V = logits.shape
+    return (torch.randn(B, L, hidden, generator=g, dtype=logits.dtype),
+            torch.randn(V + pad, hidden, generator=g, dtype=logits.dtype) * 0.7,
+            torch.randn(V + pad, generator=g, dtype=logits.dtype))
+
+
+def _run_head(objective, head, labels, payloads, vmaps, fused: bool, tied: bool):
+    """(loss, parts, gradients of hidden, weight, bias) with the logits built by autograd (``fused`` False) or read
+    from the head (:class:`mlot.HeadLogits`). ``tied``: the weight is the input embedding too (the hidden states
+    are computed from its rows), so its gradient has two sources, as a tied LM head's has."""
+    h0, w0, b0 = head
+    w, b = w0.clone().requires_grad_(), b0.clone().requires_grad_()
+    h_in = h0.clone().requires_grad_()
+    hidden = h_in + 0.5 * w[:h0.shape[1]] if tied else h_in  # position p adds embedding row p
+    V = w.shape[0] - 24
+    logits = mlot.HeadLogits(hidden, w, b, vocab=V) if fused else torch.nn.functional.linear(hidden, w[:V], b[:V])
+    loss, parts = objective(logits, labels, payloads, vmaps)
+    loss.backward()
+    return loss.detach(), parts, h_in.grad, w.grad, b.grad
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("case", list(CASES))
+def test_the_lm_head_read_in_chunks_equals_its_built_logits(monkeypatch, case, tied):
+    """Given the LM head instead of its logits (``mlot.HeadLogits``: no [rows, V] tensor is built), the loss,
+    every part and the gradients of the hidden states, the weight (padded rows: 0; tied to the input embedding:
+    both shares) and the bias equal autograd's through the built logits, within 1e-5 in fp32."""
+    _chunk_rows(monkeypatch, 3)
+    monkeypatch.setattr(mlot.chunks, "HEAD_CHUNK_ROWS", 1)
+    objective, logits, labels, payloads, vmaps = _setup(*CASES[case], teachers=2)
+    head = _head(logits)
+    assert AnswerRows(mlot.HeadLogits(*head[:2], vocab=VS), labels).chunk == 3  # 22 rows in 8 chunks
+    got = _run_head(objective, head, labels, payloads, vmaps, fused=True, tied=tied)
+    want = _run_head(objective, head, labels, payloads, vmaps, fused=False, tied=tied)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+    assert set(got[1]) == set(want[1])
+    for name in got[1]:
+        torch.testing.assert_close(got[1][name], want[1][name], rtol=1e-5, atol=1e-5, msg=name)
+    for a, b, name in zip(got[2:], want[2:], ("hidden", "weight", "bias")):
+        assert float(b.abs().max()) > 1e-3, name
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
+    assert not got[3][-24:].any() and not got[4][-24:].any()
+
+
+def test_the_lm_head_makes_no_rows_by_vocabulary_tensor(monkeypatch):
+    """Read from the head, the objective (two teachers, both identity terms) makes no tensor of rows x V elements
+    at all, forward or backward: not the logits, not their gradient. Building the logits makes both."""
+    vs = 2000
+    _chunk_rows(monkeypatch, 5, vs)
+    monkeypatch.setattr(mlot.chunks, "HEAD_CHUNK_ROWS", 1)
+    objective, logits, labels, payloads, vmaps = _setup(*CASES["multilevel_ot sequence + identity"], teachers=2,
+                                                        vs=vs)
+    head = _head(logits)
+    for fused, want in ((True, 0), (False, 2)):
+        with _NewTensors(N_ROWS * vs) as made:
+            _run_head(objective, head, labels, payloads, vmaps, fused=fused, tied=False)
+        assert len(made.ops) >= want if want else made.ops == [], (fused, made.ops)
+
+
+@pytest.mark.parametrize("backward", [True, False])
+def test_the_logits_are_freed_with_the_graph_without_the_garbage_collector(backward):
+    """Nothing the reader makes keeps the logits alive in a reference cycle: with the cyclic collector off, they go
+    as soon as the caller drops the loss, after backward or without one (a skipped micro-batch's)."""
+    import gc
+    import weakref
+
+    objective, logits, labels, payloads, vmaps = _setup(*CASES["multilevel_ot sequence + identity"], teachers=2)
+    gc.collect()
+    gc.disable()
+    try:
+        x = logits.clone().requires_grad_()
+        loss, parts = objective(x, labels, payloads, vmaps)
+        if backward:
+            loss.backward()
+        ref = weakref.ref(x)
+        del x, loss, parts
+        assert ref() is None
+    finally:
+        gc.enable()

@@ -16,7 +16,8 @@ class TrainCallback:
     """Hooks of the student loop; every default does nothing."""
 
     def on_logits(self, m: int, rank: int, logits: torch.Tensor) -> torch.Tensor:
-        """Micro-batch ``m``'s answer-window logits [B, K, V], before the loss; return what the loss sees."""
+        """Micro-batch ``m``'s answer-window logits [B, K, V] (a tensor, or ``mlot.HeadLogits`` when the loss reads
+        the LM head), before the loss; return what the loss sees."""
         return logits
 
     def on_step_end(self, step: int, rank: int, engine: Any) -> None:

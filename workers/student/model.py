@@ -122,3 +122,41 @@ def _init_weights_gathered(model: Any) -> None:
     with torch.no_grad(), guard_torch_init_functions():
         visit(model, model._initialize_weights)
     model.tie_weights(recompute_mapping=False)
+
+
+class HeadWhole:
+    """The context in which the student's LM head holds its values, for losses that read it
+    (``mlot.HeadLogits``, ``workers.forward.answer_head``): reentrant, so the trainer enters it once around a
+    micro-batch's objective and every read inside costs nothing more.
+
+    Under ZeRO-3 the head's parameters are gathered (a collective: every rank enters it in the same order, forward
+    and backward). A head tied to the input embedding gets gradients twice per backward, the loss's share first
+    (in the head's own context) and the embedding's last: ``ds_grad_is_ready`` tells DeepSpeed (stages 1-3) to reduce
+    the sum once, at the second, as its tiled losses do.
+    """
+
+    def __init__(self, model: Any, zero3: bool) -> None:
+        head = model.get_output_embeddings()
+        self.params = [p for p in (head.weight, getattr(head, "bias", None)) if p is not None]
+        self.tied = head.weight is model.get_input_embeddings().weight
+        self.zero3, self.depth = zero3, 0
+        self._stack = contextlib.ExitStack()
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[None]:
+        if self.depth == 0:
+            if self.zero3:
+                import deepspeed
+
+                self._stack.enter_context(deepspeed.zero.GatheredParameters(self.params, modifier_rank=None))
+            if self.tied:
+                self.params[0].ds_grad_is_ready = False
+        self.depth += 1
+        try:
+            yield
+        finally:
+            self.depth -= 1
+            if self.depth == 0:
+                if self.tied:
+                    self.params[0].ds_grad_is_ready = True
+                self._stack.close()

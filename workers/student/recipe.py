@@ -17,6 +17,7 @@ step count, the LR schedule and checkpoints stay in lockstep with ``train.steps`
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,7 +28,7 @@ import mlot
 from specs.progress import Progress
 from workers.data.encoding import collate
 from workers.data.prepared import STUDENT, open_data
-from workers.forward import answer_logits, answer_window, to_device
+from workers.forward import answer_head, answer_logits, answer_window, to_device
 from workers.models import load_tokenizer
 from workers.student import checkpoint, console
 from workers.student.console import say
@@ -42,7 +43,7 @@ from workers.student.engine import (
     zero_contribution,
 )
 from workers.student.in_loop_eval import eval_plan, evaluate_ce, evaluate_truth
-from workers.student.model import build_student
+from workers.student.model import HeadWhole, build_student
 from workers.student.on_policy import LABELS, OWN, kind, on_policy_examples, sample_answers, sampling_seed
 from workers.student.payload_stream import BatchOrder, Fetched, PayloadStream
 from workers.student.tracking import open_buffer
@@ -104,9 +105,11 @@ class StepStats:
         return out
 
 
-def answer_rows_finite(logits: torch.Tensor, labels: torch.Tensor) -> bool:
-    """Are the logit rows every loss reads (those that predict an answer token) finite?"""
-    return bool(torch.isfinite(logits[:, :-1][labels[:, 1:] != -100]).all())
+def answer_rows_finite(logits: torch.Tensor | mlot.HeadLogits, labels: torch.Tensor) -> bool:
+    """Are the logit rows every loss reads (those that predict an answer token) finite? Of a head, its hidden rows
+    (a non-finite weight shows in the loss)."""
+    x = logits.hidden if isinstance(logits, mlot.HeadLogits) else logits
+    return bool(torch.isfinite(x[:, :-1][labels[:, 1:] != -100]).all())
 
 
 class StudentRecipe:
@@ -142,6 +145,8 @@ class StudentRecipe:
         self.n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # ZeRO-3: whole size
         self.steps = total_steps(job, self.data.size("train"), self.world)
         self.engine, self.scheduler = build_engine(job, model, self.steps)
+        # the loss reads the LM head chunk by chunk (mlot.HeadLogits): no [rows, V] logits, forward or backward
+        self.head = HeadWhole(model, self.engine.zero_optimization_stage() == 3) if job.loss.reads_head else None
         self.start, counters = checkpoint.restore(self.engine, config["fingerprint"], config.get("resume_from"))
         self.order = BatchOrder(self.data.size("train"), self.rank, self.world, job.train.batch_size, job.train.seed)
         self.stream = PayloadStream(config["teachers"], config["data"], self.order, self.rank, self.world,
@@ -210,11 +215,12 @@ class StudentRecipe:
             fetched = self.stream.get(m, answers) if what == OWN else self.stream.score(m, answers)
             pieces.append((examples, fetched, self.on_policy.ce))
         batch = collate([e for examples, _, _ in pieces for e in examples], self.tokenizer.pad_token_id)
-        logits, labels = answer_logits(self.engine, to_device(batch, self.device), self.vocab)
+        logits, labels = self._forward(to_device(batch, self.device))
         for cb in self.callbacks:
             logits = cb.on_logits(m, self.rank, logits)
-        loss, parts = self._loss_step(logits, labels, [(len(e), f.payloads, ce) for e, f, ce in pieces]) \
-            if answer_rows_finite(logits, labels) else (None, {})
+        with self.head() if self.head is not None else contextlib.nullcontext():  # gathered once for every read
+            loss, parts = self._loss_step(logits, labels, [(len(e), f.payloads, ce) for e, f, ce in pieces]) \
+                if answer_rows_finite(logits, labels) else (None, {})
         if any_rank(loss is None or not bool(torch.isfinite(loss)), self.device):
             self._count_skip(m, "student logits" if loss is None else "loss")
             loss = zero_contribution(self.engine)
@@ -226,6 +232,13 @@ class StudentRecipe:
         tokens = int(batch["attention_mask"].sum())
         for i, (_, fetched, _) in enumerate(pieces):
             stats.add_io(fetched, 0 if i else tokens)  # the batch's tokens once
+
+    def _forward(self, batch: dict[str, torch.Tensor]) -> tuple[Any, torch.Tensor]:
+        """The student's answer window: its LM head's input and weight (``mlot.HeadLogits``, which the loss reads
+        chunk by chunk) or, with ``loss.fused_head`` off or in reference mode, its logits; and the labels."""
+        if self.head is None:
+            return answer_logits(self.engine, batch, self.vocab)
+        return answer_head(self.engine, batch, self.vocab, self.head)
 
     def _generate(self, m: int, rows: list[int], stats: StepStats) -> tuple[list[Example], list[Any]]:
         """Sample the student's answers to the prompts of ``rows`` (every rank generates on the same
