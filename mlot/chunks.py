@@ -114,7 +114,10 @@ class RowSource:
                         continue
                     acc = _softmax_grad(z if local is None else z[local], columns[entries],
                                         [g[entries] for g in grads], temperatures, subset)
-                    d.add_(acc) if local is None else d.index_add_(0, local, acc)
+                    if local is None:
+                        d.add_(acc)
+                    else:  # a read's rows may repeat (the exact-match term's): index_add_ sums them
+                        d.index_add_(0, local, acc)
                 out.add(r0, r1, first, d)
             return out.finish()
 
